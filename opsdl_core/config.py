@@ -1,0 +1,347 @@
+"""Typed, validated configuration for every stage of an OPSDL run.
+
+One dataclass per stage, checked in ``__post_init__`` (bad values raise ``ConfigError``
+naming the field and what was expected), composed into ``RunConfig``, loadable from YAML
+or a nested dict with unknown keys rejected, and hashed stably so every output can record
+the exact configuration that produced it::
+
+    cfg = RunConfig.from_yaml("configs/demo.yaml", overrides={"train": {"steps": 10}})
+    cfg.hash()          # 16 hex chars; changes iff a result-affecting field changes
+    cfg.to_dict()       # plain JSON-able dict (round-trips through from_dict)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+
+LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
+TEACHER_KINDS = ("live", "base", "ema")
+TEACHER_CONTEXT_STRATEGIES = ("oracle", "window", "bm25")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def _check(cond: bool, field_name: str, expected: str, got: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train and how to load it."""
+
+    name: str = EMBEDDED_DEFAULT_MODEL  # embedded default, a local folder, or a hub id
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # never on unless the user opts in
+    attn_implementation: str = "sdpa"
+    cache_dir: Optional[str] = None  # where the embedded default is converted; default ~/.cache/opsdl
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
+
+
+@dataclass
+class DataConfig:
+    """Where training and held-out examples come from, and how the teacher context is built."""
+
+    source: str = "synthetic"  # "synthetic" or a path (JSONL / Parquet / datasets folder / folder of files)
+    heldout_source: Optional[str] = None  # for file sources: held-out file(s); synthetic uses held-out templates
+    train_size: int = 256
+    heldout_size: int = 50
+    context_tokens: int = 1024  # target length of C_L (synthetic), in the model's tokens
+    short_budget_tokens: int = 256  # max tokens of the teacher context C_s
+    n_distractors: tuple[int, int] = (4, 12)
+    seed: int = 0
+    teacher_context: Literal["oracle", "window", "bm25"] = "oracle"
+    window_tokens: int = 128
+    bm25_chunk_tokens: int = 64
+    bm25_top_k: int = 3
+    field_map: Optional[dict[str, str]] = None
+
+    def __post_init__(self) -> None:
+        _check(self.train_size > 0, "data.train_size", "a positive integer", self.train_size)
+        _check(self.heldout_size >= 0, "data.heldout_size", "an integer >= 0", self.heldout_size)
+        _check(self.context_tokens >= 32, "data.context_tokens", "an integer >= 32", self.context_tokens)
+        _check(self.short_budget_tokens > 0, "data.short_budget_tokens", "a positive integer", self.short_budget_tokens)
+        lo, hi = self.n_distractors
+        _check(0 <= lo <= hi, "data.n_distractors", "[min, max] with 0 <= min <= max", self.n_distractors)
+        _check(self.teacher_context in TEACHER_CONTEXT_STRATEGIES, "data.teacher_context",
+               f"one of {TEACHER_CONTEXT_STRATEGIES}", self.teacher_context)
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy sampling from the current weights."""
+
+    backend: Literal["transformers"] = "transformers"
+    samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    # LoRA runs: sample from a separate copy of the model with the adapter merged into its
+    # weights, re-synced after every step (decoding without the adapter's extra matmuls is
+    # faster); false samples from the trainer's own LoRA model.
+    merged_sampler: bool = True
+    # Health check of the weight sync: mean |log p_trainer − log p_sampler| over the sampled tokens
+    # above this stops the run (stale or corrupted sampler weights); null disables the check.
+    max_logprob_diff: Optional[float] = 0.1
+
+    def __post_init__(self) -> None:
+        _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
+        _check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)
+        _check(0 < self.top_p <= 1, "rollout.top_p", "a float in (0, 1]", self.top_p)
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+
+
+@dataclass
+class LossConfig:
+    """The distillation objective (see ``opsdl_core.losses``)."""
+
+    kind: Literal["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"] = "pointwise"
+    advantage_clip: Optional[float] = None  # clamp A_t to [-c, c] (pointwise)
+    is_ratio_clip: Optional[float] = None  # importance ratio exp(lpS - lp_sampler), truncated here; null: off
+    jsd_beta: float = 0.5
+    topk: int = 20
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
+        _check(self.advantage_clip is None or self.advantage_clip > 0, "loss.advantage_clip", "null or > 0",
+               self.advantage_clip)
+        _check(self.is_ratio_clip is None or self.is_ratio_clip >= 1, "loss.is_ratio_clip", "null or >= 1",
+               self.is_ratio_clip)
+        _check(0 < self.jsd_beta < 1, "loss.jsd_beta", "a float in (0, 1)", self.jsd_beta)
+        _check(self.topk >= 1, "loss.topk", "an integer >= 1", self.topk)
+        _check(self.temperature > 0, "loss.temperature", "a float > 0", self.temperature)
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (PEFT); ``enabled: false`` trains all weights."""
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, "lora.r", "an integer >= 1", self.r)
+        _check(0 <= self.dropout < 1, "lora.dropout", "a float in [0, 1)", self.dropout)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: Optional[float] = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", "a float > 0", self.lr)
+        _check(self.schedule in ("constant", "linear", "cosine"), "optim.schedule",
+               "one of ('constant', 'linear', 'cosine')", self.schedule)
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+
+
+@dataclass
+class TrainConfig:
+    """The on-policy loop."""
+
+    run_dir: str = "runs/demo"
+    steps: int = 40  # optimizer steps
+    prompts_per_step: int = 1  # prompts per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    teacher: Literal["live", "base", "ema"] = "base"
+    ema_decay: float = 0.95
+    seed: int = 0
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_threads: Optional[int] = None  # torch intra-op threads; None: leave torch's default
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
+        _check(self.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", self.prompts_per_step)
+        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
+        _check(self.teacher in TEACHER_KINDS, "train.teacher", f"one of {TEACHER_KINDS}", self.teacher)
+        _check(0 < self.ema_decay < 1, "train.ema_decay", "a float in (0, 1)", self.ema_decay)
+        _check(self.save_every >= 1, "train.save_every", "an integer >= 1", self.save_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+
+
+@dataclass
+class EvalConfig:
+    """Greedy accuracy on the held-out split, with the long context and with C_s only."""
+
+    enabled: bool = True
+    max_new_tokens: int = 24
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
+
+
+# Fields that do not change what a run computes; left out of the hash.
+_NON_SEMANTIC = {("model", "cache_dir"), ("train", "run_dir"), ("train", "num_threads"), ("train", "log_every"),
+                 ("train", "save_every"), ("train", "keep_checkpoints"), ("eval", "batch_size")}
+
+
+@dataclass
+class RunConfig:
+    """Everything an OPSDL training run needs; the file given to ``python -m opsdl_core.train``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # -- (de)serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        merged = _deep_merge(data or {}, overrides or {})
+        return _build(cls, merged, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+        return cls.from_dict(data, overrides)
+
+    def to_yaml(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def hash(self) -> str:
+        """Stable 16-hex digest of the result-affecting fields (sorted-key canonical JSON)."""
+        d = self.to_dict()
+        for section, key in _NON_SEMANTIC:
+            d.get(section, {}).pop(key, None)
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["train.steps=10", "loss.kind=jsd"]`` -> nested dict; values parsed as YAML scalars."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected SECTION.FIELD=VALUE")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    where = path or "config"
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, name)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {errors}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {list(value)!r}")
+            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        seq = [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(seq) if origin is tuple else seq
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1] if args else Any, v, f"{name}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,69 @@
+"""Which weights the teacher scores with: ``live``, ``base`` or ``ema``.
+
+The teacher is the same network as the student, given the short context. Its weights:
+
+* ``live``: the current weights (stop-gradient only);
+* ``base``: the initial weights, frozen. With LoRA the adapter is disabled (exactly the base
+  model, no copy); with full fine-tuning a snapshot of the initial weights is swapped in;
+* ``ema``: an exponential moving average of the trainable weights, swapped in for scoring.
+
+Swapping copies only the *trainable* tensors (the adapter under LoRA), in place, and
+restores them afterwards, so the student's optimizer state is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+
+
+class TeacherWeights:
+    def __init__(self, model: Any, kind: str, *, lora: bool, ema_decay: float = 0.95):
+        if kind not in ("live", "base", "ema"):
+            raise ValueError(f"teacher kind must be 'live', 'base' or 'ema', got {kind!r}")
+        self.model, self.kind, self.lora, self.decay = model, kind, lora, ema_decay
+        self.shadow: dict[str, torch.Tensor] = {}
+        if kind == "ema" or (kind == "base" and not lora):
+            self.shadow = {n: p.detach().clone() for n, p in self._trainable()}
+
+    def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        return ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def scoring(self) -> Iterator[None]:
+        """Inside this block the model carries the teacher's weights (and no grad is recorded)."""
+        with torch.no_grad():
+            if self.kind == "live":
+                yield
+            elif self.kind == "base" and self.lora:
+                with self.model.disable_adapter():
+                    yield
+            else:
+                params = dict(self._trainable())
+                saved = {n: params[n].detach().clone() for n in self.shadow}
+                for n, s in self.shadow.items():
+                    params[n].copy_(s)
+                try:
+                    yield
+                finally:
+                    for n, s in saved.items():
+                        params[n].copy_(s)
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """After an optimizer step: move the EMA towards the new weights (no-op otherwise)."""
+        if self.kind != "ema":
+            return
+        for n, p in self._trainable():
+            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in self.shadow.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.shadow):
+            raise KeyError(f"teacher state has keys {sorted(state)[:3]}..., expected {sorted(self.shadow)[:3]}...")
+        for n, t in state.items():
+            self.shadow[n].copy_(t)

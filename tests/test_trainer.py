@@ -1,0 +1,233 @@
+"""The on-policy loop on a tiny model: teacher kinds, exact ids, loss kinds, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from opsdl_core import trainer as trainer_mod
+from opsdl_core.checkpoint import latest_checkpoint, read_jsonl
+from opsdl_core.config import RunConfig
+from opsdl_core.models import build_tiny_model
+from opsdl_core.prepare import prepare_data
+from opsdl_core.scoring import score_responses
+from opsdl_core.train import run
+from opsdl_core.trainer import OPSDLTrainer
+
+
+def tiny_cfg(run_dir, **sections) -> RunConfig:
+    base = {
+        "model": {"name": "tiny"},
+        "data": {"train_size": 6, "heldout_size": 3, "context_tokens": 160, "short_budget_tokens": 64,
+                 "n_distractors": [2, 3]},
+        "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6},
+        "lora": {"r": 4, "alpha": 8},
+        "optim": {"lr": 5e-3},
+        "train": {"run_dir": str(run_dir), "steps": 4, "save_every": 2, "seed": 3},
+        "eval": {"max_new_tokens": 4, "batch_size": 4},
+    }
+    for k, v in sections.items():
+        base[k] = {**base.get(k, {}), **v}
+    return RunConfig.from_dict(base)
+
+
+def make_trainer(cfg, quiet=True):
+    model, tok = build_tiny_model(seed=0)
+    data = prepare_data(cfg.data, tok)
+    return OPSDLTrainer(cfg, model, tok, data, log=(lambda s: None) if quiet else print)
+
+
+def trainable(tr):
+    return {n: p.detach().clone() for n, p in tr.unwrapped.named_parameters() if p.requires_grad}
+
+
+def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
+    cfg = tiny_cfg(tmp_path / "run")
+    lines = []
+    res = run(cfg, model_and_tokenizer=build_tiny_model(seed=0), log=lines.append)
+    assert res["steps"] == 4
+    for k in ("before_long_accuracy", "after_long_accuracy", "before_short_accuracy", "after_short_accuracy"):
+        assert 0.0 <= res[k] <= 1.0
+    metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:
+        assert math.isfinite(m["loss"]) and m["tokens"] > 0 and m["samples"] == 2
+        assert all(m[k] >= 0 for k in ("generate_s", "teacher_s", "student_s", "optim_s", "step_s"))
+        # transformers backend shares the trainer's weights: sampler and trainer agree
+        assert m["sampler_logprob_absdiff"] < 1e-3
+    assert [r["step"] for r in read_jsonl(tmp_path / "run" / "checkpoints.jsonl")] == [2, 4]
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    assert (final / "model" / "config.json").is_file() and (final / "lineage.json").is_file()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["config_hash"] == cfg.hash() and results["data_digest"]
+    assert any("step 4/4" in line for line in lines)
+
+
+def test_teacher_scores_exactly_the_students_token_ids(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return score_responses(model, **kw)
+
+    monkeypatch.setattr(trainer_mod, "score_responses", spy)
+    tr = make_trainer(tiny_cfg(tmp_path)).setup()
+    rollouts = []
+    real_generate = tr.rollout.generate
+    tr.rollout.generate = lambda *a, **k: rollouts.append(real_generate(*a, **k)) or rollouts[-1]
+    tr.train_step()
+    teacher, student = calls
+    assert teacher["responses"] == student["responses"] == rollouts[0].response_ids
+    assert teacher["prompts"] != student["prompts"]  # x_S vs x_L
+    assert all(len(s) > len(t) for s, t in zip(student["prompts"], teacher["prompts"]))
+
+
+@pytest.mark.parametrize("kind", ["live", "base", "ema"])
+def test_teacher_kinds(tmp_path, kind):
+    cfg = tiny_cfg(tmp_path, train={"teacher": kind, "steps": 3}, optim={"lr": 5e-2})
+    tr = make_trainer(cfg).setup()
+    base_model, _ = build_tiny_model(seed=0)
+    item = tr.data.train[0]
+    resp = [[5, 6, 7, 8]]
+
+    def teacher_lp():
+        with tr.teacher.scoring():
+            return score_responses(tr.unwrapped, prompts=[item.teacher_ids], responses=resp, prompt_index=[0],
+                                   pad_id=tr.pad_id).logprobs
+
+    def live_lp():
+        with torch.no_grad():
+            return score_responses(tr.unwrapped, prompts=[item.teacher_ids], responses=resp, prompt_index=[0],
+                                   pad_id=tr.pad_id).logprobs
+
+    with torch.no_grad():
+        base_lp = score_responses(base_model, prompts=[item.teacher_ids], responses=resp, prompt_index=[0],
+                                  pad_id=tr.pad_id).logprobs
+    for _ in range(3):
+        tr.train_step()
+    before = trainable(tr)
+    t, live = teacher_lp(), live_lp()
+    assert not torch.allclose(live, base_lp, atol=1e-4), "training did not move the weights"
+    if kind == "live":
+        torch.testing.assert_close(t, live)
+    elif kind == "base":
+        torch.testing.assert_close(t, base_lp, atol=1e-5, rtol=1e-5)
+    else:  # ema lies strictly between base and live
+        assert not torch.allclose(t, live, atol=1e-5) and not torch.allclose(t, base_lp, atol=1e-5)
+    after = trainable(tr)
+    assert all(torch.equal(before[n], after[n]) for n in before), "scoring must restore the student weights"
+
+
+def test_full_finetuning_with_frozen_base_teacher(tmp_path):
+    cfg = tiny_cfg(tmp_path, lora={"enabled": False}, train={"teacher": "base", "steps": 2}, optim={"lr": 1e-2})
+    tr = make_trainer(cfg).setup()
+    n_all = sum(p.numel() for p in tr.unwrapped.parameters())
+    assert sum(p.numel() for p in tr.unwrapped.parameters() if p.requires_grad) == n_all
+    init = trainable(tr)
+    tr.train_step()
+    moved = trainable(tr)
+    assert any(not torch.equal(init[n], moved[n]) for n in init)
+    with tr.teacher.scoring():
+        assert all(torch.equal(p, init[n]) for n, p in tr.unwrapped.named_parameters())
+    assert all(torch.equal(p, moved[n]) for n, p in tr.unwrapped.named_parameters())
+
+
+@pytest.mark.parametrize("kind", ["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"])
+def test_every_loss_kind_trains(tmp_path, kind):
+    cfg = tiny_cfg(tmp_path, loss={"kind": kind, "topk": 5, "advantage_clip": 5.0, "is_ratio_clip": 2.0},
+                   train={"teacher": "base"})
+    tr = make_trainer(cfg).setup()
+    init = trainable(tr)
+    m = tr.train_step()
+    assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
+    assert any(not torch.equal(init[n], p) for n, p in trainable(tr).items())
+
+
+def test_grad_accum_and_prompt_batches(tmp_path):
+    cfg = tiny_cfg(tmp_path, train={"grad_accum": 2, "prompts_per_step": 2, "steps": 1})
+    tr = make_trainer(cfg).setup()
+    seen = [tr._batch(i) for i in range(2)]
+    assert len({p.example.id for b in seen for p in b}) == 4  # a permutation: no prompt twice in an epoch
+    init = trainable(tr)
+    m = tr.train_step()
+    assert m["samples"] == 2 * 2 * 2 and m["prompts_seen"] == 4 and tr.scheduler.get_last_lr()[0] > 0
+    assert any(not torch.equal(init[n], p) for n, p in trainable(tr).items())  # stepped once, at the end
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path):
+    full = make_trainer(tiny_cfg(tmp_path / "a", train={"teacher": "ema"})).setup()
+    full.train()
+    part = make_trainer(tiny_cfg(tmp_path / "b", train={"teacher": "ema"})).setup()
+    part.train(stop_after=3)  # checkpoint at 2; step 3 is lost with the "crash"
+    assert latest_checkpoint(tmp_path / "b").name == "step-000002"
+    resumed = make_trainer(tiny_cfg(tmp_path / "b", train={"teacher": "ema"})).setup()
+    assert resumed.resumed_from == 2
+    resumed.train()
+    a, b = trainable(full), trainable(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert all(torch.equal(full.teacher.shadow[n], resumed.teacher.shadow[n]) for n in full.teacher.shadow)
+    ma = [m["loss"] for m in read_jsonl(tmp_path / "a" / "metrics.jsonl")]
+    mb = [m["loss"] for m in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert ma == mb and len(ma) == 4
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    make_trainer(tiny_cfg(tmp_path, train={"steps": 2})).setup().train()
+    with pytest.raises(RuntimeError, match="config"):
+        make_trainer(tiny_cfg(tmp_path, train={"steps": 2}, optim={"lr": 1e-3})).setup()
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
+    """SIGKILL a real `python -m opsdl_core.train` after its first checkpoint, rerun, compare."""
+    from safetensors.torch import load_file
+
+    def cfg_file(run_dir):
+        cfg = tiny_cfg(run_dir, model={"name": str(tiny_model_dir)}, train={"steps": 6, "save_every": 2})
+        path = run_dir.parent / f"{run_dir.name}.yaml"
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(path)
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "opsdl_core.train", "--no-eval", "--config"]
+    ref = tmp_path / "ref"
+    subprocess.run(cmd + [str(cfg_file(ref))], check=True, env=env, capture_output=True, timeout=600)
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + [str(cfg_file(run_dir))], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    log = run_dir / "checkpoints.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not read_jsonl(log):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [r["step"] for r in read_jsonl(log)]
+    assert done and done[-1] < 6, f"the process was not killed mid-run: {done}"
+    subprocess.run(cmd + [str(cfg_file(run_dir))], check=True, env=env, capture_output=True, timeout=600)
+    a = load_file(str(ref / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    b = load_file(str(run_dir / "checkpoints" / "step-000006" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampler_weight_sync_and_stale_weights_stop_the_run(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, optim={"lr": 5e-2}, train={"steps": 6}, rollout={"max_logprob_diff": 0.02})
+    tr = make_trainer(cfg).setup()
+    assert tr._merged_sampler and tr.rollout.model is not tr.unwrapped
+    for _ in range(2):
+        m = tr.train_step()
+        assert m["sampler_logprob_absdiff"] < 1e-4 and m["weight_version"] == tr.step
+    monkeypatch.setattr(tr, "sync_weights", lambda: None)  # a sync that silently does nothing
+    with pytest.raises(RuntimeError, match="stale"):
+        for _ in range(4):
+            tr.train_step()
