@@ -25,14 +25,13 @@ from opsdl_core.models import (
     EMBEDDED_DEFAULT,
     ChecksumMismatchError,
     ResolvedModel,
-    build_tiny_model,
     convert_gguf_to_folder,
     ensure_embedded_default,
     folder_content_hash,
     load_model_and_tokenizer,
     resolve_model,
-    save_tiny_model,
 )
+from opsdl_core.tiny import build_tiny_model, save_tiny_model
 
 SAMPLE = "Hello world! In 2024 the café costs $12.50 (about 11 €) 🙂\n\tdef f(x): return x**2"
 

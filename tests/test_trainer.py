@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import torch
 from opsdl_core import trainer as trainer_mod
 from opsdl_core.checkpoint import latest_checkpoint, read_jsonl
 from opsdl_core.config import RunConfig
-from opsdl_core.models import build_tiny_model
+from opsdl_core.tiny import build_tiny_model
 from opsdl_core.prepare import prepare_data
 from opsdl_core.scoring import score_responses
 from opsdl_core.train import run
