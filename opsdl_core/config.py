@@ -59,6 +59,9 @@ class DataConfig:
     heldout_source: Optional[str] = None  # for file sources: held-out file(s); synthetic uses held-out templates
     train_size: int = 256
     heldout_size: int = 50
+    # synthetic only: also evaluate on fresh keys and seeds written with the *training* templates,
+    # which separates "learned the skill on these templates" from "transfers to unseen templates"
+    in_template_size: int = 0
     context_tokens: int = 1024  # target length of C_L (synthetic), in the model's tokens
     short_budget_tokens: int = 256  # max tokens of the teacher context C_s
     n_distractors: tuple[int, int] = (4, 12)
@@ -72,6 +75,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(self.train_size > 0, "data.train_size", "a positive integer", self.train_size)
         _check(self.heldout_size >= 0, "data.heldout_size", "an integer >= 0", self.heldout_size)
+        _check(self.in_template_size >= 0, "data.in_template_size", "an integer >= 0", self.in_template_size)
         _check(self.context_tokens >= 32, "data.context_tokens", "an integer >= 32", self.context_tokens)
         _check(self.short_budget_tokens > 0, "data.short_budget_tokens", "a positive integer", self.short_budget_tokens)
         lo, hi = self.n_distractors
@@ -191,6 +195,7 @@ class EvalConfig:
     """Greedy accuracy on the held-out split, with the long context and with C_s only."""
 
     enabled: bool = True
+    before: bool = True  # also evaluate the base model before training (skip it to save time)
     max_new_tokens: int = 24
     batch_size: int = 8
 
@@ -201,7 +206,8 @@ class EvalConfig:
 
 # Fields that do not change what a run computes; left out of the hash.
 _NON_SEMANTIC = {("model", "cache_dir"), ("train", "run_dir"), ("train", "num_threads"), ("train", "log_every"),
-                 ("train", "save_every"), ("train", "keep_checkpoints"), ("eval", "batch_size")}
+                 ("train", "save_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
+                 ("eval", "before")}
 
 
 @dataclass

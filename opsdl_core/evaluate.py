@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from .prepare import Prepared
 from .prompts import stop_token_ids
@@ -28,7 +28,8 @@ class EvalResult:
 
 
 def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, context: Literal["long", "short"],
-                      max_new_tokens: int = 24, batch_size: int = 8) -> EvalResult:
+                      max_new_tokens: int = 24, batch_size: int = 8,
+                      progress: Callable[[int, int], None] | None = None) -> EvalResult:
     """Greedy answers for every item; correct when the reference answer occurs in the output."""
     if context not in ("long", "short"):
         raise ValueError(f"context must be 'long' or 'short', got {context!r}")
@@ -47,6 +48,8 @@ def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, 
         batch = engine.generate([prompts[i] for i in idx], n=1, params=params, seed=0)
         for i, ids in zip(idx, batch.response_ids):
             outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
+        if progress is not None:
+            progress(min(s + batch_size, len(order)), len(order))
     correct = [bool(score_answer(p.example.answer, out, p.example.metadata.get("distractor_answers", ())))
                for p, out in zip(items, outputs)]
     n = len(items)

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .config import DataConfig
 from .data import Example, RejectedRow, load_examples
 from .prompts import chat_prompt_ids
-from .synthetic import generate_examples
+from .synthetic import TRAIN_TEMPLATES, generate_examples
 from .teacher_context import TeacherContext, TeacherContextError, build_teacher_context
 
 
@@ -32,12 +32,13 @@ class PreparedData:
     train: list[Prepared]
     heldout: list[Prepared]
     rejected: list[RejectedRow] = field(default_factory=list)
+    in_template: list[Prepared] = field(default_factory=list)  # held-out keys/seeds, training templates
 
     @property
     def digest(self) -> str:
         """Content digest of both splits (what a run trained and was evaluated on)."""
         h = hashlib.sha256()
-        for split, items in (("train", self.train), ("heldout", self.heldout)):
+        for split, items in (("train", self.train), ("heldout", self.heldout), ("in_template", self.in_template)):
             for p in items:
                 h.update(f"{split}:{p.example.content_hash()}:{p.teacher_context.text}\n".encode())
         return h.hexdigest()[:16]
@@ -94,7 +95,14 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     train_raw, held_raw, rejected = load_raw(cfg, tokenizer)
     train, bad_train = prepare_examples(train_raw, tokenizer, cfg)
     heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg)
+    in_template: list[Prepared] = []
+    if cfg.source == "synthetic" and cfg.in_template_size:
+        raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=TRAIN_TEMPLATES,
+                                target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
+                                seed=cfg.seed + 1_000_003, n_distractors=tuple(cfg.n_distractors))
+        in_template, bad = prepare_examples(raw, tokenizer, cfg)
+        bad_held += bad
     if not train:
         reasons = "; ".join(r.reason for r in (rejected + bad_train)[:3])
         raise ValueError(f"no usable training examples in {cfg.source!r}" + (f" (e.g. {reasons})" if reasons else ""))
-    return PreparedData(train, heldout, rejected + bad_train + bad_held)
+    return PreparedData(train, heldout, rejected + bad_train + bad_held, in_template)

@@ -62,16 +62,23 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
     do_eval = evaluate and cfg.eval.enabled and data.heldout
 
-    def _eval(tag: str, m: Any) -> None:
-        for context in ("long", "short"):
-            r = evaluate_accuracy(m, tokenizer, data.heldout, context=context, max_new_tokens=cfg.eval.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size)
-            results[f"{tag}_{context}_accuracy"] = r.accuracy
-            results[f"{tag}_{context}_eval"] = r.summary()
-            log(f"[opsdl] eval {tag:6s} {context:5s}-context accuracy {r.accuracy:.3f} "
-                f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
+    suites = [("", data.heldout, ("long", "short"))]
+    if data.in_template:
+        suites.append(("in_template_", data.in_template, ("long",)))
 
-    if do_eval:
+    def _eval(tag: str, m: Any) -> None:
+        for prefix, items, contexts in suites:
+            for context in contexts:
+                name = f"{prefix}{context}"
+                r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
+                                      batch_size=cfg.eval.batch_size,
+                                      progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
+                results[f"{tag}_{name}_accuracy"] = r.accuracy
+                results[f"{tag}_{name}_eval"] = r.summary()
+                log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
+                    f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
+
+    if do_eval and cfg.eval.before:
         _eval("before", model)
     trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage).setup(resume=resume)
     result = trainer.train()
@@ -86,9 +93,12 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
     Path(cfg.train.run_dir, "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     if do_eval:
-        log("[opsdl] held-out accuracy   before   after")
-        for c in ("long", "short"):
-            log(f"[opsdl]   {c:5s}-context      {results[f'before_{c}_accuracy']:.3f}    {results[f'after_{c}_accuracy']:.3f}")
+        log("[opsdl] held-out accuracy                       before   after")
+        names = [(f"{p}{c}", f"{'training templates, ' if p else 'held-out templates, '}{c} context")
+                 for p, _, cs in suites for c in cs]
+        for key, label in names:
+            before = results.get(f"before_{key}_accuracy", float("nan"))
+            log(f"[opsdl]   {label:40s} {before:.3f}    {results[f'after_{key}_accuracy']:.3f}")
     log(f"[opsdl] done in {results['total_seconds']:.0f}s; model in {final}")
     return results
 

@@ -167,3 +167,12 @@ def test_lengths_in_a_real_hf_fast_tokenizer():
         for e in gen(split, n=4, target=target, seed=1, count=count):
             assert abs(count(e.long_context) - target) <= length_tolerance(target), (target, count(e.long_context))
             assert e.metadata["actual_tokens"] == count(e.long_context)
+
+
+def test_in_template_split_uses_training_templates_with_held_out_keys():
+    count = lambda s: len(s.split())  # noqa: E731
+    ex = generate_examples(n=6, split="heldout", templates=TRAIN_TEMPLATES, target_tokens=200,
+                           count_tokens=count, seed=1_000_003, n_distractors=(2, 3))
+    names = {t.name for t in TRAIN_TEMPLATES}
+    assert all(e.metadata["template"] in names for e in ex)
+    assert all(e.metadata["key"] in HELDOUT_KEYS for e in ex)

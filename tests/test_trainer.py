@@ -50,11 +50,12 @@ def trainable(tr):
 
 
 def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
-    cfg = tiny_cfg(tmp_path / "run")
+    cfg = tiny_cfg(tmp_path / "run", data={"in_template_size": 2})
     lines = []
     res = run(cfg, model_and_tokenizer=build_tiny_model(seed=0), log=lines.append)
     assert res["steps"] == 4
-    for k in ("before_long_accuracy", "after_long_accuracy", "before_short_accuracy", "after_short_accuracy"):
+    for k in ("before_long_accuracy", "after_long_accuracy", "before_short_accuracy", "after_short_accuracy",
+              "before_in_template_long_accuracy", "after_in_template_long_accuracy"):
         assert 0.0 <= res[k] <= 1.0
     metrics = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
