@@ -171,6 +171,26 @@ def main() -> int:
         print(f"{'':>8} {'ratio':>10} {b['peak_mib'] / max(a['peak_mib'], 1e-9):>8.1f}x "
               f"{b['seconds'] / a['seconds']:>7.1f}x  (full-head / opsdl; same log-probs: {same})")
 
+    print(f"\n## thread settings: the same student step at {args.lengths[0]} tokens, fresh process each")
+    print(f"{'threads':>8} {'OMP_WAIT_POLICY':>16} {'other busy process':>19} {'seconds':>8}")
+    for threads, policy, busy in ((1, "PASSIVE", False), (2, "PASSIVE", False), (2, "ACTIVE", False),
+                                  (1, "PASSIVE", True), (2, "PASSIVE", True), (2, "ACTIVE", True)):
+        cmd = [sys.executable, __file__, "--child", "opsdl", "--length", str(args.lengths[0]), "--model", args.model,
+               "--samples", str(args.samples), "--response-tokens", str(args.response_tokens),
+               "--threads", str(threads)]
+        env = {**os.environ, "OMP_WAIT_POLICY": policy}
+        # a competing single-threaded CPU-bound process (stops by itself after 10 minutes at most)
+        other = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<600: pass"]) \
+            if busy else None
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+        finally:
+            if other is not None:
+                other.kill()
+                other.wait()
+        r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+        print(f"{threads:>8} {policy:>16} {'yes' if busy else 'no':>19} {r['seconds']:>8.2f}")
+
     print(f"\n## phases of a real on-policy step at {args.lengths[0]} tokens (mean of 3 steps)")
     m = phases(args)
     for k in ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s"):

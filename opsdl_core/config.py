@@ -62,6 +62,9 @@ class DataConfig:
     # synthetic only: also evaluate on fresh keys and seeds written with the *training* templates,
     # which separates "learned the skill on these templates" from "transfers to unseen templates"
     in_template_size: int = 0
+    # synthetic only: names of the training templates to use (default: all of them); the
+    # in-template suite uses the same ones
+    templates: Optional[list[str]] = None
     context_tokens: int = 1024  # target length of C_L (synthetic), in the model's tokens
     short_budget_tokens: int = 256  # max tokens of the teacher context C_s
     n_distractors: tuple[int, int] = (4, 12)

@@ -23,9 +23,10 @@ Two families:
 
 * ``pointwise_reverse_kl_loss`` (the paper's default) needs only the
   log-probabilities of the sampled tokens, ``[B, R]``.  It is a score-function
-  (REINFORCE-style) estimator whose *gradient* is an unbiased estimate of the
-  gradient of the sequence-level reverse KL, KL(pi_theta || pi_T), when the
-  responses are sampled from the student.
+  (REINFORCE-style) estimator whose *gradient* is, at every response position,
+  an unbiased estimate of the gradient of the per-position reverse KL,
+  KL(pi_theta(.|x_L, y_<t) || pi_T(.|x_S, y_<t)), at the prefixes the student
+  sampled (no credit assigned through later positions, as in the paper).
 * ``reverse_kl_loss`` / ``forward_kl_loss`` / ``jsd_loss`` /
   ``topk_reverse_kl_loss`` use the full next-token distributions,
   ``[B, R, V]`` logits, and compute exact per-position divergences.

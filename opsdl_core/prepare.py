@@ -51,13 +51,24 @@ def token_counter(tokenizer: Any) -> Callable[[str], int]:
     return count
 
 
+def training_templates(cfg: DataConfig) -> tuple:
+    """The synthetic training templates named in ``cfg.templates`` (all of them by default)."""
+    if cfg.templates is None:
+        return TRAIN_TEMPLATES
+    by_name = {t.name: t for t in TRAIN_TEMPLATES}
+    unknown = [n for n in cfg.templates if n not in by_name]
+    if unknown or not cfg.templates:
+        raise ValueError(f"data.templates: unknown template(s) {unknown}; expected names from {sorted(by_name)}")
+    return tuple(by_name[n] for n in cfg.templates)
+
+
 def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], list[RejectedRow]]:
     """Train and held-out examples before teacher contexts, plus rows set aside."""
     count = token_counter(tokenizer)
     if cfg.source == "synthetic":
         kw = dict(target_tokens=cfg.context_tokens, count_tokens=count, seed=cfg.seed,
                   n_distractors=tuple(cfg.n_distractors))
-        train = generate_examples(n=cfg.train_size, split="train", **kw)
+        train = generate_examples(n=cfg.train_size, split="train", templates=training_templates(cfg), **kw)
         heldout = generate_examples(n=cfg.heldout_size, split="heldout", **kw) if cfg.heldout_size else []
         return train, heldout, []
     loaded = load_examples(cfg.source, field_map=cfg.field_map)
@@ -97,7 +108,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg)
     in_template: list[Prepared] = []
     if cfg.source == "synthetic" and cfg.in_template_size:
-        raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=TRAIN_TEMPLATES,
+        raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=training_templates(cfg),
                                 target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
                                 seed=cfg.seed + 1_000_003, n_distractors=tuple(cfg.n_distractors))
         in_template, bad = prepare_examples(raw, tokenizer, cfg)
