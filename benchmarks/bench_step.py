@@ -112,6 +112,27 @@ def one_step(args) -> dict:
             "seconds": seconds, "logprob_sum": float(check.sum())}
 
 
+def run_capped(cmd: list[str], max_gib: float, env: dict | None = None) -> dict | None:
+    """Run a child; kill it (and return None) if its resident memory passes ``max_gib``."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    page = os.sysconf("SC_PAGE_SIZE")
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/statm") as f:
+                rss = int(f.read().split()[1]) * page
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if rss > max_gib * 2**30:
+            proc.kill()
+            proc.wait()
+            return None
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    if proc.wait() != 0:
+        raise RuntimeError(f"benchmark child failed: {' '.join(cmd)}")
+    return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def phases(args) -> dict:
     import torch
 
@@ -144,6 +165,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--response-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-rss-gib", type=float, default=16.0,
+                    help="stop a child whose resident memory passes this (the full-head peer at 2K needs ~2x 1K's)")
     ap.add_argument("--child", choices=["opsdl", "full-head"], help=argparse.SUPPRESS)
     ap.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -162,10 +185,15 @@ def main() -> int:
             cmd = [sys.executable, __file__, "--child", method, "--length", str(length), "--model", args.model,
                    "--samples", str(args.samples), "--response-tokens", str(args.response_tokens),
                    "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
+            r = run_capped(cmd, args.max_rss_gib)
+            if r is None:
+                print(f"{length:>8} {method:>10} {'>' + str(args.max_rss_gib) + ' GiB':>9} {'stopped':>8}  "
+                      f"(resident memory passed --max-rss-gib; the machine would start swapping or kill it)")
+                continue
             rows[(length, method)] = r
             print(f"{r['length']:>8} {method:>10} {r['peak_mib']:>9.0f} {r['seconds']:>8.2f}")
+        if (length, "full-head") not in rows:
+            continue
         a, b = rows[(length, "opsdl")], rows[(length, "full-head")]
         same = abs(a["logprob_sum"] - b["logprob_sum"]) < 1e-2 * max(1.0, abs(b["logprob_sum"]))
         print(f"{'':>8} {'ratio':>10} {b['peak_mib'] / max(a['peak_mib'], 1e-9):>8.1f}x "
@@ -183,12 +211,11 @@ def main() -> int:
         other = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<600: pass"]) \
             if busy else None
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            r = run_capped(cmd, args.max_rss_gib, env)
         finally:
             if other is not None:
                 other.kill()
                 other.wait()
-        r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         print(f"{threads:>8} {policy:>16} {'yes' if busy else 'no':>19} {r['seconds']:>8.2f}")
 
     print(f"\n## phases of a real on-policy step at {args.lengths[0]} tokens (mean of 3 steps)")
