@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
 from .prepare import Prepared
-from .prompts import stop_token_ids
+from .prompts import pad_token_id, stop_token_ids
 from .rollout import SamplingParams, TransformersRollout
 from .synthetic import score_answer
 
@@ -39,7 +39,7 @@ def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, 
     t0 = time.perf_counter()
     prompts = [p.student_ids if context == "long" else p.teacher_ids for p in items]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    engine = TransformersRollout(model, pad_id=_pad_id(tokenizer), max_batch_size=batch_size)
+    engine = TransformersRollout(model, pad_id=pad_token_id(tokenizer), max_batch_size=batch_size)
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
                             stop_token_ids=stop_token_ids(tokenizer, getattr(model, "config", None)))
     outputs: list[str] = [""] * len(prompts)
@@ -56,9 +56,3 @@ def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, 
     return EvalResult(context, sum(correct) / n if n else float("nan"), n, correct, outputs,
                       sum(map(len, prompts)) / n if n else 0.0, time.perf_counter() - t0)
 
-
-def _pad_id(tokenizer: Any) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token")
-    return int(pad)

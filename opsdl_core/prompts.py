@@ -28,6 +28,14 @@ def chat_prompt_ids(tokenizer: Any, context: str, question: str, system: str | N
     return list(tokenizer(user_message(context, question) + "\nAnswer:", add_special_tokens=True)["input_ids"])
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its eos token."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return int(pad)
+
+
 def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
     """Token ids that end an assistant turn: eos, plus the config's eos ids."""
     ids: set[int] = set()

@@ -14,7 +14,7 @@ weight sync, and they serve the importance ratio of the loss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -39,7 +39,6 @@ class RolloutBatch:
     sampler_logprobs: list[list[float]]  # B lists aligned with response_ids (untempered model)
     finish_reasons: list[str]  # B values: "stop" | "length"
     weight_version: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.response_ids)

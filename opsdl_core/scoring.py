@@ -11,6 +11,7 @@ once per sample (gradients flow back through the shared cache).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -41,8 +42,13 @@ def _hf_model(model: Any) -> Any:
 
 
 def _cache_kwarg(model: Any) -> str:
-    params = inspect.signature(_hf_model(model).forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg_for(type(_hf_model(model)))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_for(cls: type) -> str:
+    """transformers 5 names the KV-cache argument ``cache``; older and remote-code models ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _out_cache(out: Any) -> Any:

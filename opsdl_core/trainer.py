@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from . import checkpoint as ckpt
 from .config import RunConfig
 from .losses import compute_loss, needs_full_logits
 from .prepare import Prepared, PreparedData
-from .prompts import stop_token_ids
+from .prompts import pad_token_id, stop_token_ids
 from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights
 from .scoring import score_responses
 from .synthetic import score_answer
@@ -118,8 +119,7 @@ class OPSDLTrainer:
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
                                       ema_decay=cfg.train.ema_decay)
-        self.pad_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
-                          else self.tokenizer.eos_token_id)
+        self.pad_id = pad_token_id(self.tokenizer)
         if self.rollout is None:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
                                                pad_id=self.pad_id)
@@ -205,7 +205,7 @@ class OPSDLTrainer:
                     stu = score_responses(self.model, prompts=[p.student_ids for p in batch],
                                           responses=ro.response_ids, prompt_index=ro.prompt_index, pad_id=self.pad_id,
                                           return_logits=full, temperature=cfg.loss.temperature)
-                sampler = _pad_like([lp for lp in ro.sampler_logprobs], stu.logprobs)
+                sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
                 out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
                                    teacher_logprobs=tch.logprobs, student_logits=stu.logits,
                                    teacher_logits=tch.logits,
@@ -221,7 +221,7 @@ class OPSDLTrainer:
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 timings["optim_s"] += time.perf_counter() - t
-            self._accumulate(sums, out, stu, tch, ro, batch)
+            self._accumulate(sums, out, stu, tch, ro, batch, sampler)
         t = time.perf_counter()
         self.teacher.update()
         self.step += 1
@@ -239,7 +239,7 @@ class OPSDLTrainer:
         state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
         self.rollout.update_weights(self.step, state)
 
-    def _accumulate(self, sums, out, stu, tch, ro, batch) -> None:
+    def _accumulate(self, sums, out, stu, tch, ro, batch, sampler) -> None:
         mask = stu.mask
         ntok = max(1, int(mask.sum()))
         lens = [len(r) for r in ro.response_ids]
@@ -247,7 +247,6 @@ class OPSDLTrainer:
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ro.response_ids]
         scored = [score_answer(e.answer, t, e.metadata.get("distractor_answers", ()))
                   for e, t in zip(exs, texts) if e.answer is not None]
-        sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)
         vals = {
             "loss": float(out.loss.detach()),
             "advantage_mean": float(((tch.logprobs - stu.logprobs.detach()) * mask).sum() / ntok),
@@ -290,7 +289,6 @@ class OPSDLTrainer:
         final = self.run_dir / "final"
         tmp = self.run_dir / ".tmp-final"
         if tmp.exists():
-            import shutil
             shutil.rmtree(tmp)
         model = self.unwrapped
         if self.cfg.lora.enabled:
@@ -305,7 +303,6 @@ class OPSDLTrainer:
             {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, "steps": self.step, **self.lineage},
             indent=1, sort_keys=True))
         if final.exists():
-            import shutil
             shutil.rmtree(final)
         tmp.rename(final)
         return final

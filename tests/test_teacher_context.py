@@ -79,7 +79,7 @@ def test_bm25_ranks_the_needle_chunk_into_its_result(examples):
     for ex in examples:
         ctx = bm25_context(ex, count_tokens=words, max_tokens=300, chunk_tokens=64, top_k=3)
         assert ex.short_context in ctx.text, ex.id
-        assert 1 <= len(ctx.spans) <= 3 and ctx.n_tokens <= 300
+        assert len(ctx.spans) in (1, 2, 3) and ctx.n_tokens <= 300
         assert all(SEPARATOR not in ex.long_context[s:e] for s, e in ctx.spans)
         assert ctx.text.count(SEPARATOR) == len(ctx.spans) - 1
 
