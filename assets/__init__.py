@@ -1,2 +1,13 @@
 """Dagster asset and asset-check definitions: prompt curation → teacher contexts → rollout →
 distillation training → long- and short-context evaluation, each a thin wrapper over ``opsdl_core``."""
+
+from .checks import ALL_CHECKS
+from .curation import curated_prompts, eval_sets
+from .evaluation import evaluation, report
+from .resources import OpsdlResource
+from .teacher import base_rollouts, teacher_contexts
+from .training import opsdl_model
+
+ALL_ASSETS = [eval_sets, curated_prompts, teacher_contexts, base_rollouts, opsdl_model, evaluation, report]
+
+__all__ = ["ALL_ASSETS", "ALL_CHECKS", "OpsdlResource"]

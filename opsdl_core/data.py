@@ -48,6 +48,7 @@ __all__ = [
     "validate_row",
     "load_examples",
     "write_jsonl",
+    "write_json_lines",
     "read_rejected",
     "write_rejected_jsonl",
     "JSONL_SUFFIXES",
@@ -344,6 +345,11 @@ def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
     """Atomically write examples as JSON lines (``Example.to_dict``); returns the path."""
     return _atomic_write_lines((json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples), path)
+
+
+def write_json_lines(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
+    """Atomically write plain dicts as JSON lines; returns the path."""
+    return _atomic_write_lines((json.dumps(dict(r), ensure_ascii=False, default=str) for r in rows), path)
 
 
 def write_rejected_jsonl(rejected: Iterable[RejectedRow], path: str | os.PathLike) -> Path:

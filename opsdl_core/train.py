@@ -29,8 +29,10 @@ from .config import RunConfig, parse_overrides  # noqa: E402
 
 
 def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Callable[[str], None] = print,
-        model_and_tokenizer: tuple[Any, Any] | None = None) -> dict[str, Any]:
-    """The whole job; returns (and writes to ``run_dir/results.json``) the figures it measured."""
+        model_and_tokenizer: tuple[Any, Any] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole job; returns (and writes to ``run_dir/results.json``) the figures it measured.
+    ``on_step(metrics)`` is called after every training step."""
     import torch
 
     from .evaluate import evaluate_accuracy
@@ -81,7 +83,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if do_eval and cfg.eval.before:
         _eval("before", model)
     trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage).setup(resume=resume)
-    result = trainer.train()
+    result = trainer.train(on_step=on_step)
     results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1))
     if result.metrics:
         keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")

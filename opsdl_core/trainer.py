@@ -157,8 +157,10 @@ class OPSDLTrainer:
         self.log(f"[opsdl] resumed from {path} (step {self.step})")
 
     # -- the loop ------------------------------------------------------------------------
-    def train(self, *, stop_after: int | None = None) -> TrainResult:
-        """Run until ``train.steps`` (or ``stop_after`` steps total, to simulate an interruption)."""
+    def train(self, *, stop_after: int | None = None,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Run until ``train.steps`` (or ``stop_after`` steps total, to simulate an interruption).
+        ``on_step(metrics)`` is called after every step (e.g. to stream metrics to an orchestrator)."""
         t0 = time.perf_counter()
         last = self.cfg.train.steps if stop_after is None else min(stop_after, self.cfg.train.steps)
         while self.step < last:
@@ -167,6 +169,8 @@ class OPSDLTrainer:
             ckpt.append_jsonl(self.run_dir / "metrics.jsonl", m)
             if self.step % self.cfg.train.log_every == 0 or self.step == last:
                 self.log(_format_step(m, self.cfg.train.steps))
+            if on_step is not None:
+                on_step(m)
             if self.step % self.cfg.train.save_every == 0 or self.step == self.cfg.train.steps:
                 self.save_checkpoint()
         return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
@@ -293,6 +297,7 @@ class OPSDLTrainer:
         model = self.unwrapped
         if self.cfg.lora.enabled:
             model.save_pretrained(tmp / "adapter")
+            _canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
             if merged:
                 model = model.merge_and_unload()
                 self.unwrapped = model
@@ -306,6 +311,15 @@ class OPSDLTrainer:
             shutil.rmtree(final)
         tmp.rename(final)
         return final
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes between processes;
+    sort it so the same adapter always has the same bytes (and content hash)."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    ckpt.atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def hash_seed(*parts: Any) -> int:

@@ -1,0 +1,96 @@
+"""Asset checks that gate the pipeline (blocking: a failure stops what depends on the asset)."""
+
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from opsdl_core.curation import ngrams
+from opsdl_core.teacher_context import SEPARATOR, TeacherContext, TeacherContextError, check_teacher_context
+
+from .curation import read_examples
+from .evaluation import evaluation
+from .resources import OpsdlResource
+from .teacher import teacher_contexts
+from .training import opsdl_model
+
+
+@dg.asset_check(asset=teacher_contexts, blocking=True,
+                description="Every C_s is made of spans of its C_L (text equal to the joined spans) and fits "
+                            "the token budget.")
+def c_s_in_c_l_within_budget(opsdl: OpsdlResource, teacher_contexts: dict[str, Any]) -> dg.AssetCheckResult:
+    count = opsdl.count_tokens()
+    bad: list[str] = []
+    examples = read_examples(teacher_contexts["path"])
+    for ex in examples:
+        tc = ex.metadata.get("teacher_context")
+        if not tc:
+            bad.append(f"{ex.id}: no teacher_context")
+            continue
+        ctx = TeacherContext(tc["text"], tuple(tuple(s) for s in tc["spans"]), tc["n_tokens"], tc["strategy"],
+                             tc.get("separator", SEPARATOR))
+        try:
+            check_teacher_context(ctx, ex.long_context, max_tokens=tc["budget"], count_tokens=count)
+        except TeacherContextError as e:
+            bad.append(f"{ex.id}: {e}")
+    return dg.AssetCheckResult(passed=not bad, metadata={"n_checked": len(examples), "n_failed": len(bad),
+                                                         "failures": "\n".join(bad[:10]) or "none"})
+
+
+@dg.asset_check(asset="curated_prompts", blocking=True, description="No two training prompts share a content hash.")
+def no_duplicate_prompts(curated_prompts: dict[str, Any]) -> dg.AssetCheckResult:
+    examples = read_examples(curated_prompts["path"])
+    hashes = [e.content_hash() for e in examples]
+    dups = len(hashes) - len(set(hashes))
+    return dg.AssetCheckResult(passed=dups == 0, metadata={"n_checked": len(hashes), "n_duplicates": dups})
+
+
+@dg.asset_check(asset="curated_prompts", blocking=True, additional_ins={"eval_sets": dg.AssetIn("eval_sets")},
+                description="No training prompt overlaps the evaluation suites (identical content, or a shared "
+                            "8-word n-gram of C_s + Q).")
+def no_eval_overlap(curated_prompts: dict[str, Any], eval_sets: dict[str, Any]) -> dg.AssetCheckResult:
+    grams: set = set()
+    hashes: set[str] = set()
+    for s in eval_sets["suites"].values():
+        for ex in read_examples(s["path"]):
+            grams |= ngrams(f"{ex.short_context} {ex.question}", 8)
+            hashes.add(ex.content_hash())
+    overlapping = [ex.id for ex in read_examples(curated_prompts["path"])
+                   if ex.content_hash() in hashes or ngrams(f"{ex.short_context} {ex.question}", 8) & grams]
+    return dg.AssetCheckResult(passed=not overlapping, metadata={"n_overlapping": len(overlapping),
+                                                                 "examples": ", ".join(overlapping[:10]) or "none"})
+
+
+@dg.asset_check(asset=opsdl_model, blocking=True, description="Every logged training loss and KL is finite.")
+def training_loss_finite(opsdl_model: dict[str, Any]) -> dg.AssetCheckResult:
+    path = Path(opsdl_model["run_dir"]) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    bad = [r["step"] for r in rows if not all(math.isfinite(r.get(k, 0.0)) for k in ("loss", "kl_estimate"))]
+    return dg.AssetCheckResult(passed=bool(rows) and not bad,
+                               metadata={"steps": len(rows), "non_finite_steps": str(bad[:20]) or "none"})
+
+
+class RetentionConfig(dg.Config):
+    margin: float = Field(default=0.10, description="Largest allowed drop of short-context accuracy "
+                                                    "(OPSDL vs base, absolute).")
+
+
+@dg.asset_check(asset=evaluation, blocking=True,
+                description="Short-context (C_s only) accuracy of the OPSDL model is not below the base model's "
+                            "by more than the margin.")
+def short_context_retention(config: RetentionConfig, evaluation: dict[str, Any]) -> dg.AssetCheckResult:
+    short = [r for r in evaluation["rows"] if r["context"] == "short"]
+    worst = min(short, key=lambda r: r["delta"]) if short else None
+    passed = bool(short) and worst["delta"] >= -config.margin
+    return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR, metadata={
+        "margin": config.margin, "n_suites": len(short),
+        "worst_suite": worst["suite"] if worst else "none (no short-context suite)",
+        "worst_delta": worst["delta"] if worst else float("nan")})
+
+
+ALL_CHECKS = [c_s_in_c_l_within_budget, no_duplicate_prompts, no_eval_overlap, training_loss_finite,
+              short_context_retention]

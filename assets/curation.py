@@ -1,0 +1,144 @@
+"""Prompt curation: the evaluation suites, the training prompts, and the rows set aside."""
+
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from opsdl_core.curation import curate, dataset_digest, eval_suites
+from opsdl_core.data import Example, write_jsonl, write_rejected_jsonl
+from opsdl_core.lineage import content_hash
+
+from .resources import OpsdlResource
+
+GROUP = "curation"
+
+
+class EvalSetsConfig(dg.Config):
+    lengths: list[int] = Field(default=[1024], description="Context lengths (model tokens) of the suites.")
+    n: int = Field(default=30, description="Questions per held-out-template suite and length.")
+    in_template_n: int = Field(default=20, description="Questions with fresh keys of the training templates "
+                                                       "(0: no in-template suite).")
+    seed: int = Field(default=0, description="Seed of the evaluation streams (disjoint from training's).")
+    n_distractors: list[int] = Field(default=[4, 12], description="[min, max] distractor records per context.")
+
+
+class CurationConfig(dg.Config):
+    source: str = Field(default="synthetic", description="'synthetic' (built-in generator), 'inbox' (the data "
+                                                         "inbox folder), or a JSONL/Parquet file or folder.")
+    size: int = Field(default=256, description="Training prompts to keep.")
+    context_tokens: int = Field(default=1024, description="Synthetic only: target length of C_L in tokens.")
+    seed: int = Field(default=0, description="Synthetic only: generator seed.")
+    templates: list[str] = Field(default=[], description="Synthetic only: training templates (empty: all).")
+    n_distractors: list[int] = Field(default=[4, 12], description="Synthetic only: [min, max] distractor records.")
+    ngram: int = Field(default=8, description="Decontamination: shared word n-gram length with eval data.")
+    max_tokens: int | None = Field(default=None, description="Set aside examples whose C_L is longer.")
+
+
+def md_table(rows: list[dict[str, Any]], cols: list[str], width: int = 80) -> str:
+    def cell(v: Any) -> str:
+        s = f"{v:.3f}" if isinstance(v, float) else str(v)
+        s = s.replace("|", "\\|").replace("\n", " ")
+        return s if len(s) <= width else s[: width - 1] + "…"
+
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def example_rows(examples: list[Example], k: int = 3) -> list[dict[str, Any]]:
+    return [{"id": e.id, "question": e.question, "answer": e.answer, "C_s": e.short_context,
+             "C_L": e.long_context[:120]} for e in examples[:k]]
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [Example(**r) for r in rows]
+
+
+@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version="1",
+          description="Held-out synthetic evaluation suites: unseen templates (transfer) and fresh keys of the "
+                      "training templates (in-family), at each context length.")
+def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: OpsdlResource) -> dict[str, Any]:
+    count = opsdl.count_tokens()
+    suites = eval_suites(count_tokens=count, lengths=config.lengths, n=config.n, seed=config.seed,
+                         in_template_n=config.in_template_n, n_distractors=tuple(config.n_distractors))
+    out_dir = opsdl.artifacts("eval_sets")
+    store = opsdl.store()
+    result: dict[str, Any] = {"suites": {}}
+    for name, examples in suites.items():
+        digest = dataset_digest(examples)
+        path = write_jsonl(examples, out_dir / f"{name}-{digest}.jsonl")
+        length = int(name.rsplit("@", 1)[1])
+        store.log_dataset(digest, name=name, kind="eval", path=str(path), n_rows=len(examples),
+                          metadata={"context_length": length, "seed": config.seed})
+        result["suites"][name] = {"path": str(path), "digest": digest, "n": len(examples), "context_length": length}
+    context.add_output_metadata({
+        "suites": dg.MetadataValue.md(md_table([{"suite": k, **v} for k, v in result["suites"].items()],
+                                               ["suite", "n", "context_length", "digest", "path"])),
+        "n_questions": sum(v["n"] for v in result["suites"].values()),
+        "sample_rows": dg.MetadataValue.md(md_table(example_rows(next(iter(suites.values()))),
+                                                    ["id", "question", "answer", "C_s"])),
+    })
+    return result
+
+
+@dg.multi_asset(
+    group_name=GROUP, can_subset=False,
+    outs={
+        "curated_prompts": dg.AssetOut(kinds={"python"}, code_version="1",
+                                       description="Training prompts: loaded or generated, deduplicated by content "
+                                                   "hash, decontaminated against the evaluation suites, bucketed "
+                                                   "by token length."),
+        "quarantined_rows": dg.AssetOut(kinds={"python"}, code_version="1",
+                                        description="Rows set aside during curation, each with its source, row, "
+                                                    "field and reason."),
+    },
+    ins={"eval_sets": dg.AssetIn("eval_sets")},
+)
+def curated_prompts(context: dg.AssetExecutionContext, config: CurationConfig, opsdl: OpsdlResource,
+                    eval_sets: dict[str, Any]):
+    eval_examples = [ex for s in eval_sets["suites"].values() for ex in read_examples(s["path"])]
+    source = str(opsdl.inbox) if config.source == "inbox" else config.source
+    if source != "synthetic" and not Path(source).exists():
+        raise dg.Failure(f"curation source {source!r} does not exist; expected 'synthetic', 'inbox', "
+                         "or a JSONL/Parquet file or folder")
+    res = curate(source, count_tokens=opsdl.count_tokens(), size=config.size, context_tokens=config.context_tokens,
+                 seed=config.seed, templates=config.templates or None, n_distractors=tuple(config.n_distractors),
+                 eval_examples=eval_examples, ngram=config.ngram, max_tokens=config.max_tokens)
+    if not res.examples:
+        reasons = "; ".join(f"{r.source} row {r.row}: {r.reason}" for r in res.quarantined[:3])
+        raise dg.Failure(f"no usable training prompts from {source!r}" + (f" (e.g. {reasons})" if reasons else ""))
+    out_dir = opsdl.artifacts("curated_prompts")
+    path = write_jsonl(res.examples, out_dir / f"prompts-{res.digest}.jsonl")
+    q_path = write_rejected_jsonl(res.quarantined, opsdl.artifacts("quarantined_rows") / f"quarantine-{res.digest}.jsonl")
+    q_digest = content_hash(q_path)[:16]
+    store = opsdl.store()
+    store.log_dataset(res.digest, name="curated_prompts", kind="prompts", path=str(path), n_rows=len(res.examples),
+                      metadata={**res.summary(), "source": source, "eval_digests": sorted(
+                          s["digest"] for s in eval_sets["suites"].values())})
+    store.log_dataset(q_digest, name="quarantined_rows", kind="quarantine", path=str(q_path),
+                      n_rows=len(res.quarantined), metadata={"source": source})
+    store.log_edges([(("dataset", s["digest"]), ("dataset", res.digest), "decontaminated_against")
+                     for s in eval_sets["suites"].values()])
+    hist = res.histogram
+    prompts = {"path": str(path), "digest": res.digest, "n": len(res.examples), "source": source,
+               "summary": res.summary(), "eval_digests": [s["digest"] for s in eval_sets["suites"].values()]}
+    yield dg.Output(prompts, output_name="curated_prompts", metadata={
+        "n_examples": len(res.examples), "n_loaded": res.n_loaded, "n_duplicates": res.n_duplicates,
+        "n_contaminated": res.n_contaminated, "n_quarantined": len(res.quarantined),
+        "digest": res.digest, "path": dg.MetadataValue.path(str(path)),
+        "token_length_histogram": dg.MetadataValue.md(md_table([{"bucket": k, "count": v} for k, v in hist.items()],
+                                                               ["bucket", "count"])),
+        "sample_rows": dg.MetadataValue.md(md_table(example_rows(res.examples), ["id", "question", "answer", "C_s"])),
+    })
+    reasons = [{"source": Path(r.source).name, "row": r.row, "field": r.field, "reason": r.reason}
+               for r in res.quarantined[:20]]
+    yield dg.Output({"path": str(q_path), "n": len(res.quarantined), "digest": q_digest},
+                    output_name="quarantined_rows", metadata={
+                        "n_quarantined": len(res.quarantined), "path": dg.MetadataValue.path(str(q_path)),
+                        "reasons": dg.MetadataValue.md(md_table(reasons, ["source", "row", "field", "reason"], 120)
+                                                       if reasons else "nothing set aside")})

@@ -1,0 +1,136 @@
+"""Long- and short-context evaluation of the base and the trained model, and the report."""
+
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from opsdl_core.config import DataConfig
+from opsdl_core.evaluate import evaluate_accuracy
+from opsdl_core.prepare import prepare_examples
+
+from .curation import md_table, read_examples
+from .plots import accuracy_bars_png, png_markdown
+from .resources import OpsdlResource
+
+GROUP = "evaluation"
+
+
+class EvaluationConfig(dg.Config):
+    max_new_tokens: int = Field(default=32, description="Greedy tokens per answer.")
+    batch_size: int = Field(default=8, description="Prompts per generation batch.")
+    reuse_base_scores: bool = Field(default=True, description="Reuse the base model's scores on the same suite "
+                                                              "and settings from the lineage store.")
+
+
+def _suite_contexts(name: str) -> tuple[str, ...]:
+    # Short-context (C_s only) accuracy on the held-out templates measures retention of the
+    # short-context skill; the in-template suite is only asked with the long context.
+    return ("long", "short") if name.startswith("kv_heldout") else ("long",)
+
+
+def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: EvaluationConfig,
+                log) -> list[dict[str, Any]]:
+    out = []
+    for name, suite in eval_sets["suites"].items():
+        prepared, bad = prepare_examples(read_examples(suite["path"]), tokenizer, DataConfig(teacher_context="oracle"))
+        if bad:
+            raise dg.Failure(f"eval suite {name}: {len(bad)} examples without a usable C_s, e.g. {bad[0].reason}")
+        for ctx in _suite_contexts(name):
+            r = evaluate_accuracy(model, tokenizer, prepared, context=ctx, max_new_tokens=config.max_new_tokens,
+                                  batch_size=config.batch_size)
+            log(f"{name} {ctx}: accuracy {r.accuracy:.3f} (n={r.n}, {r.seconds:.0f}s)")
+            out.append({"task": name.split("@")[0], "suite": name, "context": ctx,
+                        "context_length": suite["context_length"], "metric": "accuracy", "value": r.accuracy,
+                        "n": r.n, "dataset_digest": suite["digest"]})
+    return out
+
+
+@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1",
+          description="Greedy accuracy of the base model and of the OPSDL model on every evaluation suite, with "
+                      "the long context and (held-out templates) with C_s only; scores go to DuckDB by task, "
+                      "context and context length, tied to the checkpoint and the suite's digest.")
+def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsdl: OpsdlResource,
+               opsdl_model: dict[str, Any], eval_sets: dict[str, Any]) -> dict[str, Any]:
+    store = opsdl.store()
+    settings = json.dumps({"max_new_tokens": config.max_new_tokens, "suites": sorted(
+        s["digest"] for s in eval_sets["suites"].values())}, sort_keys=True)
+    tag = hashlib.sha256(settings.encode()).hexdigest()[:12]
+    base_ckpt = f"base:{opsdl_model['base_model_hash'] or opsdl_model['base_model']}"
+    scores: dict[str, list[dict[str, Any]]] = {}
+    for which, ckpt, path in (("base", base_ckpt, None), ("opsdl", opsdl_model["checkpoint_id"],
+                                                           opsdl_model["model_dir"])):
+        run_id = f"eval-{ckpt.replace('base:', 'base-')[:24]}-{tag}"
+        if which == "base" and config.reuse_base_scores:
+            cols, rows = store.query("SELECT task, context, context_length, metric, value, n, dataset_digest "
+                                     "FROM eval_scores WHERE run_id = ? ORDER BY task, context", [run_id])
+            if rows:
+                names = {s["digest"]: n for n, s in eval_sets["suites"].items()}
+                scores[which] = [{**dict(zip(cols, r)), "suite": names.get(r[6], r[0])} for r in rows]
+                context.log.info(f"base-model scores reused from lineage run {run_id}")
+                continue
+        model, tokenizer = opsdl.load_model(path)
+        scores[which] = _eval_model(model, tokenizer, eval_sets, config, context.log.info)
+        del model
+        store.log_run(run_id, kind="eval", params={"eval": config.model_dump(), "checkpoint": ckpt},
+                      dagster_run_id=context.run.run_id, asset_key="evaluation", base_model=opsdl_model["base_model"])
+        store.log_eval_scores(run_id, ckpt, scores[which])
+        for s in eval_sets["suites"].values():
+            store.log_edge(("dataset", s["digest"]), ("run", run_id), "input", run_id=run_id)
+    rows = []
+    for b in scores["base"]:
+        a = next(x for x in scores["opsdl"] if x["suite"] == b["suite"] and x["context"] == b["context"])
+        rows.append({"suite": b["suite"], "context": b["context"], "n": b["n"], "before": b["value"],
+                     "after": a["value"], "delta": a["value"] - b["value"]})
+    png = accuracy_bars_png(rows, opsdl.artifacts("evaluation") / f"accuracy-{tag}-{opsdl_model['config_hash']}.png")
+    context.add_output_metadata({
+        "scores": dg.MetadataValue.md(md_table(rows, ["suite", "context", "n", "before", "after", "delta"])),
+        "plot": dg.MetadataValue.md(png_markdown(png, "accuracy before/after")),
+        **{f"{r['suite']}/{r['context']}/after": r["after"] for r in rows},
+    })
+    return {"rows": rows, "plot": str(png), "checkpoint_id": opsdl_model["checkpoint_id"], "base_checkpoint": base_ckpt}
+
+
+@dg.asset(group_name=GROUP, kinds={"python"}, code_version="1",
+          description="A Markdown report of the run: inputs by digest, training config and curves, the "
+                      "before/after score table, and SQL to trace it all in the lineage store.")
+def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: dict[str, Any],
+           opsdl_model: dict[str, Any], base_rollouts: dict[str, Any], curated_prompts: dict[str, Any],
+           teacher_contexts: dict[str, Any]) -> dict[str, Any]:
+    table = md_table(evaluation["rows"], ["suite", "context", "n", "before", "after", "delta"])
+    curves = opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png"
+    lines = [
+        "# OPSDL report", "",
+        f"- base model: `{opsdl_model['base_model']}` (hash `{(opsdl_model['base_model_hash'] or '')[:16]}`)",
+        f"- training prompts: `{curated_prompts['digest']}` ({curated_prompts['n']} rows, source "
+        f"`{curated_prompts['source']}`)",
+        f"- teacher contexts: `{teacher_contexts['digest']}` ({teacher_contexts['config']['kind']}, "
+        f"{teacher_contexts['config']['short_budget_tokens']} tokens)",
+        f"- base-model rollouts: mean per-token KL {base_rollouts['kl_estimate_mean']:.3f}, accuracy "
+        f"{base_rollouts['rollout_accuracy']}",
+        f"- training run: `{opsdl_model['run_id']}`, {opsdl_model['steps']} steps, checkpoint "
+        f"`{(opsdl_model['checkpoint_id'] or '')[:16]}`",
+        f"- model folder: `{opsdl_model['model_dir']}`", "",
+        "## Greedy accuracy, base → OPSDL", "", table, "",
+        f"![accuracy]({Path(evaluation['plot']).name})", "",
+        "## Training curves", "", f"![curves]({curves.name})", "",
+        "## Lineage", "", "```sh",
+        f"opsdl lineage --db {opsdl.db_path} sql \"SELECT * FROM v_checkpoint_provenance "
+        f"WHERE run_id = '{opsdl_model['run_id']}'\"",
+        f"opsdl lineage --db {opsdl.db_path} sql \"SELECT task, context, context_length, value FROM v_scores "
+        f"WHERE train_run_id = '{opsdl_model['run_id']}'\"", "```", "",
+    ]
+    out_dir = opsdl.artifacts("report")
+    path = out_dir / "report.md"
+    for png in (Path(evaluation["plot"]), curves):
+        if png.exists():
+            (out_dir / png.name).write_bytes(png.read_bytes())
+    path.write_text("\n".join(lines))
+    context.add_output_metadata({"path": dg.MetadataValue.path(str(path)),
+                                 "report": dg.MetadataValue.md("\n".join(lines[:12]) + "\n\n" + table),
+                                 "lineage_db": dg.MetadataValue.path(str(opsdl.db_path))})
+    return {"path": str(path), "table": evaluation["rows"]}

@@ -1,0 +1,58 @@
+"""Small PNG plots for asset metadata (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any, Sequence
+
+
+def training_curves_png(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
+    for ax, key, title in zip(axes, ("kl_estimate", "loss", "rollout_accuracy"),
+                              ("student-teacher KL (per token)", "loss", "rollout accuracy")):
+        ax.plot(steps, [m.get(key, float("nan")) for m in metrics], lw=1.2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def accuracy_bars_png(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``rows``: dicts with suite, context, before, after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['suite']}\n{r['context']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 3))
+    ax.bar([i - 0.2 for i in x], [r["before"] for r in rows], width=0.4, label="base")
+    ax.bar([i + 0.2 for i in x], [r["after"] for r in rows], width=0.4, label="OPSDL")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def png_markdown(path: Path, alt: str = "plot") -> str:
+    """Markdown with the PNG inlined as a data URI (rendered by the Dagster UI)."""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f"![{alt}](data:image/png;base64,{data})"

@@ -1,0 +1,85 @@
+"""Resources shared by the OPSDL assets: where things live, which model, the lineage store."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import dagster as dg
+from pydantic import Field
+
+from opsdl_core.lineage import LineageStore
+
+
+def default_home() -> str:
+    """``$OPSDL_HOME``, else ``var/`` under the current directory (the project root for ``dagster dev``)."""
+    return os.environ.get("OPSDL_HOME", str(Path("var").resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: str, cache_dir: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    from opsdl_core.models import resolve_model
+
+    resolved = resolve_model(model, cache_dir=cache_dir)
+    return AutoTokenizer.from_pretrained(resolved.path)
+
+
+class OpsdlResource(dg.ConfigurableResource):
+    """The project folder, the base model and the lineage database of every OPSDL asset."""
+
+    home: str = Field(default_factory=default_home,
+                      description="Folder for artifacts, runs, the data inbox and the lineage DuckDB file.")
+    model: str = Field(default="smollm2-135m-instruct",
+                       description="Base model: 'smollm2-135m-instruct' (embedded, offline), a local "
+                                   "transformers folder, or a hub id.")
+    model_cache_dir: str | None = Field(default=None, description="Cache for the converted embedded model "
+                                                                  "(default $OPSDL_CACHE_DIR or ~/.cache/opsdl).")
+    num_threads: int = Field(default=2, description="torch CPU threads for in-process work (curation, eval).")
+    lineage_db: str | None = Field(default=None, description="DuckDB lineage file (default HOME/lineage.duckdb).")
+
+    # -- paths ------------------------------------------------------------------------------
+    @property
+    def home_path(self) -> Path:
+        p = Path(self.home).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def artifacts(self, *parts: str) -> Path:
+        p = self.home_path.joinpath("artifacts", *parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def inbox(self) -> Path:
+        p = self.home_path / "inbox"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.lineage_db) if self.lineage_db else self.home_path / "lineage.duckdb"
+
+    def store(self) -> LineageStore:
+        return LineageStore(self.db_path)
+
+    # -- model ------------------------------------------------------------------------------
+    def tokenizer(self) -> Any:
+        return _tokenizer(self.model, self.model_cache_dir)
+
+    def count_tokens(self) -> Callable[[str], int]:
+        from opsdl_core.prepare import token_counter
+
+        return token_counter(self.tokenizer())
+
+    def load_model(self, path: str | None = None) -> tuple[Any, Any]:
+        """``(model, tokenizer)``: the base model, or a trained model folder when ``path`` is given."""
+        import torch
+
+        from opsdl_core.models import load_model_and_tokenizer
+
+        torch.set_num_threads(self.num_threads)
+        return load_model_and_tokenizer(path or self.model, cache_dir=self.model_cache_dir)

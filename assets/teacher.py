@@ -1,0 +1,119 @@
+"""Teacher-context construction and the base model's rollout snapshot."""
+
+
+import hashlib
+import json
+from dataclasses import asdict
+from typing import Any, Literal
+
+import dagster as dg
+from pydantic import Field
+
+from opsdl_core.config import DataConfig
+from opsdl_core.curation import dataset_digest
+from opsdl_core.data import Example, write_json_lines, write_jsonl, write_rejected_jsonl
+from opsdl_core.prepare import prepare_examples
+
+from .curation import example_rows, md_table, read_examples
+from .resources import OpsdlResource
+
+GROUP = "teacher"
+
+
+class TeacherContextConfig(dg.Config):
+    kind: Literal["oracle", "window", "bm25"] = Field(
+        default="oracle", description="oracle: the gold evidence; window: tokens around it; bm25: top chunks "
+                                      "of C_L retrieved for Q.")
+    short_budget_tokens: int = Field(default=128, description="Token budget of C_s.")
+    window_tokens: int = Field(default=256, description="window: tokens around the evidence.")
+    bm25_chunk_tokens: int = Field(default=64, description="bm25: chunk size in tokens.")
+    bm25_top_k: int = Field(default=3, description="bm25: chunks kept.")
+
+    def data_config(self, **kw: Any) -> DataConfig:
+        return DataConfig(teacher_context=self.kind, short_budget_tokens=self.short_budget_tokens,
+                          window_tokens=self.window_tokens, bm25_chunk_tokens=self.bm25_chunk_tokens,
+                          bm25_top_k=self.bm25_top_k, **kw)
+
+
+@dg.asset(group_name=GROUP, kinds={"python"}, code_version="1",
+          description="C_s for every curated prompt (oracle / window / BM25), with its spans in C_L and its "
+                      "token count; prompts whose C_s cannot be built within the budget are set aside.")
+def teacher_contexts(context: dg.AssetExecutionContext, config: TeacherContextConfig, opsdl: OpsdlResource,
+                     curated_prompts: dict[str, Any]) -> dict[str, Any]:
+    examples = read_examples(curated_prompts["path"])
+    prepared, bad = prepare_examples(examples, opsdl.tokenizer(), config.data_config())
+    out: list[Example] = []
+    for p in prepared:
+        ctx = p.teacher_context
+        meta = {**p.example.metadata, "teacher_context": {"text": ctx.text, "spans": [list(s) for s in ctx.spans],
+                                                           "n_tokens": ctx.n_tokens, "strategy": ctx.strategy,
+                                                           "separator": ctx.separator,
+                                                           "budget": config.short_budget_tokens}}
+        out.append(Example(**{**asdict(p.example), "metadata": meta}))
+    if not out:
+        raise dg.Failure(f"no teacher context could be built ({len(bad)} prompts set aside; e.g. "
+                         f"{bad[0].reason if bad else 'none'})")
+    digest = dataset_digest(out) + f"-{config.kind}"
+    path = write_jsonl(out, opsdl.artifacts("teacher_contexts") / f"teacher-{digest}.jsonl")
+    if bad:
+        write_rejected_jsonl(bad, opsdl.artifacts("teacher_contexts") / f"set-aside-{digest}.jsonl")
+    store = opsdl.store()
+    store.log_dataset(digest, name="teacher_contexts", kind="teacher_contexts", path=str(path), n_rows=len(out),
+                      metadata={"config": config.model_dump(), "n_set_aside": len(bad)})
+    store.log_edge(("dataset", curated_prompts["digest"]), ("dataset", digest), "derived")
+    lengths = [e.metadata["teacher_context"]["n_tokens"] for e in out]
+    context.add_output_metadata({
+        "n_examples": len(out), "n_set_aside": len(bad), "digest": digest, "path": dg.MetadataValue.path(str(path)),
+        "strategy": config.kind, "budget_tokens": config.short_budget_tokens,
+        "c_s_tokens_mean": sum(lengths) / len(lengths), "c_s_tokens_max": max(lengths),
+        "sample_rows": dg.MetadataValue.md(md_table(example_rows(out), ["id", "question", "C_s"])),
+    })
+    return {"path": str(path), "digest": digest, "n": len(out), "config": config.model_dump(),
+            "prompts_digest": curated_prompts["digest"]}
+
+
+class RolloutSnapshotConfig(dg.Config):
+    n_prompts: int = Field(default=4, description="Prompts to sample (the first of the teacher-context set).")
+    samples_per_prompt: int = Field(default=2, description="Samples per prompt.")
+    temperature: float = Field(default=1.0, description="Sampling temperature.")
+    top_p: float = Field(default=1.0, description="Nucleus sampling threshold.")
+    max_new_tokens: int = Field(default=32, description="Tokens per sample at most.")
+    seed: int = Field(default=0, description="Sampling seed.")
+
+
+@dg.asset(group_name="rollout", kinds={"pytorch", "duckdb"}, code_version="1",
+          description="On-policy samples of the base model on long-context prompts, every token scored by the "
+                      "teacher prompt (C_s only): the student-teacher gap before training, and the raw "
+                      "material of the baselines.")
+def base_rollouts(context: dg.AssetExecutionContext, config: RolloutSnapshotConfig, opsdl: OpsdlResource,
+                  teacher_contexts: dict[str, Any]) -> dict[str, Any]:
+    from opsdl_core.snapshot import rollout_snapshot
+
+    examples = read_examples(teacher_contexts["path"])[: config.n_prompts]
+    model, tokenizer = opsdl.load_model()
+    tc = TeacherContextConfig(**teacher_contexts["config"])
+    prepared, _ = prepare_examples(examples, tokenizer, tc.data_config())
+    rows = rollout_snapshot(model, tokenizer, prepared, n=config.samples_per_prompt, temperature=config.temperature,
+                            top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed)
+    if not rows:
+        raise dg.Failure("the rollout snapshot is empty; expected n_prompts >= 1 with usable teacher contexts")
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    path = write_json_lines(rows, opsdl.artifacts("base_rollouts") / f"rollouts-{digest}.jsonl")
+    run_id = f"rollout-{digest}"
+    store = opsdl.store()
+    store.log_run(run_id, kind="rollout", params=config.model_dump(), dagster_run_id=context.run.run_id,
+                  asset_key="base_rollouts", base_model=opsdl.model)
+    store.log_dataset(digest, name="base_rollouts", kind="rollouts", path=str(path), n_rows=len(rows))
+    store.log_edges([(("dataset", teacher_contexts["digest"]), ("run", run_id), "input"),
+                     (("run", run_id), ("dataset", digest), "output")], run_id=run_id)
+    store.log_rollout_samples(run_id, [{**r, "step": 0, "dataset_digest": teacher_contexts["digest"]} for r in rows])
+    kl = sum(r["kl_estimate"] for r in rows) / len(rows)
+    scored = [r["correct"] for r in rows if r["correct"] is not None]
+    acc = sum(scored) / len(scored) if scored else None
+    context.add_output_metadata({
+        "n_samples": len(rows), "kl_estimate_mean": kl, "rollout_accuracy": acc,
+        "mean_tokens": sum(r["n_tokens"] for r in rows) / len(rows), "path": dg.MetadataValue.path(str(path)),
+        "samples": dg.MetadataValue.md(md_table(rows[:6], ["example_id", "sample_index", "response", "kl_estimate",
+                                                            "correct"])),
+    })
+    return {"path": str(path), "digest": digest, "n": len(rows), "kl_estimate_mean": kl, "rollout_accuracy": acc}

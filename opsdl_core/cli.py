@@ -1,0 +1,89 @@
+"""``opsdl``: the command line.
+
+    opsdl train --config configs/demo.yaml [--set SECTION.FIELD=VALUE ...]
+    opsdl lineage sql "SELECT * FROM v_checkpoint_provenance"      [--db var/lineage.duckdb] [--json]
+    opsdl lineage tables                                            # tables and views with row counts
+    opsdl lineage ingest runs/demo [--experiment NAME]              # record a finished training run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+
+def _format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> str:
+    def cell(v: Any) -> str:
+        s = "NULL" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(cols)]
+    line = lambda vals: " | ".join(v.ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    out = [line(cols), "-+-".join("-" * w for w in widths)] + [line(r) for r in body]
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(out)
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from .lineage import LineageStore, default_db_path, ingest_training_run
+
+    db = args.db or default_db_path()
+    if args.cmd == "sql":
+        from pathlib import Path
+
+        if not Path(db).exists():
+            print(f"opsdl lineage: no lineage database at {db} (run the pipeline first, or pass --db)", file=sys.stderr)
+            return 2
+        store = LineageStore(db)
+        try:
+            cols, rows = store.query(args.query)
+        except Exception as e:  # duckdb's own message names the table/column at fault
+            print(f"opsdl lineage sql: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps([dict(zip(cols, r)) for r in rows], default=str, indent=1))
+        else:
+            print(_format_table(cols, rows))
+        return 0
+    store = LineageStore(db)
+    if args.cmd == "tables":
+        cols, rows = store.query("SELECT table_name, table_type FROM information_schema.tables "
+                                 "WHERE table_schema = 'main' ORDER BY table_type, table_name")
+        out = [(name, kind, store.count(name) if kind == "BASE TABLE" else None) for name, kind in rows]
+        print(_format_table(["name", "type", "rows"], out))
+        return 0
+    if args.cmd == "ingest":
+        res = ingest_training_run(store, args.run_dir, experiment=args.experiment)
+        print(json.dumps(res, indent=1, default=str))
+        return 0
+    raise AssertionError(args.cmd)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="opsdl", description="OPSDL: on-policy self-distillation for long context")
+    sub = ap.add_subparsers(dest="group", required=True)
+    tr = sub.add_parser("train", help="train with OPSDL (same flags as python -m opsdl_core.train)", add_help=False)
+    tr.add_argument("rest", nargs=argparse.REMAINDER)
+    li = sub.add_parser("lineage", help="query or fill the DuckDB lineage store")
+    li.add_argument("--db", default=None, help="database file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
+    lsub = li.add_subparsers(dest="cmd", required=True)
+    q = lsub.add_parser("sql", help="run read-only SQL and print the result")
+    q.add_argument("query")
+    q.add_argument("--json", action="store_true", help="print rows as JSON objects")
+    lsub.add_parser("tables", help="list tables and views with their row counts")
+    ing = lsub.add_parser("ingest", help="record a finished training run folder")
+    ing.add_argument("run_dir")
+    ing.add_argument("--experiment", default="default")
+    args = ap.parse_args(argv)
+    if args.group == "train":
+        from .train import main as train_main
+
+        return int(train_main(args.rest) or 0)
+    return _lineage(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The DuckDB lineage store: schema, idempotent upserts, views, concurrent writers, CLI."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from opsdl_core.cli import main as cli_main
+from opsdl_core.lineage import LineageStore, content_hash, flatten_params, ingest_training_run
+
+
+def _fill(store: LineageStore, run_id: str, lr: str = "0.0001", loss: str = "pointwise") -> None:
+    store.log_dataset("d" * 16, name="prompts", kind="prompts", n_rows=10)
+    store.log_run(run_id, kind="train", params={"optim": {"lr": lr}, "loss": {"kind": loss},
+                                                 "data": {"teacher_context": "oracle"}},
+                  config_hash=f"cfg-{run_id}", base_model="tiny", started_at=0.0, ended_at=10.0)
+    store.log_edge(("dataset", "d" * 16), ("run", run_id), "input", run_id=run_id)
+    store.log_metrics(run_id, [{"step": 1, "loss": 0.5, "kl_estimate": 1.0}, {"step": 2, "loss": 0.25}])
+
+
+def test_schema_upserts_and_views(tmp_path):
+    store = LineageStore(tmp_path / "l.duckdb")
+    _fill(store, "r1")
+    _fill(store, "r1")  # re-materialized: replaced, not duplicated
+    assert store.count("runs") == 1 and store.count("params") == 3 and store.count("metrics") == 3
+    assert store.count("lineage_edges") == 1 and store.count("datasets") == 1
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "w.bin").write_bytes(b"abc")
+    cid = store.log_checkpoint("r1", ck, kind="adapter", step=2)
+    assert cid == content_hash(ck)
+    store.log_eval_scores("e1", cid, [{"task": "kv", "context": "long", "context_length": 1024,
+                                       "metric": "acc", "value": 0.5, "n": 10}], dataset_digest="h" * 16)
+    store.log_eval_scores("e1", cid, [{"task": "kv", "context": "long", "context_length": 1024,
+                                       "metric": "acc", "value": 0.75, "n": 10}], dataset_digest="h" * 16)
+    cols, rows = store.query("SELECT value FROM eval_scores")
+    assert rows == [(0.75,)]
+    cols, rows = store.query("SELECT checkpoint_id, input_datasets, teacher_context, loss_kind "
+                             "FROM v_checkpoint_provenance")
+    assert rows == [(cid, "d" * 16, "oracle", "pointwise")]
+    cols, rows = store.query("SELECT train_run_id, train_datasets, context_length, value FROM v_scores")
+    assert rows == [("r1", "d" * 16, 1024, 0.75)]
+    assert store.query("SELECT value FROM v_metric_latest WHERE key = 'loss'")[1] == [(0.25,)]
+
+
+def test_param_diff_view_finds_runs_differing_in_one_parameter(tmp_path):
+    store = LineageStore(tmp_path / "l.duckdb")
+    _fill(store, "a", lr="0.0001")
+    _fill(store, "b", lr="0.0002")
+    _fill(store, "c", lr="0.0002", loss="jsd")  # differs from a in two params, from b in one
+    _, rows = store.query("SELECT run_a, run_b, key, value_a, value_b FROM v_run_param_diffs ORDER BY run_a, run_b")
+    assert rows == [("a", "b", "optim.lr", "0.0001", "0.0002"), ("b", "c", "loss.kind", "pointwise", "jsd")]
+
+
+def test_failed_transaction_leaves_stored_rows_untouched(tmp_path):
+    store = LineageStore(tmp_path / "l.duckdb")
+    _fill(store, "r1")
+    with pytest.raises(ValueError, match="eval score #1: missing field 'metric'"):
+        store.log_eval_scores("e1", "c", [{"task": "t", "context": "long", "metric": "acc", "value": 1.0},
+                                          {"task": "t", "context": "long", "value": 1.0}])
+    with pytest.raises(duckdb.Error):
+        with store.transaction() as con:
+            con.execute("DELETE FROM runs")
+            con.execute("INSERT INTO no_such_table VALUES (1)")
+    assert store.count("runs") == 1 and store.count("eval_scores") == 0
+
+
+def _writer(db: str, k: int, n: int) -> None:
+    store = LineageStore(db, lock_timeout_s=120)
+    for i in range(n):
+        rid = f"w{k}-{i}"
+        store.log_run(rid, kind="train", params={"k": k, "i": i}, experiment=f"exp{k % 2}")
+        store.log_metrics(rid, [{"step": s, "loss": float(s)} for s in range(5)])
+        store.log_edge(("dataset", f"ds{k}"), ("run", rid), "input", run_id=rid)
+
+
+def test_concurrent_writer_processes_lose_nothing(tmp_path):
+    db = str(tmp_path / "l.duckdb")
+    LineageStore(db)
+    ctx = mp.get_context("spawn")  # like Dagster's step processes: fresh interpreters
+    procs = [ctx.Process(target=_writer, args=(db, k, 6)) for k in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    store = LineageStore(db)
+    assert store.count("runs") == 24
+    assert store.count("metrics") == 24 * 5
+    assert store.count("params") == 24 * 2
+    assert store.count("lineage_edges") == 24
+    assert store.count("experiments") == 2
+
+
+def test_flatten_params():
+    assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "null"}
+
+
+def test_ingest_training_run_and_cli(tmp_path, capsys):
+    rd = tmp_path / "run"
+    (rd / "final" / "adapter").mkdir(parents=True)
+    (rd / "final" / "adapter" / "a.safetensors").write_bytes(b"x" * 10)
+    (rd / "checkpoints" / "step-000002").mkdir(parents=True)
+    (rd / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    (rd / "run.json").write_text(json.dumps({"config_hash": "c1", "data_digest": "dd", "model": "tiny",
+                                             "model_hash": "mh", "steps": 2}))
+    (rd / "config.yaml").write_text("optim:\n  lr: 0.0001\n")
+    (rd / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "step_s": 2.0})
+                                                for s in (1, 2)))
+    (rd / "checkpoints.jsonl").write_text(json.dumps({"step": 2, "path": "step-000002"}) + "\n"
+                                          + json.dumps({"step": 1, "path": "step-000001"}) + "\n")
+    db = tmp_path / "l.duckdb"
+    store = LineageStore(db)
+    res = ingest_training_run(store, rd, experiment="e")
+    assert res["run_id"] == "train-c1-dd" and len(res["checkpoints"]) == 1 and set(res["final"]) == {"adapter"}
+    ingest_training_run(store, rd, experiment="e")
+    assert store.count("checkpoints") == 2 and store.count("metrics") == 4
+    _, rows = store.query("SELECT status, base_model_hash, json_extract(timings, '$.step_s')::DOUBLE FROM runs")
+    assert rows == [("finished", "mh", 4.0)]
+
+    assert cli_main(["lineage", "--db", str(db), "sql", "SELECT key, step, value FROM metrics ORDER BY step, key"]) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "(4 rows)" in out
+    assert cli_main(["lineage", "--db", str(db), "sql", "SELECT run_id FROM runs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"run_id": "train-c1-dd"}]
+    assert cli_main(["lineage", "--db", str(db), "sql", "SELECT * FROM nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+    assert cli_main(["lineage", "--db", str(tmp_path / "missing.duckdb"), "sql", "SELECT 1"]) == 2
+    assert not (tmp_path / "missing.duckdb").exists()
+    assert cli_main(["lineage", "--db", str(db), "tables"]) == 0
+    assert "v_checkpoint_provenance" in capsys.readouterr().out

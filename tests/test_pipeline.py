@@ -1,0 +1,147 @@
+"""The Dagster pipeline on a tiny model, through Dagster's own APIs, with a real DuckDB file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from assets import ALL_ASSETS, ALL_CHECKS, OpsdlResource
+from opsdl_core.lineage import LineageStore
+from pipelines.definitions import build_definitions, inbox_sensor
+
+TINY_RUN_CONFIG = {
+    "eval_sets": {"config": {"lengths": [160], "n": 3, "in_template_n": 2, "n_distractors": [2, 3]}},
+    "curated_prompts": {"config": {"size": 6, "context_tokens": 160, "n_distractors": [2, 3]}},
+    "teacher_contexts": {"config": {"short_budget_tokens": 64}},
+    "base_rollouts": {"config": {"n_prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 6}},
+    "opsdl_model": {"config": {"steps": 3, "lr": 5e-3, "lora_r": 4, "lora_alpha": 8, "samples_per_prompt": 2,
+                               "max_new_tokens": 6, "save_every": 2, "num_threads": 1}},
+    "evaluation": {"config": {"max_new_tokens": 4, "batch_size": 4}},
+}
+
+
+def _resources(home: Path, model_dir: Path) -> dict:
+    return {"opsdl": OpsdlResource(home=str(home), model=str(model_dir), num_threads=1),
+            "pipes_subprocess_client": dg.PipesSubprocessClient()}
+
+
+def _materialize(home, model_dir, instance, run_config=TINY_RUN_CONFIG, selection=None):
+    return dg.materialize([*ALL_ASSETS, *ALL_CHECKS], resources=_resources(home, model_dir), instance=instance,
+                          run_config={"ops": run_config}, selection=selection)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_model_dir, tmp_path_factory):
+    home = tmp_path_factory.mktemp("opsdl_home")
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(home, tiny_model_dir, instance)
+    return home, instance, result
+
+
+def test_definitions_load_with_every_stage_and_check():
+    defs = build_definitions()
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == {"eval_sets", "curated_prompts", "quarantined_rows", "teacher_contexts", "base_rollouts",
+                    "opsdl_model", "evaluation", "report"}
+    checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
+    assert checks == {"c_s_in_c_l_within_budget", "no_duplicate_prompts", "no_eval_overlap", "training_loss_finite",
+                      "short_context_retention"}
+    assert defs.resolve_job_def("opsdl_full_pipeline") and defs.resolve_job_def("opsdl_evaluation_only")
+    assert defs.resolve_schedule_def("opsdl_weekly_retrain") and defs.resolve_sensor_def("inbox_sensor")
+
+
+def test_whole_graph_materializes_and_lineage_is_complete(pipeline_run):
+    home, instance, result = pipeline_run
+    assert result.success
+    checks = {ev.check_name: ev.passed for ev in result.get_asset_check_evaluations()}
+    assert len(checks) == 5 and all(checks.values()), checks
+    model = result.output_for_node("opsdl_model")
+    report = result.output_for_node("report")
+    assert Path(report["path"]).exists() and "Greedy accuracy" in Path(report["path"]).read_text()
+    store = LineageStore(home / "lineage.duckdb")
+    # dataset digest → teacher contexts → training run → checkpoint → evaluation run → scores
+    _, rows = store.query("""
+        SELECT p.digest AS prompts, t.digest AS teacher, r.run_id, c.checkpoint_id, s.run_id, count(*) AS n_scores
+        FROM datasets p
+        JOIN lineage_edges e1 ON e1.src_type = 'dataset' AND e1.src_id = p.digest AND e1.dst_type = 'dataset'
+        JOIN datasets t ON t.digest = e1.dst_id AND t.kind = 'teacher_contexts'
+        JOIN lineage_edges e2 ON e2.src_type = 'dataset' AND e2.src_id = t.digest AND e2.dst_type = 'run'
+        JOIN runs r ON r.run_id = e2.dst_id AND r.kind = 'train'
+        JOIN checkpoints c ON c.run_id = r.run_id AND c.kind = 'merged'
+        JOIN lineage_edges e3 ON e3.src_type = 'checkpoint' AND e3.src_id = c.checkpoint_id AND e3.relation = 'evaluated'
+        JOIN eval_scores s ON s.run_id = e3.dst_id AND s.checkpoint_id = c.checkpoint_id
+        WHERE p.kind = 'prompts'
+        GROUP BY ALL""")
+    assert len(rows) == 1, rows
+    prompts, teacher, run_id, ckpt, eval_run, n_scores = rows[0]
+    assert run_id == model["run_id"] and ckpt == model["checkpoint_id"]
+    assert n_scores == 3  # kv_heldout long + short, kv_in_template long
+    _, prov = store.query("SELECT base_model, teacher_context, loss_kind, input_datasets FROM v_checkpoint_provenance "
+                          "WHERE checkpoint_id = ?", [ckpt])
+    assert prov[0][1] == "oracle" and prov[0][2] == "pointwise" and teacher in prov[0][3]
+    assert store.count("metrics", "WHERE run_id = ?", [run_id]) > 3 * 10
+    assert store.count("rollout_samples") == 4
+    # the Dagster instance knows every asset's latest materialization
+    for key in ("eval_sets", "curated_prompts", "teacher_contexts", "opsdl_model", "evaluation", "report"):
+        assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
+
+
+def test_rematerializing_adds_no_duplicate_rows(pipeline_run, tiny_model_dir):
+    home, instance, _ = pipeline_run
+    store = LineageStore(home / "lineage.duckdb")
+    tables = ["runs", "params", "metrics", "datasets", "lineage_edges", "checkpoints", "eval_scores", "rollout_samples"]
+    before = {t: store.count(t) for t in tables}
+    result = _materialize(home, tiny_model_dir, instance)
+    assert result.success
+    assert {t: store.count(t) for t in tables} == before
+
+
+def test_inbox_quarantines_bad_files_and_keeps_good_ones(pipeline_run, tiny_model_dir, tmp_path):
+    home, instance, _ = pipeline_run
+    store = LineageStore(home / "lineage.duckdb")
+    n_datasets = store.count("datasets")
+    inbox = home / "inbox"
+    inbox.mkdir(exist_ok=True)
+    good = [{"long_context": f"Filler {i}. The code of box {i} is {1000 + i}. More filler text here.",
+             "short_context": f"The code of box {i} is {1000 + i}.", "question": f"What is the code of box {i}?",
+             "answer": str(1000 + i)} for i in range(4)]
+    (inbox / "good.jsonl").write_text("\n".join(json.dumps(r) for r in good))
+    (inbox / "bad_json.jsonl").write_text('{"long_context": "x", \n')
+    (inbox / "missing.jsonl").write_text(json.dumps({"long_context": "abc", "question": "q?"}))
+    (inbox / "latin1.jsonl").write_bytes('{"long_context": "caf\xe9", "short_context": "caf", "question": "q"}'
+                                         .encode("latin-1"))
+    (inbox / "not_in_cl.jsonl").write_text(json.dumps({"long_context": "one two three", "short_context": "four",
+                                                       "question": "q?"}))
+    run_config = {"eval_sets": TINY_RUN_CONFIG["eval_sets"],
+                  "curated_prompts": {"config": {"source": "inbox", "size": 10}}}
+    result = _materialize(home, tiny_model_dir, instance, run_config=run_config,
+                          selection=["eval_sets", "curated_prompts", "quarantined_rows"])
+    assert result.success
+    prompts = result.output_for_node("curated_prompts", "curated_prompts")
+    quarantine = result.output_for_node("curated_prompts", "quarantined_rows")
+    assert prompts["n"] == 4
+    rows = [json.loads(line) for line in Path(quarantine["path"]).read_text().splitlines()]
+    by_file = {Path(r["source"]).name: r for r in rows}
+    assert set(by_file) == {"bad_json.jsonl", "missing.jsonl", "latin1.jsonl", "not_in_cl.jsonl"}
+    assert "JSON" in by_file["bad_json.jsonl"]["reason"]
+    assert by_file["missing.jsonl"]["field"] == "short_context"
+    assert "UTF-8" in by_file["latin1.jsonl"]["reason"] or "utf-8" in by_file["latin1.jsonl"]["reason"]
+    assert by_file["not_in_cl.jsonl"]["field"] == "short_context"
+    # what was stored before is still there; the new datasets were added next to it
+    assert store.count("datasets") == n_datasets + 2
+    assert store.count("runs", "WHERE kind = 'train'") == 1
+
+
+def test_inbox_sensor_requests_a_run_once_per_change(tmp_path):
+    opsdl = OpsdlResource(home=str(tmp_path), model="unused")
+    ctx = dg.build_sensor_context(resources={"opsdl": opsdl})
+    assert isinstance(inbox_sensor(ctx), dg.SkipReason)
+    (tmp_path / "inbox" / "a.jsonl").write_text("{}\n")
+    ctx = dg.build_sensor_context(resources={"opsdl": opsdl})
+    req = inbox_sensor(ctx)
+    assert isinstance(req, dg.RunRequest) and req.run_config["ops"]["curated_prompts"]["config"]["source"] == "inbox"
+    ctx2 = dg.build_sensor_context(cursor=ctx.cursor, resources={"opsdl": opsdl})
+    assert isinstance(inbox_sensor(ctx2), dg.SkipReason)
