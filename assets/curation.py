@@ -24,6 +24,8 @@ class EvalSetsConfig(dg.Config):
                                                        "(0: no in-template suite).")
     seed: int = Field(default=0, description="Seed of the evaluation streams (disjoint from training's).")
     n_distractors: list[int] = Field(default=[4, 12], description="[min, max] distractor records per context.")
+    templates: list[str] = Field(default=[], description="Training templates asked in the in-template suite "
+                                                         "(empty: all); match the curation's templates.")
 
 
 class CurationConfig(dg.Config):
@@ -65,7 +67,8 @@ def read_examples(path: str | Path) -> list[Example]:
 def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: OpsdlResource) -> dict[str, Any]:
     count = opsdl.count_tokens()
     suites = eval_suites(count_tokens=count, lengths=config.lengths, n=config.n, seed=config.seed,
-                         in_template_n=config.in_template_n, n_distractors=tuple(config.n_distractors))
+                         in_template_n=config.in_template_n, n_distractors=tuple(config.n_distractors),
+                         train_templates=config.templates or None)
     out_dir = opsdl.artifacts("eval_sets")
     store = opsdl.store()
     result: dict[str, Any] = {"suites": {}}

@@ -13,7 +13,6 @@ compared (synthetic filler repeats common phrases by design).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -87,13 +86,23 @@ class CurationResult:
                 "digest": self.digest, "length_histogram": self.histogram}
 
 
+def _templates(names: Sequence[str] | None) -> tuple:
+    if not names:
+        return TRAIN_TEMPLATES
+    known = {t.name: t for t in TRAIN_TEMPLATES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown training template(s) {unknown}; expected names among {list(known)}")
+    return tuple(known[n] for n in dict.fromkeys(names))
+
+
 def eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n: int, seed: int,
                 n_distractors: tuple[int, int] = (4, 12), in_template_n: int = 0,
                 train_templates: Sequence[str] | None = None) -> dict[str, list[Example]]:
     """The synthetic evaluation suites: held-out templates at each context length
     (``kv_heldout@{L}``) and, when ``in_template_n``, fresh keys of the training templates
     (``kv_in_template@{L}``).  Seeds are offset from training's, so the streams are disjoint."""
-    tpl = TRAIN_TEMPLATES if not train_templates else tuple(t for t in TRAIN_TEMPLATES if t.name in train_templates)
+    tpl = _templates(train_templates)
     out: dict[str, list[Example]] = {}
     for L in lengths:
         out[f"kv_heldout@{L}"] = generate_examples(n=n, split="heldout", templates=HELDOUT_TEMPLATES,
@@ -118,10 +127,7 @@ def curate(source: str, *, count_tokens: Callable[[str], int], size: int, contex
     At most ``size`` examples are kept (after cleaning, in source order)."""
     quarantined: list[RejectedRow] = []
     if source == "synthetic":
-        tpl = TRAIN_TEMPLATES if not templates else tuple(t for t in TRAIN_TEMPLATES if t.name in templates)
-        if templates and len(tpl) != len(set(templates)):
-            known = [t.name for t in TRAIN_TEMPLATES]
-            raise ValueError(f"unknown training template(s) in {list(templates)}; expected names among {known}")
+        tpl = _templates(templates)
         loaded = generate_examples(n=size, split="train", templates=tpl, target_tokens=context_tokens,
                                    count_tokens=count_tokens, seed=seed, n_distractors=n_distractors)
     else:
@@ -161,7 +167,3 @@ def curate(source: str, *, count_tokens: Callable[[str], int], size: int, contex
             kept.append(ex)
             lengths.append(n_tok)
     return CurationResult(kept, quarantined, len(loaded), n_dup, n_cont, lengths)
-
-
-def json_safe(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))

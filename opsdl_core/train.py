@@ -1,6 +1,6 @@
 """Train a model with OPSDL, as its own process.
 
-    python -m opsdl_core.train --config configs/demo.yaml            # the README's main job
+    python -m opsdl_core.train --config configs/demo.yaml            # the trainer alone (no Dagster)
     python -m opsdl_core.train --config my.yaml --set train.steps=10 --set loss.kind=jsd
     opsdl-train --config my.yaml --no-eval                            # console script
 

@@ -145,3 +145,14 @@ def test_inbox_sensor_requests_a_run_once_per_change(tmp_path):
     assert isinstance(req, dg.RunRequest) and req.run_config["ops"]["curated_prompts"]["config"]["source"] == "inbox"
     ctx2 = dg.build_sensor_context(cursor=ctx.cursor, resources={"opsdl": opsdl})
     assert isinstance(inbox_sensor(ctx2), dg.SkipReason)
+
+
+def test_committed_main_job_run_config_is_valid():
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "pipeline.yaml").read_text())
+    job = build_definitions().resolve_job_def("opsdl_full_pipeline")
+    resolved = dg.validate_run_config(job, cfg)
+    assert resolved["ops"]["opsdl_model"]["config"]["steps"] == cfg["ops"]["opsdl_model"]["config"]["steps"]
+    with pytest.raises(dg.DagsterInvalidConfigError, match="lr"):
+        dg.validate_run_config(job, {"ops": {"opsdl_model": {"config": {"lr": "fast"}}}})
