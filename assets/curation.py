@@ -12,7 +12,7 @@ from opsdl_core.curation import curate, dataset_digest, eval_suites
 from opsdl_core.data import Example, write_jsonl, write_rejected_jsonl
 from opsdl_core.lineage import content_hash
 
-from .resources import OpsdlResource
+from .resources import HEAVY, OpsdlResource
 
 GROUP = "curation"
 
@@ -61,7 +61,7 @@ def read_examples(path: str | Path) -> list[Example]:
     return [Example(**r) for r in rows]
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version="1",
+@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version="1", op_tags=HEAVY,
           description="Held-out synthetic evaluation suites: unseen templates (transfer) and fresh keys of the "
                       "training templates (in-family), at each context length.")
 def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: OpsdlResource) -> dict[str, Any]:
@@ -90,7 +90,7 @@ def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: 
 
 
 @dg.multi_asset(
-    group_name=GROUP, can_subset=False,
+    group_name=GROUP, can_subset=False, op_tags=HEAVY,
     outs={
         "curated_prompts": dg.AssetOut(kinds={"python"}, code_version="1",
                                        description="Training prompts: loaded or generated, deduplicated by content "

@@ -15,7 +15,7 @@ from opsdl_core.prepare import prepare_examples
 
 from .curation import md_table, read_examples
 from .plots import accuracy_bars_png, png_markdown
-from .resources import OpsdlResource
+from .resources import HEAVY, OpsdlResource
 
 GROUP = "evaluation"
 
@@ -50,7 +50,7 @@ def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: E
     return out
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1",
+@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1", op_tags=HEAVY,
           description="Greedy accuracy of the base model and of the OPSDL model on every evaluation suite, with "
                       "the long context and (held-out templates) with C_s only; scores go to DuckDB by task, "
                       "context and context length, tied to the checkpoint and the suite's digest.")

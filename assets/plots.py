@@ -17,15 +17,23 @@ def training_curves_png(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
     for ax, key, title in zip(axes, ("kl_estimate", "loss", "rollout_accuracy"),
                               ("student-teacher KL (per token)", "loss", "rollout accuracy")):
-        ax.plot(steps, [m.get(key, float("nan")) for m in metrics], lw=1.2)
+        ys = [float(m.get(key, float("nan"))) for m in metrics]
+        ax.plot(steps, ys, lw=0.8, alpha=0.35, label="per step")
+        ax.plot(steps, _rolling_mean(ys, 5), lw=1.6, label="mean of 5")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _rolling_mean(ys: Sequence[float], k: int) -> list[float]:
+    """Mean of the last ``k`` values (fewer at the start); one prompt per step makes raw curves noisy."""
+    return [sum(ys[max(0, i - k + 1) : i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(ys))]
 
 
 def accuracy_bars_png(rows: Sequence[dict[str, Any]], path: Path) -> Path:

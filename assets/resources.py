@@ -13,6 +13,11 @@ from pydantic import Field
 from opsdl_core.lineage import LineageStore
 
 
+# Steps that load a model or tokenize a data set carry this tag; the main job's run config allows
+# one of them at a time (tag_concurrency_limits) while the light asset checks run beside them.
+HEAVY = {"opsdl/cpu": "heavy"}
+
+
 def default_home() -> str:
     """``$OPSDL_HOME``, else ``var/`` under the current directory (the project root for ``dagster dev``)."""
     return os.environ.get("OPSDL_HOME", str(Path("var").resolve()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -132,3 +133,42 @@ def test_ingest_training_run_and_cli(tmp_path, capsys):
     assert not (tmp_path / "missing.duckdb").exists()
     assert cli_main(["lineage", "--db", str(db), "tables"]) == 0
     assert "v_checkpoint_provenance" in capsys.readouterr().out
+
+
+# -- the same, as Dagster runs it: four ops of one job in separate step processes ------------------
+import dagster as dg  # noqa: E402
+
+
+@dg.op(config_schema={"db": str, "k": int})
+def _lineage_writer_op(context) -> None:
+    import time
+
+    barrier = Path(context.op_config["db"]).parent / "barrier"
+    barrier.mkdir(exist_ok=True)
+    (barrier / str(context.op_config["k"])).touch()
+    deadline = time.time() + 120
+    while len(list(barrier.iterdir())) < 4:  # all four step processes are alive before anyone writes
+        if time.time() > deadline:
+            raise TimeoutError("the four writer steps did not run at the same time")
+        time.sleep(0.05)
+    _writer(context.op_config["db"], context.op_config["k"], 6)
+
+
+@dg.job(executor_def=dg.multiprocess_executor)
+def _four_lineage_writers():
+    for k in range(4):
+        _lineage_writer_op.alias(f"writer_{k}")()
+
+
+def test_four_dagster_steps_write_lineage_concurrently(tmp_path):
+    from dagster._core.definitions.reconstruct import ReconstructableJob
+
+    db = str(tmp_path / "l.duckdb")
+    LineageStore(db)
+    run_config = {"ops": {f"writer_{k}": {"config": {"db": db, "k": k}} for k in range(4)},
+                  "execution": {"config": {"max_concurrent": 4}}}
+    with dg.instance_for_test() as instance:
+        result = dg.execute_job(ReconstructableJob.for_file(__file__, "_four_lineage_writers"), instance=instance, run_config=run_config)
+        assert result.success
+    store = LineageStore(db)
+    assert store.count("runs") == 24 and store.count("metrics") == 24 * 5 and store.count("lineage_edges") == 24

@@ -1,0 +1,81 @@
+"""lm-evaluation-harness glue for the offline RULER tasks (``evals.ruler.generate``).
+
+``--metadata '{"max_seq_lengths": [256, 512], "num_samples": 50}'`` picks the lengths and the
+samples per length; the tokenizer is the evaluated model's (``pretrained``/``tokenizer`` from
+``--model_args``, which lm-eval passes to the task), so lengths are in that model's tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import datasets
+
+from evals.ruler.generate import generate, string_match_all
+
+LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+DEFAULT_LENGTHS = (4096,)
+TOKENS_TO_GENERATE = {"niah_single_1": 128, "niah_multikey_2": 128, "niah_multikey_3": 128, "vt": 30, "cwe": 120,
+                      "fwe": 50}
+log = logging.getLogger(__name__)
+
+
+def _count_tokens(kwargs: dict):
+    from transformers import AutoTokenizer
+
+    name = kwargs.get("tokenizer") or kwargs.get("pretrained")
+    if not name:
+        raise ValueError("the opsdl RULER tasks size prompts with the evaluated model's tokenizer; pass "
+                         "--model_args pretrained=FOLDER (or tokenizer=NAME)")
+    tok = AutoTokenizer.from_pretrained(name)
+    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def _dataset(task: str, **kwargs) -> dict[str, datasets.Dataset]:
+    lengths = [int(x) for x in kwargs.get("max_seq_lengths", DEFAULT_LENGTHS)]
+    unknown = [x for x in lengths if x not in LENGTHS]
+    if unknown:
+        raise ValueError(f"max_seq_lengths {unknown} not supported; expected values among {list(LENGTHS)}")
+    n = int(kwargs.get("num_samples", 50))
+    count = _count_tokens(kwargs)
+    rows = []
+    for length in lengths:
+        samples = generate(task, length=length, n=n, count_tokens=count, seed=int(kwargs.get("seed", 42)),
+                           tokens_to_generate=TOKENS_TO_GENERATE[task],
+                           overhead_tokens=int(kwargs.get("chat_overhead_tokens", 32)))
+        rows += [s.to_dict() for s in samples]
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def niah_single_1(**kwargs):
+    return _dataset("niah_single_1", **kwargs)
+
+
+def niah_multikey_2(**kwargs):
+    return _dataset("niah_multikey_2", **kwargs)
+
+
+def niah_multikey_3(**kwargs):
+    return _dataset("niah_multikey_3", **kwargs)
+
+
+def vt(**kwargs):
+    return _dataset("vt", **kwargs)
+
+
+def cwe(**kwargs):
+    return _dataset("cwe", **kwargs)
+
+
+def fwe(**kwargs):
+    return _dataset("fwe", **kwargs)
+
+
+def process_results(doc: dict, results: list[str]) -> dict[str, float]:
+    """One metric per length, named by the length: only the lengths that were generated appear
+    in lm-eval's table (no -1 placeholders for the others)."""
+    return {str(doc["length"]): string_match_all(results[0].strip(), doc["outputs"])}
+
+
+def aggregate(values: list[float]) -> float:
+    return sum(values) / len(values)
