@@ -7,7 +7,7 @@ samples per length; the tokenizer is the evaluated model's (``pretrained``/``tok
 
 from __future__ import annotations
 
-import logging
+import functools
 
 import datasets
 
@@ -17,7 +17,6 @@ LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_LENGTHS = (4096,)
 TOKENS_TO_GENERATE = {"niah_single_1": 128, "niah_multikey_2": 128, "niah_multikey_3": 128, "vt": 30, "cwe": 120,
                       "fwe": 50}
-log = logging.getLogger(__name__)
 
 
 def _count_tokens(kwargs: dict):
@@ -47,28 +46,13 @@ def _dataset(task: str, **kwargs) -> dict[str, datasets.Dataset]:
     return {"test": datasets.Dataset.from_list(rows)}
 
 
-def niah_single_1(**kwargs):
-    return _dataset("niah_single_1", **kwargs)
-
-
-def niah_multikey_2(**kwargs):
-    return _dataset("niah_multikey_2", **kwargs)
-
-
-def niah_multikey_3(**kwargs):
-    return _dataset("niah_multikey_3", **kwargs)
-
-
-def vt(**kwargs):
-    return _dataset("vt", **kwargs)
-
-
-def cwe(**kwargs):
-    return _dataset("cwe", **kwargs)
-
-
-def fwe(**kwargs):
-    return _dataset("fwe", **kwargs)
+# the task YAMLs name these (`custom_dataset: !function utils.<task>`)
+niah_single_1 = functools.partial(_dataset, "niah_single_1")
+niah_multikey_2 = functools.partial(_dataset, "niah_multikey_2")
+niah_multikey_3 = functools.partial(_dataset, "niah_multikey_3")
+vt = functools.partial(_dataset, "vt")
+cwe = functools.partial(_dataset, "cwe")
+fwe = functools.partial(_dataset, "fwe")
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
