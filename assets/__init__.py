@@ -4,10 +4,12 @@ distillation training → long- and short-context evaluation, each a thin wrappe
 from .checks import ALL_CHECKS
 from .curation import curated_prompts, eval_sets
 from .evaluation import evaluation, report
+from .long_context import long_context_eval
 from .resources import OpsdlResource
 from .teacher import base_rollouts, teacher_contexts
 from .training import opsdl_model
 
-ALL_ASSETS = [eval_sets, curated_prompts, teacher_contexts, base_rollouts, opsdl_model, evaluation, report]
+ALL_ASSETS = [eval_sets, curated_prompts, teacher_contexts, base_rollouts, opsdl_model, evaluation,
+              long_context_eval, report]
 
 __all__ = ["ALL_ASSETS", "ALL_CHECKS", "OpsdlResource"]

@@ -14,6 +14,7 @@ from opsdl_core.evaluate import evaluate_accuracy
 from opsdl_core.prepare import prepare_examples
 
 from .curation import md_table, read_examples
+from .long_context import long_context_section
 from .plots import accuracy_bars_png, png_markdown
 from .resources import HEAVY, OpsdlResource
 
@@ -97,10 +98,10 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
 
 @dg.asset(group_name=GROUP, kinds={"python"}, code_version="1",
           description="A Markdown report of the run: inputs by digest, training config and curves, the "
-                      "before/after score table, and SQL to trace it all in the lineage store.")
+                      "before/after score table, the lm-eval scores per context length, and SQL to trace it all in the lineage store.")
 def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: dict[str, Any],
-           opsdl_model: dict[str, Any], base_rollouts: dict[str, Any], curated_prompts: dict[str, Any],
-           teacher_contexts: dict[str, Any]) -> dict[str, Any]:
+           long_context_eval: dict[str, Any], opsdl_model: dict[str, Any], base_rollouts: dict[str, Any],
+           curated_prompts: dict[str, Any], teacher_contexts: dict[str, Any]) -> dict[str, Any]:
     table = md_table(evaluation["rows"], ["suite", "context", "n", "before", "after", "delta"])
     curves = opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png"
     lines = [
@@ -117,6 +118,7 @@ def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: 
         f"- model folder: `{opsdl_model['model_dir']}`", "",
         "## Greedy accuracy, base → OPSDL", "", table, "",
         f"![accuracy]({Path(evaluation['plot']).name})", "",
+        *long_context_section(long_context_eval),
         "## Training curves", "", f"![curves]({curves.name})", "",
         "## Lineage", "", "```sh",
         f"opsdl lineage --db {opsdl.db_path} sql \"SELECT * FROM v_checkpoint_provenance "
@@ -126,7 +128,7 @@ def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: 
     ]
     out_dir = opsdl.artifacts("report")
     path = out_dir / "report.md"
-    for png in (Path(evaluation["plot"]), curves):
+    for png in (Path(evaluation["plot"]), Path(long_context_eval["plot"]), curves):
         if png.exists():
             (out_dir / png.name).write_bytes(png.read_bytes())
     path.write_text("\n".join(lines))

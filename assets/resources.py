@@ -80,6 +80,12 @@ class OpsdlResource(dg.ConfigurableResource):
 
         return token_counter(self.tokenizer())
 
+    def model_path(self) -> str:
+        """The base model as a path (the embedded default's converted folder, a local folder) or a hub id."""
+        from opsdl_core.models import resolve_model
+
+        return resolve_model(self.model, cache_dir=self.model_cache_dir).path
+
     def load_model(self, path: str | None = None) -> tuple[Any, Any]:
         """``(model, tokenizer)``: the base model, or a trained model folder when ``path`` is given."""
         import torch

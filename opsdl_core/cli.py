@@ -1,6 +1,8 @@
 """``opsdl``: the command line.
 
     opsdl train --config configs/demo.yaml [--set SECTION.FIELD=VALUE ...]
+    opsdl eval run --model DIR --tasks opsdl_ruler --metadata '{"max_seq_lengths": [512]}' --out DIR --ingest
+    opsdl eval ingest LM_EVAL_OUTPUT_DIR --checkpoint-id base:HASH   # record an lm-eval run's scores
     opsdl lineage sql "SELECT * FROM v_checkpoint_provenance"      [--db var/lineage.duckdb] [--json]
     opsdl lineage tables                                            # tables and views with row counts
     opsdl lineage ingest runs/demo [--experiment NAME]              # record a finished training run
@@ -67,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="group", required=True)
     tr = sub.add_parser("train", help="train with OPSDL (same flags as python -m opsdl_core.train)", add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER)
+    ev = sub.add_parser("eval", help="lm-eval on a model, scores to the lineage store (python -m evals.harness)",
+                        add_help=False)
+    ev.add_argument("rest", nargs=argparse.REMAINDER)
     li = sub.add_parser("lineage", help="query or fill the DuckDB lineage store")
     li.add_argument("--db", default=None, help="database file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
     lsub = li.add_subparsers(dest="cmd", required=True)
@@ -77,11 +82,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ing = lsub.add_parser("ingest", help="record a finished training run folder")
     ing.add_argument("run_dir")
     ing.add_argument("--experiment", default="default")
-    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval"):  # their own parsers (and --help) take every argument after it
+        args = argparse.Namespace(group=argv[0], rest=argv[1:])
+    else:
+        args = ap.parse_args(argv)
     if args.group == "train":
         from .train import main as train_main
 
         return int(train_main(args.rest) or 0)
+    if args.group == "eval":  # the evaluation suites live beside opsdl_core, in evals/
+        from evals.harness import main as eval_main
+
+        return int(eval_main(args.rest) or 0)
     return _lineage(args)
 
 

@@ -47,7 +47,7 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
@@ -128,6 +128,10 @@ CREATE TABLE IF NOT EXISTS eval_scores (
     dataset_digest  VARCHAR,
     PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric)
 );
+-- v2: where a score came from (schema v1 files gain these columns, NULL for their old rows)
+ALTER TABLE eval_scores ADD COLUMN IF NOT EXISTS stderr DOUBLE;
+ALTER TABLE eval_scores ADD COLUMN IF NOT EXISTS harness VARCHAR;           -- e.g. 'lm-eval 0.4.13', 'opsdl'
+ALTER TABLE eval_scores ADD COLUMN IF NOT EXISTS task_config_hash VARCHAR;  -- hash of the task's resolved config
 CREATE TABLE IF NOT EXISTS rollout_samples (
     run_id            VARCHAR NOT NULL,
     example_id        VARCHAR NOT NULL,
@@ -160,8 +164,8 @@ SELECT c.checkpoint_id, c.kind AS checkpoint_kind, c.step, c.path AS checkpoint_
 FROM checkpoints c JOIN runs r USING (run_id);
 
 CREATE OR REPLACE VIEW v_scores AS
-SELECT s.task, s.context, s.context_length, s.metric, s.value, s.n,
-       s.checkpoint_id, s.run_id AS eval_run_id, s.dataset_digest AS eval_dataset,
+SELECT s.task, s.context, s.context_length, s.metric, s.value, s.stderr, s.n,
+       s.harness, s.task_config_hash, s.checkpoint_id, s.run_id AS eval_run_id, s.dataset_digest AS eval_dataset,
        c.run_id AS train_run_id,
        (SELECT string_agg(e.src_id, ',' ORDER BY e.src_id) FROM lineage_edges e
          WHERE e.dst_type = 'run' AND e.dst_id = c.run_id AND e.src_type = 'dataset') AS train_datasets
@@ -262,6 +266,8 @@ class LineageStore:
                 con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
             elif row[0] > SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path} has lineage schema v{row[0]}; this opsdl knows v{SCHEMA_VERSION}")
+            elif row[0] < SCHEMA_VERSION:  # the ALTERs above migrated it
+                con.execute("UPDATE schema_info SET version = ?", [SCHEMA_VERSION])
             con.execute(_VIEWS)
 
     # -- connections ---------------------------------------------------------------------------
@@ -298,8 +304,16 @@ class LineageStore:
             return cols, cur.fetchall()
 
     def count(self, table: str, where: str = "", params: Sequence[Any] | None = None) -> int:
+        """Rows of one of the store's tables or views (``where``: a SQL ``WHERE`` clause with ``?``
+        placeholders bound to ``params``)."""
+        if table not in self.tables():
+            raise ValueError(f"unknown table {table!r}; expected one of {sorted(self.tables())}")
         _, rows = self.query(f"SELECT count(*) FROM {table} {where}", params)
         return int(rows[0][0])
+
+    def tables(self) -> set[str]:
+        """Names of the tables and views in the store."""
+        return {r[0] for r in self.query("SELECT table_name FROM information_schema.tables")[1]}
 
     # -- writes (idempotent upserts) -----------------------------------------------------------
     def log_experiment(self, name: str, description: str | None = None) -> str:
@@ -388,17 +402,22 @@ class LineageStore:
 
     def log_eval_scores(self, run_id: str, checkpoint_id: str, scores: Iterable[dict[str, Any]],
                         dataset_digest: str | None = None) -> int:
-        """``scores``: dicts with task, context, metric, value and optional context_length, n."""
+        """``scores``: dicts with task, context, metric, value and optional context_length, n,
+        stderr, harness, task_config_hash, dataset_digest."""
         rows = []
         for i, s in enumerate(scores):
             for f in ("task", "context", "metric", "value"):
                 if f not in s:
                     raise ValueError(f"eval score #{i}: missing field {f!r}; expected task, context, metric, value")
             rows.append([run_id, checkpoint_id, s["task"], s["context"], int(s.get("context_length", 0)),
-                         s["metric"], _finite(s["value"]), s.get("n"), s.get("dataset_digest", dataset_digest)])
+                         s["metric"], _finite(s["value"]), s.get("n"), s.get("dataset_digest", dataset_digest),
+                         _finite(s.get("stderr")), s.get("harness"), s.get("task_config_hash")])
         with self.transaction() as con:
             if rows:
-                con.executemany("INSERT OR REPLACE INTO eval_scores VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                con.executemany(
+                    "INSERT OR REPLACE INTO eval_scores (run_id, checkpoint_id, task, context, context_length, "
+                    "metric, value, n, dataset_digest, stderr, harness, task_config_hash) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             con.execute("INSERT OR REPLACE INTO lineage_edges VALUES ('checkpoint', ?, 'run', ?, 'evaluated', ?)",
                         [checkpoint_id, run_id, run_id])
             if dataset_digest:

@@ -18,10 +18,11 @@ INBOX_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)
 
 full_pipeline = dg.define_asset_job(
     "opsdl_full_pipeline", selection=dg.AssetSelection.all(),
-    description="Curate prompts → teacher contexts → base rollouts → OPSDL training → evaluation → report.")
+    description="Curate prompts → teacher contexts → base rollouts → OPSDL training → evaluation (synthetic "
+                "suites and lm-eval RULER per length) → report.")
 
 evaluation_only = dg.define_asset_job(
-    "opsdl_evaluation_only", selection=dg.AssetSelection.assets("evaluation", "report"),
+    "opsdl_evaluation_only", selection=dg.AssetSelection.assets("evaluation", "long_context_eval", "report"),
     description="Re-evaluate the latest trained model on the latest evaluation suites and rewrite the report.")
 
 retrain_schedule = dg.ScheduleDefinition(

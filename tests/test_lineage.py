@@ -47,6 +47,28 @@ def test_schema_upserts_and_views(tmp_path):
     assert store.query("SELECT value FROM v_metric_latest WHERE key = 'loss'")[1] == [(0.25,)]
 
 
+def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
+    db = tmp_path / "v1.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_info (version INTEGER NOT NULL); INSERT INTO schema_info VALUES (1);"
+                "CREATE TABLE eval_scores (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
+                "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
+                "value DOUBLE, n BIGINT, dataset_digest VARCHAR, "
+                "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric));"
+                "INSERT INTO eval_scores VALUES ('e0', 'c0', 'kv', 'long', 512, 'acc', 0.25, 8, 'd0')")
+    con.close()
+    store = LineageStore(db)
+    assert store.query("SELECT version FROM schema_info")[1] == [(2,)]
+    assert store.query("SELECT value, stderr, harness FROM eval_scores")[1] == [(0.25, None, None)]
+    store.log_eval_scores("e1", "c1", [{"task": "ruler", "context": "long", "context_length": 1024, "metric": "acc",
+                                        "value": 0.5, "stderr": 0.1, "n": 25, "harness": "lm-eval 0.4.13",
+                                        "task_config_hash": "abc"}])
+    assert store.query("SELECT stderr, harness, task_config_hash FROM v_scores WHERE eval_run_id = 'e1'")[1] == [
+        (0.1, "lm-eval 0.4.13", "abc")]
+    with pytest.raises(ValueError, match="unknown table 'runs; DROP TABLE runs'"):
+        store.count("runs; DROP TABLE runs")
+
+
 def test_param_diff_view_finds_runs_differing_in_one_parameter(tmp_path):
     store = LineageStore(tmp_path / "l.duckdb")
     _fill(store, "a", lr="0.0001")

@@ -20,6 +20,8 @@ TINY_RUN_CONFIG = {
     "opsdl_model": {"config": {"steps": 3, "lr": 5e-3, "lora_r": 4, "lora_alpha": 8, "samples_per_prompt": 2,
                                "max_new_tokens": 6, "save_every": 2, "num_threads": 1}},
     "evaluation": {"config": {"max_new_tokens": 4, "batch_size": 4}},
+    "long_context_eval": {"config": {"tasks": ["opsdl_ruler_niah_single_1", "opsdl_ruler_vt"], "lengths": [512, 1024],
+                                     "num_samples": 1}},
 }
 
 
@@ -45,7 +47,7 @@ def test_definitions_load_with_every_stage_and_check():
     defs = build_definitions()
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"eval_sets", "curated_prompts", "quarantined_rows", "teacher_contexts", "base_rollouts",
-                    "opsdl_model", "evaluation", "report"}
+                    "opsdl_model", "evaluation", "long_context_eval", "report"}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"c_s_in_c_l_within_budget", "no_duplicate_prompts", "no_eval_overlap", "training_loss_finite",
                       "short_context_retention"}
@@ -75,17 +77,30 @@ def test_whole_graph_materializes_and_lineage_is_complete(pipeline_run):
         JOIN eval_scores s ON s.run_id = e3.dst_id AND s.checkpoint_id = c.checkpoint_id
         WHERE p.kind = 'prompts'
         GROUP BY ALL""")
-    assert len(rows) == 1, rows
-    prompts, teacher, run_id, ckpt, eval_run, n_scores = rows[0]
+    assert len(rows) == 2, rows  # the synthetic suites' evaluation and lm-eval's
+    (prompts, teacher, run_id, ckpt, _, n_scores), (*_, lm_run, lm_scores) = sorted(rows, key=lambda r: r[4])
     assert run_id == model["run_id"] and ckpt == model["checkpoint_id"]
     assert n_scores == 3  # kv_heldout long + short, kv_in_template long
+    assert lm_run.startswith("lmeval-") and lm_scores == 4  # 2 tasks x 2 lengths
     _, prov = store.query("SELECT base_model, teacher_context, loss_kind, input_datasets FROM v_checkpoint_provenance "
                           "WHERE checkpoint_id = ?", [ckpt])
     assert prov[0][1] == "oracle" and prov[0][2] == "pointwise" and teacher in prov[0][3]
     assert store.count("metrics", "WHERE run_id = ?", [run_id]) > 3 * 10
     assert store.count("rollout_samples") == 4
+    # lm-eval's per-length scores of both models, with where they came from
+    lc = result.output_for_node("long_context_eval")
+    _, got = store.query("SELECT checkpoint_id, task, context_length, n, harness, task_config_hash, dataset_digest "
+                         "FROM eval_scores WHERE harness LIKE 'lm-eval %' ORDER BY ALL")
+    base = next(c for c, *_ in got if c.startswith("base:"))
+    assert {(c, t, x) for c, t, x, *_ in got} == {(c, t, x) for c in (base, ckpt) for x in (512, 1024)
+                                                   for t in ("opsdl_ruler_niah_single_1", "opsdl_ruler_vt")}
+    assert all(n == 1 and cfg_hash and digest for _, _, _, n, _, cfg_hash, digest in got)
+    assert set(lc["run_ids"]) == {"base", "opsdl"} and Path(lc["plot"]).stat().st_size > 1000
+    text = Path(report["path"]).read_text()
+    assert "opsdl_ruler_niah_single_1 per context length (lm-eval)" in text and "| 512 | 1024 |" in text
     # the Dagster instance knows every asset's latest materialization
-    for key in ("eval_sets", "curated_prompts", "teacher_contexts", "opsdl_model", "evaluation", "report"):
+    for key in ("eval_sets", "curated_prompts", "teacher_contexts", "opsdl_model", "evaluation", "long_context_eval",
+                "report"):
         assert instance.get_latest_materialization_event(dg.AssetKey(key)) is not None, key
 
 

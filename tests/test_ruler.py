@@ -120,5 +120,6 @@ def test_lm_eval_cli_runs_the_group_offline_with_one_row_per_length(tiny_model_d
     for task in TASKS:
         r = results[f"opsdl_ruler_{task}"]
         assert 0.0 <= r["1024,none"] <= 1.0 and 0.0 <= r["2048,none"] <= 1.0
+        assert isinstance(r["1024_stderr,none"], float)  # aggregation "mean": lm-eval reports a stderr
     assert results["opsdl_ruler"]["1024,none"] == pytest.approx(
         sum(results[f"opsdl_ruler_{t}"]["1024,none"] for t in TASKS) / len(TASKS))

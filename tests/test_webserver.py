@@ -20,7 +20,7 @@ from assets import ALL_ASSETS, ALL_CHECKS, OpsdlResource
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["eval_sets", "curated_prompts", "quarantined_rows", "teacher_contexts", "base_rollouts", "opsdl_model",
-          "evaluation", "report"]
+          "evaluation", "long_context_eval", "report"]
 pytestmark = pytest.mark.slow
 
 

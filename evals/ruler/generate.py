@@ -15,8 +15,8 @@ Tasks (names and prompt wording as in RULER, NVIDIA 2024, and lm-eval's ``tasks/
 * ``fwe``             frequent-words extraction: "coded" words drawn from a Zipf distribution; the
   answer is the 3 most frequent.
 
-Differences from lm-eval's implementation, on purpose: no download (word lists are built in, no
-``wonderwords``/``nltk``), every sample is seeded from (task, length, index, seed), the needle
+Differences from lm-eval's implementation, on purpose: no download (needle keys are built in; cwe
+draws from ``wonderwords``' lists as RULER does, read from the installed package), every sample is seeded from (task, length, index, seed), the needle
 depth can be requested, and the haystack size is fitted per sample by bisection on the model's
 token count (lm-eval fits it once on the first sample); cwe has no in-context example list.  The word lists differ from
 ``wonderwords``', so individual samples differ from lm-eval's; the task definitions do not.
@@ -24,6 +24,7 @@ token count (lm-eval fits it once on the first sample); cwe has no in-context ex
 
 from __future__ import annotations
 
+import functools
 import random
 import uuid
 from collections import Counter
@@ -31,7 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TASKS", "RulerSample", "generate", "string_match_all", "string_match_part", "DEPTHS"]
+__all__ = ["TASKS", "RulerSample", "LengthTooSmall", "generate", "string_match_all", "string_match_part", "DEPTHS",
+           "generation_budget"]
 
 CountTokens = Callable[[str], int]
 
@@ -75,7 +77,19 @@ _NOUN = ("anchor", "apple", "arrow", "badge", "banjo", "barrel", "basket", "beac
          "puzzle", "rabbit", "ribbon", "rocket", "saddle", "salmon", "scarf", "shovel", "spider", "statue",
          "tablet", "teapot", "thistle", "tiger", "tunnel", "turtle", "violin", "wagon", "walnut", "whistle")
 WORDS = tuple(f"{a}-{n}" for a in _ADJ for n in _NOUN)  # needle keys ("words")
-PLAIN_WORDS = tuple(sorted(set(_ADJ) | set(_NOUN)))  # cwe vocabulary
+
+
+@functools.lru_cache(maxsize=1)
+def cwe_vocabulary() -> tuple[str, ...]:
+    """cwe's words, as RULER draws them: wonderwords' noun, adjective and verb lists (MIT licence,
+    shipped in the package), one-word entries only, sorted; a few thousand words."""
+    from importlib.resources import files
+
+    words: set[str] = set()
+    for name in ("nounlist.txt", "adjectivelist.txt", "verblist.txt"):
+        text = files("wonderwords.assets").joinpath(name).read_text(encoding="utf-8")
+        words |= {w.strip() for w in text.splitlines() if w.strip().isalpha() and w.strip().islower()}
+    return tuple(sorted(words))
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,8 @@ def _vt(rng: random.Random, n_units: int, depth: float, *, n_hops: int = 4):
 def _cwe(rng: random.Random, n_units: int, depth: float, *, length: int, n_common: int = 10):
     # RULER: below 4K tokens the common words appear 6 times and the others once; else 30 and 3
     freq_common, freq_rare = (6, 1) if length < 4096 else (30, 3)
-    words = rng.sample(PLAIN_WORDS, min(len(PLAIN_WORDS), n_common + max(n_units, 1)))
+    vocab = cwe_vocabulary()
+    words = rng.sample(vocab, min(len(vocab), n_common + max(n_units, 1)))
     common, rare = words[:n_common], words[n_common : n_common + max(n_units, 1)]
     items = [w for w in common for _ in range(freq_common)] + [w for w in rare for _ in range(freq_rare)]
     rng.shuffle(items)
@@ -178,6 +193,18 @@ def _fwe(rng: random.Random, n_units: int, depth: float, *, alpha: float = 2.0, 
     return FWE_TEMPLATE.format(context=" .... ".join(items)), top, FWE_PREFIX, {}
 
 
+class LengthTooSmall(ValueError):
+    """Even the smallest instance of a task does not fit the requested length."""
+
+
+def generation_budget(tokens_to_generate: int, length: int) -> int:
+    """Tokens reserved for the answer when fitting a prompt into ``length``: the task's budget,
+    capped at a quarter of the length (RULER reserves 128 tokens at 4K and above; at 256 tokens that
+    would leave 96 for the prompt). The reserve only sizes the prompt: generation still stops at
+    the model's end-of-turn token or ``max_gen_toks``."""
+    return min(tokens_to_generate, length // 4)
+
+
 _BUILDERS: dict[str, Callable[..., tuple[str, list[str], str, dict]]] = {
     "niah_single_1": lambda rng, n, d, L: _niah(rng, n, d, haystack="repeat", type_k="words", type_v="numbers"),
     "niah_multikey_2": lambda rng, n, d, L: _niah(rng, n, d, haystack="needle", type_k="words", type_v="numbers"),
@@ -191,16 +218,22 @@ _HAS_DEPTH = {"niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt"}
 _MIN_UNITS = {"cwe": 0, "fwe": 10}
 
 
+def _max_units(task: str) -> int | None:
+    """The most haystack units a task can use (cwe: its vocabulary), or None (unbounded)."""
+    return len(cwe_vocabulary()) - 10 if task == "cwe" else None
+
+
 def generate(task: str, *, length: int, n: int, count_tokens: CountTokens, seed: int = 42,
              tokens_to_generate: int = 128, depths: Sequence[float] | None = None,
              overhead_tokens: int = 0) -> list[RulerSample]:
     """``n`` samples of ``task`` whose prompt (+ answer prefix) + ``tokens_to_generate`` +
     ``overhead_tokens`` (e.g. a chat template's tokens) fits in ``length`` model tokens, as large
-    as fits.  ``depths`` (percent, cycled) fixes the needle depth; default: RULER's 40 depths, drawn
-    per sample.  Raises ``ValueError`` naming the task and length when even the smallest haystack
+    as fits (``tokens_to_generate`` is capped by :func:`generation_budget`).  ``depths`` (percent, cycled) fixes the needle depth; default: RULER's 40 depths, drawn
+    per sample.  Raises :class:`LengthTooSmall` (a ``ValueError``) naming the task and length when even the smallest haystack
     does not fit."""
     if task not in _BUILDERS:
         raise ValueError(f"unknown RULER task {task!r}; expected one of {TASKS}")
+    tokens_to_generate = generation_budget(tokens_to_generate, length)
     budget = length - tokens_to_generate - overhead_tokens
     out = []
     for i in range(n):
@@ -215,12 +248,15 @@ def generate(task: str, *, length: int, n: int, count_tokens: CountTokens, seed:
         lo = _MIN_UNITS.get(task, 1)
         first = build(lo)
         if first[5] > budget:
-            raise ValueError(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
+            raise LengthTooSmall(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
                              f"{budget} (= length - tokens_to_generate {tokens_to_generate} - overhead "
                              f"{overhead_tokens}); expected a larger length")
-        hi = max(lo + 1, 2)
+        hi, cap = max(lo + 1, 2), _max_units(task)
         while build(hi)[5] <= budget:  # exponential search for an upper bound, then bisection
-            lo, hi = hi, hi * 2
+            if cap is not None and hi >= cap:
+                raise ValueError(f"{task} at length {length}: {cap} haystack units (all there are) fill only "
+                                 f"{build(hi)[5]} of {budget} tokens; expected a smaller length")
+            lo, hi = hi, min(hi * 2, cap) if cap is not None else hi * 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if build(mid)[5] <= budget:

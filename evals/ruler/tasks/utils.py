@@ -1,22 +1,28 @@
 """lm-evaluation-harness glue for the offline RULER tasks (``evals.ruler.generate``).
 
 ``--metadata '{"max_seq_lengths": [256, 512], "num_samples": 50}'`` picks the lengths and the
-samples per length; the tokenizer is the evaluated model's (``pretrained``/``tokenizer`` from
+samples per length (the essay and QA tasks also take ``essays_path``, ``squad_path``,
+``hotpotqa_path``: see ``evals.ruler.documents``); the tokenizer is the evaluated model's (``pretrained``/``tokenizer`` from
 ``--model_args``, which lm-eval passes to the task), so lengths are in that model's tokens.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import datasets
 
-from evals.ruler.generate import generate, string_match_all
+from evals.ruler.documents import DOCUMENT_TASKS, generate_document_task
+from evals.ruler.generate import LengthTooSmall, generate, string_match_all, string_match_part
+
+log = logging.getLogger(__name__)
 
 LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 DEFAULT_LENGTHS = (4096,)
 TOKENS_TO_GENERATE = {"niah_single_1": 128, "niah_multikey_2": 128, "niah_multikey_3": 128, "vt": 30, "cwe": 120,
-                      "fwe": 50}
+                      "fwe": 50, "niah_single_2": 128, "niah_single_3": 128, "niah_multikey_1": 128,
+                      "niah_multivalue": 128, "niah_multiquery": 128, "qa_1": 32, "qa_2": 32}
 
 
 def _count_tokens(kwargs: dict):
@@ -39,10 +45,20 @@ def _dataset(task: str, **kwargs) -> dict[str, datasets.Dataset]:
     count = _count_tokens(kwargs)
     rows = []
     for length in lengths:
-        samples = generate(task, length=length, n=n, count_tokens=count, seed=int(kwargs.get("seed", 42)),
-                           tokens_to_generate=TOKENS_TO_GENERATE[task],
-                           overhead_tokens=int(kwargs.get("chat_overhead_tokens", 32)))
+        try:
+            common = dict(length=length, n=n, count_tokens=count, seed=int(kwargs.get("seed", 42)),
+                          tokens_to_generate=TOKENS_TO_GENERATE[task],
+                          overhead_tokens=int(kwargs.get("chat_overhead_tokens", 32)))
+            if task in DOCUMENT_TASKS:  # haystack / documents from the user's files (named in --metadata)
+                samples = generate_document_task(task, options=kwargs, **common)
+            else:
+                samples = generate(task, **common)
+        except LengthTooSmall as e:  # e.g. cwe below ~1K tokens: the length has no score for this task
+            log.warning("opsdl_ruler_%s: skipping length %d: %s", task, length, e)
+            continue
         rows += [s.to_dict() for s in samples]
+    if not rows:
+        raise LengthTooSmall(f"opsdl_ruler_{task}: none of the lengths {lengths} fits the task")
     return {"test": datasets.Dataset.from_list(rows)}
 
 
@@ -53,13 +69,19 @@ niah_multikey_3 = functools.partial(_dataset, "niah_multikey_3")
 vt = functools.partial(_dataset, "vt")
 cwe = functools.partial(_dataset, "cwe")
 fwe = functools.partial(_dataset, "fwe")
+niah_single_2 = functools.partial(_dataset, "niah_single_2")
+niah_single_3 = functools.partial(_dataset, "niah_single_3")
+niah_multikey_1 = functools.partial(_dataset, "niah_multikey_1")
+niah_multivalue = functools.partial(_dataset, "niah_multivalue")
+niah_multiquery = functools.partial(_dataset, "niah_multiquery")
+qa_1 = functools.partial(_dataset, "qa_1")
+qa_2 = functools.partial(_dataset, "qa_2")
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
     """One metric per length, named by the length: only the lengths that were generated appear
     in lm-eval's table (no -1 placeholders for the others)."""
-    return {str(doc["length"]): string_match_all(results[0].strip(), doc["outputs"])}
+    match = string_match_part if doc.get("match") == "part" else string_match_all  # QA: any reference
+    return {str(doc["length"]): match(results[0].strip(), doc["outputs"])}
 
 
-def aggregate(values: list[float]) -> float:
-    return sum(values) / len(values)

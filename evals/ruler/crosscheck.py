@@ -1,0 +1,196 @@
+"""Cross-check our offline RULER tasks against lm-evaluation-harness's own RULER implementation.
+
+    python -m evals.ruler.crosscheck --model FOLDER --lengths 256 512 1024 2048 --n 25 \
+        --out var/evals/crosscheck [--ours RESULTS_DIR]
+
+For each task lm-eval can generate offline (the six synthetic ones: its essay tasks download Paul
+Graham essays, its QA tasks download SQuAD/HotpotQA) and each length, this runs the peer through
+the real ``lm_eval`` CLI on the same model, with the chat template, greedy, ``--limit n``, one
+length per run, all tasks together (lm-eval always builds 500 samples per length and ``--limit`` takes the first
+``n``). lm-eval's task YAMLs list only lengths of 4,096 and above, so each one is included from
+the installed package under the name ``lmeval_ruler_<task>`` with a metric for the requested
+length; nothing else in it is changed. Our side is read from ``--ours`` (an ``lm_eval
+--log_samples`` output folder of the ``opsdl_ruler`` group; its first ``n`` samples per length
+are exactly the samples an ``n``-sample run generates, because ours are seeded per index) or run
+here. Finished cells are kept, so running the command again resumes (or only re-compares).
+The table puts both side by side with the mean prompt length in tokens of each, which is
+where the two implementations differ most (lm-eval fits the haystack once, on its first sample,
+in steps of 5 units below 4K; ours fits each sample by bisection).
+
+lm-eval's RULER needs ``wonderwords`` and ``nltk`` (both dependencies of opsdl); nltk's
+``punkt_tab`` download fails offline and is only used by the essay tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from evals.ruler.generate import TASKS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _lm_eval_ruler_dir() -> Path:
+    import lm_eval
+
+    return Path(lm_eval.__file__).parent / "tasks" / "ruler"
+
+
+def write_peer_tasks(folder: Path, length: int) -> list[str]:
+    """lm-eval's own RULER task YAMLs, included unchanged, renamed, with a metric for ``length``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for task in TASKS:
+        src = _lm_eval_ruler_dir() / f"{task}.yaml"
+        if not src.is_file():
+            raise FileNotFoundError(f"lm-eval's RULER task file {src} is missing; expected lm-eval >= 0.4.9")
+        name = f"lmeval_ruler_{task}"
+        (folder / f"{name}.yaml").write_text(
+            f"include: {src}\ntask: {name}\ntag: []\nmetric_list:\n"
+            f"  - metric: \"{length}\"\n    aggregation: mean\n    higher_is_better: true\n")
+        names.append(name)
+    return names
+
+
+def _run_lm_eval(model: str, include: Path, tasks: list[str], metadata: dict, out: Path, *, limit: int | None,
+                 log: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
+           "--device", "cpu", "--include_path", str(include), "--tasks", ",".join(tasks),
+           "--metadata", json.dumps(metadata), "--batch_size", "1", "--apply_chat_template", "--log_samples",
+           "--output_path", str(out)]
+    if limit is not None:
+        cmd += ["--limit", str(limit)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    with open(log, "w") as fh:
+        return subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+
+
+def read_samples(folder: Path) -> dict[str, list[dict]]:
+    """``{task: [sample, ...]}`` from the ``lm_eval --log_samples`` files under ``folder`` (several
+    runs may hold one task at different lengths; a sample logged twice counts once, the newest)."""
+    by_task: dict[str, dict[tuple[int, int], dict]] = {}
+    for f in sorted(folder.rglob("samples_*.jsonl"), key=lambda p: p.name):  # timestamp suffix: oldest first
+        task = f.name[len("samples_"):].rsplit("_", 1)[0]
+        for line in f.read_text().splitlines():
+            if line.strip():
+                s = json.loads(line)
+                by_task.setdefault(task, {})[(int(s["doc"]["max_length"]), int(s["doc_id"]))] = s
+    return {t: list(v.values()) for t, v in by_task.items()}
+
+
+def cell(samples: list[dict], length: int, n: int, *, tokens_field: str) -> dict[str, Any] | None:
+    """Accuracy (RULER's string_match_all, as each task computed it), its standard error and the
+    mean prompt tokens of the first ``n`` samples of ``length``."""
+    rows = sorted((s for s in samples if int(s["doc"]["max_length"]) == length), key=lambda s: s["doc_id"])[:n]
+    if not rows:
+        return None
+    scores = [float(s[str(length)]) for s in rows]
+    mean = sum(scores) / len(scores)
+    var = sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
+    return {"acc": mean, "stderr": math.sqrt(var / len(scores)), "n": len(scores),
+            "prompt_tokens": sum(int(s["doc"][tokens_field]) for s in rows) / len(rows)}
+
+
+def compare(ours: dict[str, list[dict]], peer: dict[tuple[str, int], dict | str], lengths: list[int],
+            n: int) -> list[dict[str, Any]]:
+    table = []
+    for task in TASKS:
+        for length in lengths:
+            o = cell(ours.get(f"opsdl_ruler_{task}", []), length, n, tokens_field="n_tokens")
+            p = peer.get((task, length))
+            row: dict[str, Any] = {"task": task, "length": length, "ours": o}
+            row["peer"] = p if isinstance(p, dict) else None
+            row["peer_error"] = p if isinstance(p, str) else None
+            if o and row["peer"]:
+                row["diff"] = o["acc"] - row["peer"]["acc"]
+                row["z"] = row["diff"] / math.hypot(o["stderr"], row["peer"]["stderr"]) if (
+                    o["stderr"] or row["peer"]["stderr"]) else 0.0
+            table.append(row)
+    return table
+
+
+def to_markdown(table: list[dict[str, Any]]) -> str:
+    def fmt(c: dict | None) -> str:
+        return "—" if c is None else f"{c['acc']:.2f} ± {c['stderr']:.2f} (n={c['n']}, {c['prompt_tokens']:.0f} tok)"
+
+    lines = ["| task | length | opsdl_ruler | lm-eval ruler | Δ (ours − peer) |", "|---|---:|---|---|---:|"]
+    for r in table:
+        peer = fmt(r["peer"]) if r["peer"] else (f"error: {r['peer_error']}" if r["peer_error"] else "—")
+        diff = f"{r['diff']:+.2f}" if "diff" in r else "—"
+        lines.append(f"| {r['task']} | {r['length']} | {fmt(r['ours'])} | {peer} | {diff} |")
+    return "\n".join(lines) + "\n"
+
+
+def _last_error(log: Path) -> str:
+    lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+    errs = [x for x in lines if "Error" in x or "error" in x]
+    return (errs or lines or ["no output"])[-1].strip()[:200]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="model folder (or a hub id the cache holds)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    ap.add_argument("--n", type=int, default=25, help="samples per task and length")
+    ap.add_argument("--out", type=Path, default=ROOT / "var" / "evals" / "crosscheck")
+    ap.add_argument("--ours", type=Path, help="an lm_eval --log_samples folder of opsdl_ruler (else run here)")
+    args = ap.parse_args(argv)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    peer: dict[tuple[str, int], dict | str] = {}
+    for length in args.lengths:
+        include = out / "peer_tasks" / str(length)
+        names = write_peer_tasks(include, length)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        # all six tasks in one lm-eval run per length (its RULER import alone takes ~30 s); a task
+        # that lm-eval cannot build at this length fails the run, so then each runs on its own
+        together = out / "peer" / f"all_{length}"
+        samples = read_samples(together) if together.is_dir() else {}
+        if not all(len(samples.get(nm, [])) >= args.n for nm in names):
+            print(f"[crosscheck] lm-eval's RULER tasks at {length} (n={args.n})", flush=True)
+            proc = _run_lm_eval(args.model, include, names, {"max_seq_lengths": [length]}, together, limit=args.n,
+                                log=out / "logs" / f"peer_all_{length}.log")
+            samples = read_samples(together) if proc.returncode == 0 else {}
+        for task, name in zip(TASKS, names):
+            if len(samples.get(name, [])) < args.n:
+                alone, log = out / "peer" / f"{task}_{length}", out / "logs" / f"peer_{task}_{length}.log"
+                got = read_samples(alone).get(name, []) if alone.is_dir() else []
+                if len(got) < args.n:  # not run yet (a finished cell is kept: re-running resumes)
+                    print(f"[crosscheck] lm-eval {name} at {length} alone (n={args.n})", flush=True)
+                    proc = _run_lm_eval(args.model, include, [name], {"max_seq_lengths": [length]}, alone,
+                                        limit=args.n, log=log)
+                    if proc.returncode != 0:
+                        peer[(task, length)] = _last_error(log)
+                        continue
+                    got = read_samples(alone).get(name, [])
+                samples[name] = got
+            # lm-eval's doc field "length" is the prompt's token count (chat template not included)
+            peer[(task, length)] = cell(samples[name], length, args.n, tokens_field="length") or "no samples"
+
+    if args.ours is None:
+        args.ours = out / "ours"
+        print(f"[crosscheck] opsdl_ruler at {args.lengths} (n={args.n})", flush=True)
+        proc = _run_lm_eval(args.model, ROOT / "evals" / "ruler" / "tasks", ["opsdl_ruler"],
+                            {"max_seq_lengths": args.lengths, "num_samples": args.n}, args.ours, limit=None,
+                            log=out / "logs" / "ours.log")
+        if proc.returncode != 0:
+            raise SystemExit(f"opsdl_ruler failed: {_last_error(out / 'logs' / 'ours.log')}")
+    table = compare(read_samples(args.ours), peer, args.lengths, args.n)
+    (out / "crosscheck.json").write_text(json.dumps(table, indent=1))
+    md = to_markdown(table)
+    (out / "crosscheck.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
