@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,11 +75,13 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
                 scores[which] = [{**dict(zip(cols, r)), "suite": names.get(r[6], r[0])} for r in rows]
                 context.log.info(f"base-model scores reused from lineage run {run_id}")
                 continue
+        started = time.time()
         model, tokenizer = opsdl.load_model(path)
         scores[which] = _eval_model(model, tokenizer, eval_sets, config, context.log.info)
         del model
         store.log_run(run_id, kind="eval", params={"eval": config.model_dump(), "checkpoint": ckpt},
-                      dagster_run_id=context.run.run_id, asset_key="evaluation", base_model=opsdl_model["base_model"])
+                      dagster_run_id=context.run.run_id, asset_key="evaluation", base_model=opsdl_model["base_model"],
+                      started_at=started, ended_at=time.time())
         store.log_eval_scores(run_id, ckpt, scores[which])
         for s in eval_sets["suites"].values():
             store.log_edge(("dataset", s["digest"]), ("run", run_id), "input", run_id=run_id)
@@ -103,7 +106,8 @@ def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: 
            long_context_eval: dict[str, Any], opsdl_model: dict[str, Any], base_rollouts: dict[str, Any],
            curated_prompts: dict[str, Any], teacher_contexts: dict[str, Any]) -> dict[str, Any]:
     table = md_table(evaluation["rows"], ["suite", "context", "n", "before", "after", "delta"])
-    curves = opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png"
+    curves = Path(opsdl_model.get("curves") or  # outputs stored before "curves" was passed along
+                  opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png")
     lines = [
         "# OPSDL report", "",
         f"- base model: `{opsdl_model['base_model']}` (hash `{(opsdl_model['base_model_hash'] or '')[:16]}`)",

@@ -106,7 +106,7 @@ def opsdl_model(context: dg.AssetExecutionContext, config: TrainingConfig, opsdl
     value = {"run_id": ingested["run_id"], "run_dir": str(run_dir), "final_dir": final,
              "model_dir": str(Path(final) / "model"), "checkpoint_id": merged or ingested["final"].get("adapter"),
              "config_hash": cfg.hash(), "steps": results["steps"], "losses_finite": all(map(math.isfinite, losses)),
-             "base_model": opsdl.model, "base_model_hash": results.get("model_hash")}
+             "base_model": opsdl.model, "base_model_hash": results.get("model_hash"), "curves": str(png)}
     return dg.Output(value, metadata={
         "steps": results["steps"], "train_seconds": results.get("train_seconds"),
         "config_hash": cfg.hash(), "checkpoint_id": value["checkpoint_id"] or "",

@@ -207,6 +207,13 @@ def score_rows(results_path: str | Path, *, context: str = "long") -> list[dict[
     return rows
 
 
+def _float(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
 def eval_run_id(checkpoint_id: str, spec_digest: str) -> str:
     """``lmeval-[base-]<16 chars of the checkpoint hash>-<spec digest>``: one run per model and evaluation."""
     kind, _, ident = checkpoint_id.rpartition(":")
@@ -229,8 +236,12 @@ def ingest(store, results_path: str | Path, *, checkpoint_id: str, run_id: str |
     p = {"lm_eval_version": data.get("lm_eval_version"), "model": data.get("model_name"),
          "model_args": (data.get("config") or {}).get("model_args"), "chat_template_sha": data.get("chat_template_sha"),
          "tasks": sorted(data["results"]), "results_file": str(results_path), **(params or {})}
+    seconds = _float(data.get("total_evaluation_time_seconds"))
+    started = _float(data.get("date"))  # lm-eval's start time, Unix seconds
     store.log_run(run_id, experiment=experiment, kind="eval", params=p, dagster_run_id=dagster_run_id,
-                  asset_key=asset_key, base_model=data.get("model_name"))
+                  asset_key=asset_key, base_model=data.get("model_name"), started_at=started,
+                  ended_at=started + seconds if started is not None and seconds is not None else None,
+                  duration_s=seconds)
     for task, digest in (data.get("task_hashes") or {}).items():
         if digest:
             store.log_dataset(digest, name=task, kind="eval_samples", path=str(results_path))

@@ -95,7 +95,11 @@ def write_report(rows: Sequence[dict[str, Any]], out: Path, *, group: str, label
     (out / f"{name}.md").write_text("\n".join(md))
     series = {label: {x: (r["value"], r.get("stderr")) for x, r in by_task.get(group, {}).items()}
               for label, by_task in by_model.items()}
-    png = length_curve_png({k: v for k, v in series.items() if v}, out / f"{name}.png", title=f"{group}")
+    series = {k: v for k, v in series.items() if v}
+    if not series:  # the group was not run (single tasks): one line per model and task
+        series = {f"{label} {task}": {x: (r["value"], r.get("stderr")) for x, r in per.items()}
+                  for label, by_task in by_model.items() for task, per in by_task.items()}
+    png = length_curve_png(series, out / f"{name}.png", title=f"{group}")
     return out / f"{name}.md", png
 
 

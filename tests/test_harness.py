@@ -37,7 +37,8 @@ def _write_results(folder: Path, *, scores: dict[str, dict[int, list[float]]]) -
                       "sample_count": {"1024,none": 7}}
     data = {"results": results, "group_subtasks": {"grp": sorted(scores)}, "configs": configs,
             "n-samples": nsamples, "task_hashes": hashes, "lm_eval_version": "0.4.13", "model_name": "/m/tiny",
-            "config": {"model_args": "pretrained=/m/tiny"}, "chat_template_sha": "abc"}
+            "config": {"model_args": "pretrained=/m/tiny"}, "chat_template_sha": "abc",
+            "date": 1795627749.5, "total_evaluation_time_seconds": "97.75"}
     path = folder / f"results_{STAMP}.json"
     path.write_text(json.dumps(data))
     return path
@@ -71,6 +72,8 @@ def test_ingest_links_scores_to_checkpoint_and_sample_digests_without_duplicates
                            "ORDER BY 1")
     assert edges == [("t1-digest",), ("t2-digest",)]
     assert store.query("SELECT value FROM params WHERE run_id = 'lmeval-x' AND key = 'k'")[1] == [("1",)]
+    assert store.query("SELECT kind, duration_s, epoch(ended_at) - epoch(started_at) FROM runs "
+                       "WHERE run_id = 'lmeval-x'")[1] == [("eval", 97.75, 97.75)]
 
 
 def test_spec_validates_and_its_digest_names_the_evaluation_not_the_model():

@@ -112,6 +112,10 @@ def test_rematerializing_adds_no_duplicate_rows(pipeline_run, tiny_model_dir):
     result = _materialize(home, tiny_model_dir, instance)
     assert result.success
     assert {t: store.count(t) for t in tables} == before
+    # nothing was evaluated twice: the same checkpoints under the same evaluations come from DuckDB
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any("base-model scores reused from lineage run" in m for m in logs)
+    assert sum("scores reused from lineage run" in m and "same checkpoint and evaluation" in m for m in logs) == 2
 
 
 def test_inbox_quarantines_bad_files_and_keeps_good_ones(pipeline_run, tiny_model_dir, tmp_path):
