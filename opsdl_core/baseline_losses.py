@@ -60,16 +60,15 @@ def response_labels(prompt_len: int, input_ids: list[int]) -> list[int]:
     return [IGNORE_INDEX] * prompt_len + list(input_ids[prompt_len:])
 
 
-def sft_loss(*, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> BaselineLossOutput:
-    """Token-mean cross-entropy of ``targets [B, R]`` under ``logits [B, R, V]`` (the logits that
-    predict each response token given the long prompt and the earlier response tokens), over
-    ``mask``'s positions only. A batch without tokens gives 0, still attached to the graph."""
-    _check(mask, logits=logits, targets=targets)
+def sft_loss(*, target_logprobs: torch.Tensor, mask: torch.Tensor) -> BaselineLossOutput:
+    """Token-mean cross-entropy of the target answers: ``target_logprobs [B, R]`` are
+    ``log π_θ(y_t | x_L, y_<t)`` of each target token (``scoring.score_responses`` computes them with
+    the LM head at the answer's positions only), averaged over ``mask``'s positions. A batch
+    without tokens gives 0, still attached to the graph."""
+    _check(mask, target_logprobs=target_logprobs)
     m = mask.bool()
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).long(),
-                          reduction="none").reshape(targets.shape)
     n = int(m.sum())
-    loss = (nll * m).sum() / max(n, 1)
+    loss = -(target_logprobs.float() * m).sum() / max(n, 1)
     return BaselineLossOutput(loss, {"tokens": float(n), "nll": float(loss.detach())})
 
 

@@ -207,6 +207,33 @@ class EvalConfig:
         _check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
 
 
+METHOD_KINDS = ("opsdl", "sft", "dpo")
+
+
+@dataclass
+class MethodConfig:
+    """What trains the long-context behaviour: OPSDL (default) or a baseline on the same prompts.
+
+    ``sft``: cross-entropy of a target answer given the long prompt. ``dpo``: DPO in the LongPO form
+    (chosen = answer from C_s, rejected = the model's greedy answer from C_L, reference = the
+    frozen initial model reading the short prompt). ``target``: the chosen/target answer is the
+    initial model's own greedy answer from C_s (``self_short``, label-free) or the data's
+    ``answer`` field (``reference``). Targets, pairs and reference log-probs are computed once,
+    before the first step, with the initial weights."""
+
+    kind: Literal["opsdl", "sft", "dpo"] = "opsdl"
+    target: Literal["self_short", "reference"] = "self_short"
+    beta: float = 0.1  # dpo: inverse temperature of the implicit reward
+    nll_weight: float = 0.0  # dpo: weight of the chosen answer's per-token NLL (LongPO / RPO)
+
+    def __post_init__(self) -> None:
+        _check(self.kind in METHOD_KINDS, "method.kind", f"one of {METHOD_KINDS}", self.kind)
+        _check(self.target in ("self_short", "reference"), "method.target", "'self_short' or 'reference'",
+               self.target)
+        _check(self.beta > 0, "method.beta", "a float > 0", self.beta)
+        _check(self.nll_weight >= 0, "method.nll_weight", "a float >= 0", self.nll_weight)
+
+
 # Fields that do not change what a run computes; left out of the hash.
 _NON_SEMANTIC = {("model", "cache_dir"), ("train", "run_dir"), ("train", "num_threads"), ("train", "log_every"),
                  ("train", "save_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
@@ -225,6 +252,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -258,6 +286,8 @@ class RunConfig:
         d = self.to_dict()
         for section, key in _NON_SEMANTIC:
             d.get(section, {}).pop(key, None)
+        if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes
+            d.pop("method")
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 
 from . import checkpoint as ckpt
+from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
+from .baselines import load_or_build_baseline_data
 from .config import RunConfig
 from .losses import compute_loss, needs_full_logits
 from .prepare import Prepared, PreparedData
@@ -134,6 +136,15 @@ class OPSDLTrainer:
         cfg.to_yaml(self.run_dir / "config.yaml")
         ckpt.atomic_write_text(self.run_dir / "run.json", json.dumps(
             {"config_hash": cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1, sort_keys=True))
+        self.baseline: dict[int, dict[str, Any]] | None = None
+        if cfg.method.kind != "opsdl":  # targets / pairs from the initial weights, before any resume
+            t = time.perf_counter()
+            self.baseline = load_or_build_baseline_data(
+                cfg, self.run_dir, model=self.unwrapped, tokenizer=self.tokenizer, data=self.data,
+                rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id)
+            right = [r["target_correct"] for r in self.baseline.values() if "target_correct" in r]
+            self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
+                     f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
         if resume:
             self._maybe_resume()
         return self
@@ -175,12 +186,40 @@ class OPSDLTrainer:
                 self.save_checkpoint()
         return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
 
-    def _batch(self, micro: int) -> list[Prepared]:
+    def _batch_indices(self, micro: int) -> list[int]:
         n, k = len(self.data.train), self.cfg.train.prompts_per_step
         base = (self.step * self.cfg.train.grad_accum + micro) * k
-        return [self.data.train[prompt_order(n, self.cfg.train.seed, base + j)] for j in range(k)]
+        return [prompt_order(n, self.cfg.train.seed, base + j) for j in range(k)]
+
+    def _batch(self, micro: int) -> list[Prepared]:
+        return [self.data.train[i] for i in self._batch_indices(micro)]
+
+    def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float]) -> None:
+        acc, t = self.accelerator, time.perf_counter()
+        if acc.sync_gradients and self.cfg.optim.max_grad_norm:
+            sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        timings["optim_s"] += time.perf_counter() - t
+
+    def _finish_step(self, sums: dict[str, float], timings: dict[str, float], t_step: float) -> dict[str, Any]:
+        t = time.perf_counter()
+        self.teacher.update()
+        self.step += 1
+        self.sync_weights()
+        timings["sync_s"] += time.perf_counter() - t
+        timings["step_s"] = time.perf_counter() - t_step
+        n = self.cfg.train.grad_accum
+        m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
+        m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
+                 prompts_seen=self.step * n * self.cfg.train.prompts_per_step,
+                 **{k: round(v, 4) for k, v in timings.items()})
+        return m
 
     def train_step(self) -> dict[str, Any]:
+        if self.cfg.method.kind != "opsdl":
+            return self._baseline_step()
         cfg, acc = self.cfg, self.accelerator
         timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
         sums: dict[str, float] = {}
@@ -218,25 +257,53 @@ class OPSDLTrainer:
                                    jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
                 acc.backward(out.loss)
                 timings["student_s"] += time.perf_counter() - t
-                t = time.perf_counter()
-                if acc.sync_gradients and cfg.optim.max_grad_norm:
-                    sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                timings["optim_s"] += time.perf_counter() - t
+                self._optimizer_step(sums, timings)
             self._accumulate(sums, out, stu, tch, ro, batch, sampler)
-        t = time.perf_counter()
-        self.teacher.update()
-        self.step += 1
-        self.sync_weights()
-        timings["sync_s"] += time.perf_counter() - t
-        timings["step_s"] = time.perf_counter() - t_step
-        n = cfg.train.grad_accum
-        m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
-        m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
-                 prompts_seen=self.step * n * cfg.train.prompts_per_step, **{k: round(v, 4) for k, v in timings.items()})
-        return m
+        return self._finish_step(sums, timings, t_step)
+
+    def _baseline_step(self) -> dict[str, Any]:
+        """Long-SFT or DPO (LongPO form) on the data built in ``setup`` from the initial weights:
+        no rollout, no teacher pass; the same prompt order, optimizer, checkpoints and metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
+        sums: dict[str, float] = {}
+        t_step = time.perf_counter()
+        for micro in range(cfg.train.grad_accum):
+            idx = self._batch_indices(micro)
+            batch, rows = [self.data.train[i] for i in idx], [self.baseline[i] for i in idx]
+            k = len(batch)
+            responses = [r["target_ids"] for r in rows]
+            if cfg.method.kind == "dpo":
+                responses += [r["rejected_ids"] for r in rows]
+            t = time.perf_counter()
+            self.model.train()
+            with acc.accumulate(self.model):
+                with acc.autocast():
+                    pol = score_responses(self.model, prompts=[p.student_ids for p in batch], responses=responses,
+                                          prompt_index=list(range(k)) * (len(responses) // k), pad_id=self.pad_id)
+                if cfg.method.kind == "sft":
+                    out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
+                else:
+                    seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
+                    ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
+                    out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
+                                          ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1],
+                                          beta=cfg.method.beta, nll_weight=cfg.method.nll_weight,
+                                          chosen_lengths=pol.mask[:k].sum(-1))
+                acc.backward(out.loss)
+                timings["student_s"] += time.perf_counter() - t
+                self._optimizer_step(sums, timings)
+            vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items()
+                                                          if m != "tokens"},
+                    "response_len": sum(len(r["target_ids"]) for r in rows) / k}
+            right = [r["target_correct"] for r in rows if "target_correct" in r]
+            if right:
+                vals["target_accuracy"] = sum(right) / len(right)
+            for key, v in vals.items():
+                sums[key] = sums.get(key, 0.0) + v
+            sums["tokens"] = sums.get("tokens", 0.0) + float(pol.mask[:k].sum())
+            sums["samples"] = sums.get("samples", 0.0) + k
+        return self._finish_step(sums, timings, t_step)
 
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
@@ -338,6 +405,7 @@ def _pad_like(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
 
 def _format_step(m: dict[str, Any], total: int) -> str:
     acc = f" acc={m['rollout_accuracy']:.2f}" if "rollout_accuracy" in m else ""
-    return (f"[opsdl] step {m['step']}/{total} loss={m['loss']:+.4f} kl={m['kl_estimate']:.4f} "
+    kl = f" kl={m['kl_estimate']:.4f}" if "kl_estimate" in m else ""  # baselines have none
+    return (f"[opsdl] step {m['step']}/{total} loss={m['loss']:+.4f}{kl} "
             f"len={m['response_len']:.1f}{acc} | gen {m['generate_s']:.2f}s teacher {m['teacher_s']:.2f}s "
             f"student {m['student_s']:.2f}s optim {m['optim_s']:.2f}s step {m['step_s']:.2f}s")

@@ -48,14 +48,15 @@ def test_sft_counts_only_the_answer_tokens():
     logits = torch.randn(2, 5, 11, requires_grad=True)
     targets = torch.randint(0, 11, (2, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])  # prompt positions and padding are 0
-    out = sft_loss(logits=logits, targets=targets, mask=mask)
-    logp = torch.log_softmax(logits.detach(), -1)
-    picked = [-logp[b, r, targets[b, r]].item() for b in range(2) for r in range(5) if mask[b, r]]
-    assert out.loss.item() == pytest.approx(sum(picked) / 5, abs=1e-6) and out.metrics["tokens"] == 5
+    target_logprobs = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    out = sft_loss(target_logprobs=target_logprobs, mask=mask)
+    ce = torch.nn.functional.cross_entropy(logits.detach().reshape(-1, 11), targets.reshape(-1), reduction="none")
+    assert out.loss.item() == pytest.approx(float((ce.reshape(2, 5) * mask).sum() / 5), abs=1e-6)
+    assert out.metrics["tokens"] == 5
     out.loss.backward()
     assert logits.grad[0, :2].abs().sum() == 0 and logits.grad[1, 3:].abs().sum() == 0  # prompt/padding: no grad
     assert logits.grad[0, 2:].abs().sum() > 0
-    empty = sft_loss(logits=logits, targets=targets, mask=torch.zeros(2, 5))
+    empty = sft_loss(target_logprobs=target_logprobs, mask=torch.zeros(2, 5))
     assert empty.loss.item() == 0.0 and empty.loss.requires_grad
 
 
