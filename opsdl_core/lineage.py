@@ -146,6 +146,11 @@ CREATE TABLE IF NOT EXISTS rollout_samples (
     correct           BOOLEAN,
     PRIMARY KEY (run_id, example_id, sample_index, step)
 );
+-- v2: each sample's tokens with their student (long prompt) and teacher (short prompt) log-probs
+ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS token_ids INTEGER[];
+ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS tokens VARCHAR[];
+ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS student_token_logprobs DOUBLE[];
+ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS teacher_token_logprobs DOUBLE[];
 """
 
 _VIEWS = """
@@ -170,6 +175,21 @@ SELECT s.task, s.context, s.context_length, s.metric, s.value, s.stderr, s.n,
        (SELECT string_agg(e.src_id, ',' ORDER BY e.src_id) FROM lineage_edges e
          WHERE e.dst_type = 'run' AND e.dst_id = c.run_id AND e.src_type = 'dataset') AS train_datasets
 FROM eval_scores s LEFT JOIN checkpoints c USING (checkpoint_id);
+
+-- one row per response token: where along the answer does the long-context student depart from
+-- its short-context teacher? (gap = student - teacher log-prob; > 0: the student is surer)
+CREATE OR REPLACE VIEW v_token_gaps AS
+SELECT run_id, example_id, sample_index, step, correct,
+       generate_subscripts(student_token_logprobs, 1) - 1 AS position,
+       unnest(tokens) AS token,
+       unnest(student_token_logprobs) AS student_logprob,
+       unnest(teacher_token_logprobs) AS teacher_logprob,
+       unnest(student_token_logprobs) - unnest(teacher_token_logprobs) AS gap
+FROM rollout_samples WHERE student_token_logprobs IS NOT NULL;
+
+CREATE OR REPLACE VIEW v_gap_by_position AS
+SELECT run_id, step, position, avg(gap) AS mean_gap, avg(abs(gap)) AS mean_abs_gap, count(*) AS n
+FROM v_token_gaps GROUP BY run_id, step, position;
 
 CREATE OR REPLACE VIEW v_run_param_diffs AS
 WITH pairs AS (
@@ -426,9 +446,19 @@ class LineageStore:
         return len(rows)
 
     def log_rollout_samples(self, run_id: str, samples: Iterable[dict[str, Any]]) -> int:
+        """``samples``: snapshot rows (``snapshot.rollout_snapshot``); the per-token lists
+        (``token_ids``, ``tokens``, ``student_token_logprobs``, ``teacher_token_logprobs``) are
+        optional and must have one entry per response token."""
         cols = ["run_id", "example_id", "sample_index", "step", "dataset_digest", "response", "n_tokens",
-                "finish_reason", "student_logprob", "teacher_logprob", "correct"]
-        rows = [[run_id] + [s.get(c) for c in cols[1:]] for s in samples]
+                "finish_reason", "student_logprob", "teacher_logprob", "correct", "token_ids", "tokens",
+                "student_token_logprobs", "teacher_token_logprobs"]
+        samples = list(samples)
+        for i, smp in enumerate(samples):
+            lens = {c: len(smp[c]) for c in cols[-4:] if smp.get(c) is not None}
+            if len(set(lens.values())) > 1:
+                raise ValueError(f"rollout sample #{i} ({smp.get('example_id')}): per-token lists differ in length "
+                                 f"{lens}; expected one entry per response token")
+        rows = [[run_id] + [smp.get(c) for c in cols[1:]] for smp in samples]
         with self.transaction() as con:
             if rows:
                 con.executemany(f"INSERT OR REPLACE INTO rollout_samples ({', '.join(cols)}) "

@@ -24,8 +24,8 @@ def rollout_snapshot(model: Any, tokenizer: Any, items: Sequence[Prepared], *, n
                      batch_prompts: int = 2) -> list[dict[str, Any]]:
     """One row per sample: example id, sample index, response text and token count, finish
     reason, summed log-probs under the student (long) and teacher (short) prompts, the
-    per-token reverse-KL estimate ``mean(s_t - q_t)``, and ``correct`` when the example has
-    a reference answer (else None)."""
+    per-token reverse-KL estimate ``mean(s_t - q_t)``, ``correct`` when the example has a
+    reference answer (else None), and per token: ids, text pieces, student and teacher log-probs."""
     pad = pad_token_id(tokenizer)
     engine = TransformersRollout(model, pad_id=pad, max_batch_size=max(n * batch_prompts, 1))
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
@@ -49,5 +49,7 @@ def rollout_snapshot(model: Any, tokenizer: Any, items: Sequence[Prepared], *, n
                          "response_ids": list(map(int, ids)), "n_tokens": len(ids),
                          "finish_reason": ro.finish_reasons[b], "student_logprob": float(s.sum()),
                          "teacher_logprob": float(q.sum()),
-                         "kl_estimate": float((s - q).mean()) if len(s) else 0.0, "correct": correct})
+                         "kl_estimate": float((s - q).mean()) if len(s) else 0.0, "correct": correct,
+                         "token_ids": list(map(int, ids)), "tokens": [tokenizer.decode([t]) for t in ids],
+                         "student_token_logprobs": s.tolist(), "teacher_token_logprobs": q.tolist()})
     return rows

@@ -69,6 +69,22 @@ def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
         store.count("runs; DROP TABLE runs")
 
 
+def test_per_token_gaps_are_stored_and_averaged_by_position(tmp_path):
+    store = LineageStore(tmp_path / "l.duckdb")
+    rows = [{"example_id": f"e{i}", "sample_index": 0, "step": 0, "response": "ab", "n_tokens": 2,
+             "token_ids": [5, 6], "tokens": ["a", "b"], "student_token_logprobs": [-1.0, -2.0 - i],
+             "teacher_token_logprobs": [-0.5, -1.0]} for i in range(2)]
+    assert store.log_rollout_samples("r", rows) == 2
+    _, gaps = store.query("SELECT position, mean_gap, n FROM v_gap_by_position WHERE run_id = 'r' ORDER BY position")
+    assert gaps == [(0, -0.5, 2), (1, -1.5, 2)]  # position 1: mean of (-2+1) and (-3+1)
+    _, toks = store.query("SELECT example_id, position, token, gap FROM v_token_gaps ORDER BY ALL")
+    assert toks[:2] == [("e0", 0, "a", -0.5), ("e0", 1, "b", -1.0)]
+    bad = [{**rows[0], "example_id": "x", "tokens": ["a"]}]
+    with pytest.raises(ValueError, match=r"rollout sample #0 \(x\): per-token lists differ in length"):
+        store.log_rollout_samples("r", bad)
+    assert store.count("rollout_samples") == 2
+
+
 def test_param_diff_view_finds_runs_differing_in_one_parameter(tmp_path):
     store = LineageStore(tmp_path / "l.duckdb")
     _fill(store, "a", lr="0.0001")

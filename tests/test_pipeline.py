@@ -87,6 +87,10 @@ def test_whole_graph_materializes_and_lineage_is_complete(pipeline_run):
     assert prov[0][1] == "oracle" and prov[0][2] == "pointwise" and teacher in prov[0][3]
     assert store.count("metrics", "WHERE run_id = ?", [run_id]) > 3 * 10
     assert store.count("rollout_samples") == 4
+    # every response token of the base rollouts, with its student and teacher log-probs
+    _, ((n_tok, n_gap, n_pos),) = store.query("SELECT (SELECT sum(n_tokens) FROM rollout_samples), count(*), "
+                                              "count(DISTINCT position) FROM v_token_gaps")
+    assert n_tok == n_gap > 0 and n_pos >= 1
     # lm-eval's per-length scores of both models, with where they came from
     lc = result.output_for_node("long_context_eval")
     _, got = store.query("SELECT checkpoint_id, task, context_length, n, harness, task_config_hash, dataset_digest "
