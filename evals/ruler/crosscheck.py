@@ -17,6 +17,12 @@ The table puts both side by side with the mean prompt length in tokens of each, 
 where the two implementations differ most (lm-eval fits the haystack once, on its first sample,
 in steps of 5 units below 4K; ours fits each sample by bisection).
 
+lm-eval's generators retry without bound when a task does not fit the length (its ``vt`` adds a
+~440-token in-context example, so below ~1K tokens it never returns; its ``cwe`` likewise), so
+each task's data set is first built alone in a child process with a time limit
+(``probe_peer``); a task that raises or does not return is reported as such for that length
+instead of hanging the run.
+
 lm-eval's RULER needs ``wonderwords`` and ``nltk`` (both dependencies of opsdl); nltk's
 ``punkt_tab`` download fails offline and is only used by the essay tasks.
 """
@@ -59,12 +65,68 @@ def write_peer_tasks(folder: Path, length: int) -> list[str]:
     return names
 
 
+PEER_FUNCTIONS = {"niah_single_1": "niah_utils.niah_single_1", "niah_multikey_2": "niah_utils.niah_multikey_2",
+                  "niah_multikey_3": "niah_utils.niah_multikey_3", "vt": "vt_utils.get_vt_dataset",
+                  "cwe": "cwe_utils.get_cw_dataset", "fwe": "fwe_utils.fwe_download"}  # as lm-eval's YAMLs name them
+
+_PROBE = r"""
+import importlib, json, os, sys, threading
+model, length, out, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+functions = json.loads(sys.argv[5])
+result = {}
+def build(task, function):
+    try:
+        ds = function(pretrained=model, max_seq_lengths=[length])["test"]
+        result[task] = {"n": len(ds), "max_prompt_tokens": max(int(r["length"]) for r in ds)}
+    except BaseException as e:  # reported per task, the others go on
+        result[task] = {"error": f"{type(e).__name__}: {e}"[:300]}
+for task, ref in functions.items():
+    mod, fn = ref.rsplit(".", 1)  # imported outside the time limit (nltk tries its download at import)
+    t = threading.Thread(target=build, args=(task, getattr(importlib.import_module("lm_eval.tasks.ruler." + mod), fn)),
+                         daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        result[task] = {"error": f"lm-eval's generator did not return within {timeout:.0f} s (its retry loop "
+                                 f"has no bound when the task does not fit {length} tokens)"}
+        break  # the stuck thread keeps the interpreter busy: the rest are probed in a fresh process
+with open(out, "w") as fh:
+    json.dump(result, fh)
+os._exit(0)
+"""
+
+
+def probe_peer(model: str, length: int, tasks: list[str], *, timeout: float = 120.0,
+               work: Path) -> dict[str, dict[str, Any]]:
+    """Build each of lm-eval's RULER data sets for ``length`` in a child process (its generators
+    print a line per retry and can loop forever); ``{task: {"n", "max_prompt_tokens"} | {"error"}}``."""
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result: dict[str, dict[str, Any]] = {}
+    while len(result) < len(tasks):
+        todo = [t for t in tasks if t not in result]
+        out = work / f"probe_{length}.json"
+        out.unlink(missing_ok=True)
+        try:
+            subprocess.run([sys.executable, "-c", _PROBE, model, str(length), str(out), str(timeout),
+                            json.dumps({t: PEER_FUNCTIONS[t] for t in todo})], env=env, cwd=work,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                           timeout=timeout * len(todo) + 120)
+        except subprocess.TimeoutExpired:
+            pass
+        got = json.loads(out.read_text()) if out.exists() else {}
+        if not got:  # the child died before reporting: blame the first task left
+            got = {todo[0]: {"error": "the probe process died before reporting"}}
+        result.update(got)
+    return result
+
+
 def _run_lm_eval(model: str, include: Path, tasks: list[str], metadata: dict, out: Path, *, limit: int | None,
-                 log: Path) -> subprocess.CompletedProcess:
+                 log: Path, batch_size: int = 1) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={model},dtype=float32",
            "--device", "cpu", "--include_path", str(include), "--tasks", ",".join(tasks),
-           "--metadata", json.dumps(metadata), "--batch_size", "1", "--apply_chat_template", "--log_samples",
-           "--output_path", str(out)]
+           "--metadata", json.dumps(metadata), "--batch_size", str(batch_size), "--apply_chat_template",
+           "--log_samples", "--output_path", str(out)]
     if limit is not None:
         cmd += ["--limit", str(limit)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -142,46 +204,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=25, help="samples per task and length")
     ap.add_argument("--out", type=Path, default=ROOT / "var" / "evals" / "crosscheck")
     ap.add_argument("--ours", type=Path, help="an lm_eval --log_samples folder of opsdl_ruler (else run here)")
+    ap.add_argument("--batch-size", type=int, default=8, help="lm-eval --batch_size of both sides (greedy outputs "
+                    "do not depend on it)")
+    ap.add_argument("--probe-timeout", type=float, default=120.0, help="seconds one lm-eval RULER data set may "
+                    "take to build")
     args = ap.parse_args(argv)
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
     peer: dict[tuple[str, int], dict | str] = {}
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     for length in args.lengths:
         include = out / "peer_tasks" / str(length)
-        names = write_peer_tasks(include, length)
-        (out / "logs").mkdir(parents=True, exist_ok=True)
-        # all six tasks in one lm-eval run per length (its RULER import alone takes ~30 s); a task
-        # that lm-eval cannot build at this length fails the run, so then each runs on its own
+        all_names = dict(zip(TASKS, write_peer_tasks(include, length)))
+        probe_file = out / "peer" / f"probe_{length}.json"
+        if probe_file.exists():
+            probe = json.loads(probe_file.read_text())
+        else:
+            print(f"[crosscheck] building lm-eval's RULER data sets at {length} (probe)", flush=True)
+            probe = probe_peer(args.model, length, list(TASKS), timeout=args.probe_timeout, work=out / "peer")
+            probe_file.write_text(json.dumps(probe, indent=1))
+        for task in TASKS:
+            if "error" in probe[task]:
+                peer[(task, length)] = f"lm-eval cannot build it: {probe[task]['error']}"
+        names = [all_names[t] for t in TASKS if "error" not in probe[t]]
+        if not names:
+            continue
+        # the tasks that build, in one lm-eval run per length (its RULER import alone takes ~30 s);
+        # finished cells are kept, so running the command again resumes
         together = out / "peer" / f"all_{length}"
         samples = read_samples(together) if together.is_dir() else {}
         if not all(len(samples.get(nm, [])) >= args.n for nm in names):
-            print(f"[crosscheck] lm-eval's RULER tasks at {length} (n={args.n})", flush=True)
+            print(f"[crosscheck] lm-eval's RULER tasks at {length} (n={args.n}): {', '.join(names)}", flush=True)
             proc = _run_lm_eval(args.model, include, names, {"max_seq_lengths": [length]}, together, limit=args.n,
-                                log=out / "logs" / f"peer_all_{length}.log")
-            samples = read_samples(together) if proc.returncode == 0 else {}
-        for task, name in zip(TASKS, names):
-            if len(samples.get(name, [])) < args.n:
-                alone, log = out / "peer" / f"{task}_{length}", out / "logs" / f"peer_{task}_{length}.log"
-                got = read_samples(alone).get(name, []) if alone.is_dir() else []
-                if len(got) < args.n:  # not run yet (a finished cell is kept: re-running resumes)
-                    print(f"[crosscheck] lm-eval {name} at {length} alone (n={args.n})", flush=True)
-                    proc = _run_lm_eval(args.model, include, [name], {"max_seq_lengths": [length]}, alone,
-                                        limit=args.n, log=log)
-                    if proc.returncode != 0:
-                        peer[(task, length)] = _last_error(log)
-                        continue
-                    got = read_samples(alone).get(name, [])
-                samples[name] = got
-            # lm-eval's doc field "length" is the prompt's token count (chat template not included)
-            peer[(task, length)] = cell(samples[name], length, args.n, tokens_field="length") or "no samples"
+                                log=out / "logs" / f"peer_all_{length}.log", batch_size=args.batch_size)
+            if proc.returncode != 0:
+                raise SystemExit(f"lm-eval's RULER at {length} failed: {_last_error(out / 'logs' / f'peer_all_{length}.log')}")
+            samples = read_samples(together)
+        for task in TASKS:
+            name = all_names[task]
+            if name in names:
+                # lm-eval's doc field "length" is the prompt's token count (chat template not included)
+                peer[(task, length)] = cell(samples.get(name, []), length, args.n, tokens_field="length") \
+                    or "no samples"
 
     if args.ours is None:
         args.ours = out / "ours"
         print(f"[crosscheck] opsdl_ruler at {args.lengths} (n={args.n})", flush=True)
         proc = _run_lm_eval(args.model, ROOT / "evals" / "ruler" / "tasks", ["opsdl_ruler"],
                             {"max_seq_lengths": args.lengths, "num_samples": args.n}, args.ours, limit=None,
-                            log=out / "logs" / "ours.log")
+                            log=out / "logs" / "ours.log", batch_size=args.batch_size)
         if proc.returncode != 0:
             raise SystemExit(f"opsdl_ruler failed: {_last_error(out / 'logs' / 'ours.log')}")
     table = compare(read_samples(args.ours), peer, args.lengths, args.n)
