@@ -191,6 +191,27 @@ CREATE OR REPLACE VIEW v_gap_by_position AS
 SELECT run_id, step, position, avg(gap) AS mean_gap, avg(abs(gap)) AS mean_abs_gap, count(*) AS n
 FROM v_token_gaps GROUP BY run_id, step, position;
 
+-- the experiment's scores (opsdl_core.experiment): each with its method, seed, step and prompts
+-- seen (params of the evaluation run), the checkpoint's training run, config hash and input data
+CREATE OR REPLACE VIEW v_method_scores AS
+SELECT x.name AS experiment,
+       (SELECT p.value FROM params p WHERE p.run_id = s.run_id AND p.key = 'method') AS method,
+       TRY_CAST((SELECT p.value FROM params p WHERE p.run_id = s.run_id AND p.key = 'seed') AS INTEGER) AS seed,
+       TRY_CAST((SELECT p.value FROM params p WHERE p.run_id = s.run_id AND p.key = 'step') AS INTEGER) AS step,
+       TRY_CAST((SELECT p.value FROM params p WHERE p.run_id = s.run_id AND p.key = 'prompts_seen') AS INTEGER)
+           AS prompts_seen,
+       s.task, s.context, s.context_length, s.metric, s.value, s.n, s.checkpoint_id,
+       s.dataset_digest AS eval_dataset, s.run_id AS eval_run_id,
+       c.run_id AS train_run_id, t.config_hash AS train_config_hash,
+       (SELECT string_agg(e.src_id, ',' ORDER BY e.src_id) FROM lineage_edges e
+         WHERE e.dst_type = 'run' AND e.dst_id = c.run_id AND e.src_type = 'dataset') AS train_datasets
+FROM eval_scores s
+JOIN runs r ON r.run_id = s.run_id
+JOIN experiments x ON x.experiment_id = r.experiment_id
+LEFT JOIN checkpoints c ON c.checkpoint_id = s.checkpoint_id
+LEFT JOIN runs t ON t.run_id = c.run_id
+WHERE EXISTS (SELECT 1 FROM params p WHERE p.run_id = s.run_id AND p.key = 'method');
+
 CREATE OR REPLACE VIEW v_run_param_diffs AS
 WITH pairs AS (
     SELECT a.run_id AS run_a, b.run_id AS run_b

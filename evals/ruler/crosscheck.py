@@ -77,6 +77,10 @@ result = {}
 def build(task, function):
     try:
         ds = function(pretrained=model, max_seq_lengths=[length])["test"]
+        empty = sum(1 for r in ds if not r["outputs"])
+        if empty:  # lm-eval's string_match_all divides by the number of references
+            raise ValueError(f"{empty} of {len(ds)} samples have no reference answer (lm-eval's scorer "
+                             f"would divide by zero)")
         result[task] = {"n": len(ds), "max_prompt_tokens": max(int(r["length"]) for r in ds)}
     except BaseException as e:  # reported per task, the others go on
         result[task] = {"error": f"{type(e).__name__}: {e}"[:300]}

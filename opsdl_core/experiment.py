@@ -1,0 +1,454 @@
+"""The headline experiment: OPSDL against Long-SFT and DPO on the same prompts, per context length.
+
+    python -m opsdl_core.experiment --config configs/experiment.yaml
+    python -m opsdl_core.experiment --config configs/experiment.yaml \\
+        --set experiment.seeds=[0] --set run.train.steps=10          # any field of either section
+
+What it does (every stage resumes: a finished training or evaluation is not redone)::
+
+    suites   in-family (the training templates, fresh keys) and transfer (templates never trained
+             on) at each length in ``experiment.lengths``, long context; both with C_s only
+             (short-context retention); generated once, identified by their content digest
+    base     evaluated on every suite
+    train    for seed in seeds, for method in methods: ``python -m opsdl_core.train`` in its own
+             process, the run config = ``run`` with ``method.kind`` and ``train.seed`` set: every
+             method of a seed sees the same prompts in the same order
+    evaluate every final model, and every ``eval_every`` steps the intermediate checkpoints
+             (base + the checkpoint's trainable weights), on the same suites
+    compare  ``out_dir/comparison.{md,json}``, ``accuracy_vs_length.png`` (one line per method,
+             spread over seeds), ``sample_efficiency.png`` (accuracy against prompts seen)
+    lineage  every training run and checkpoint, and every score with its method, seed, step,
+             checkpoint hash and suite digest (view ``v_method_scores``)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
+
+__all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "summarize"]
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ExperimentSettings:
+    """The experiment's own settings (section ``experiment`` of its YAML file)."""
+
+    name: str = "headline"
+    out_dir: str = "var/experiments/headline"
+    methods: list[str] = field(default_factory=lambda: ["opsdl", "sft", "dpo"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 1536])  # evaluation context tokens
+    eval_n: int = 30  # questions per suite and length
+    transfer: bool = True  # also evaluate templates never trained on
+    eval_every: int = 0  # evaluate intermediate checkpoints every k steps (sample efficiency); 0: final only
+    max_new_tokens: int = 32
+    batch_size: int = 8
+    db: Optional[str] = None  # lineage DuckDB file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.methods) and all(m in METHOD_KINDS for m in self.methods), "experiment.methods",
+               f"a non-empty list of {METHOD_KINDS}", self.methods)
+        _check(len(set(self.methods)) == len(self.methods), "experiment.methods", "no repeats", self.methods)
+        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "experiment.seeds",
+               "a non-empty list of distinct integers", self.seeds)
+        _check(bool(self.lengths) and all(n >= 64 for n in self.lengths), "experiment.lengths",
+               "a non-empty list of token counts >= 64", self.lengths)
+        _check(self.eval_n >= 1, "experiment.eval_n", "an integer >= 1", self.eval_n)
+        _check(self.eval_every >= 0, "experiment.eval_every", "an integer >= 0", self.eval_every)
+
+
+@dataclass
+class Experiment:
+    settings: ExperimentSettings
+    run: RunConfig  # the shared training settings; each run sets method.kind, train.seed, train.run_dir
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.settings.out_dir)
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Experiment:
+    """Read ``path`` (sections ``experiment`` and ``run``) with ``--set`` style overrides
+    (``experiment.seeds=[0]``, ``run.train.steps=10``)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    data = _deep_merge(data, parse_overrides(list(overrides)))
+    unknown = set(data) - {"experiment", "run"}
+    if unknown:
+        raise ConfigError(f"experiment config: unknown section(s) {sorted(unknown)}; expected 'experiment' and 'run'")
+    settings = _build(ExperimentSettings, data.get("experiment") or {}, "experiment")
+    return Experiment(settings, RunConfig.from_dict(data.get("run") or {}))
+
+
+# -- the plan ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedRun:
+    method: str
+    seed: int
+    cfg: RunConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.method}-seed{self.seed}"
+
+
+def plan_runs(exp: Experiment) -> list[PlannedRun]:
+    """One training run per (seed, method), seeds outermost; same data and prompt order per seed."""
+    s, base = exp.settings, exp.run.to_dict()
+    out = []
+    for seed in s.seeds:
+        for method in s.methods:
+            over: dict[str, Any] = {"method": {"kind": method},
+                                    "train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / f"{method}-seed{seed}")}}
+            if s.eval_every:
+                over["train"].update(save_every=s.eval_every,
+                                     keep_checkpoints=exp.run.train.steps // s.eval_every + 1)
+            out.append(PlannedRun(method, seed, RunConfig.from_dict(_deep_merge(base, over))))
+    return out
+
+
+def prompts_seen(cfg: RunConfig, step: int) -> int:
+    return step * cfg.train.prompts_per_step * cfg.train.grad_accum
+
+
+# -- evaluation suites -------------------------------------------------------------------------
+@dataclass
+class Suite:
+    name: str  # e.g. in_family@1024
+    family: str  # in_family | transfer
+    length: int
+    items: list  # Prepared
+    digest: str
+
+
+def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
+    from .config import DataConfig
+    from .prepare import prepare_examples, token_counter, training_templates
+    from .synthetic import generate_examples
+
+    d, s = exp.run.data, exp.settings
+    count = token_counter(tokenizer)
+    prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=d.short_budget_tokens)
+    families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
+    suites = []
+    for fi, (family, templates) in enumerate(families):
+        for length in s.lengths:
+            kw = {"templates": templates} if templates is not None else {}
+            raw = generate_examples(n=s.eval_n, split="heldout", target_tokens=length, count_tokens=count,
+                                    seed=d.seed + 7_000_003 * (fi + 1) + length, n_distractors=tuple(d.n_distractors),
+                                    **kw)
+            items, bad = prepare_examples(raw, tokenizer, prep_cfg)
+            if bad:
+                raise ValueError(f"suite {family}@{length}: {bad[0].reason}")
+            h = hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
+            suites.append(Suite(f"{family}@{length}", family, length, items, h))
+    return suites
+
+
+def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings) -> list[dict[str, Any]]:
+    """Greedy accuracy on every suite with the long context, and with C_s only on each family's
+    longest suite (C_s does not depend on the length)."""
+    from .evaluate import evaluate_accuracy
+
+    longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
+    rows = []
+    for suite in suites:
+        contexts = ("long", "short") if longest[suite.family] is suite else ("long",)
+        for ctx in contexts:
+            r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
+                                  batch_size=s.batch_size)
+            rows.append({"task": suite.family, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
+                         "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
+                         "harness": "opsdl", "seconds": round(r.seconds, 1)})
+    return rows
+
+
+def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
+    """The model of an intermediate checkpoint: a copy of ``base`` with the checkpoint's trainable
+    weights (LoRA adapters merged in)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .trainer import apply_lora
+
+    model = apply_lora(copy.deepcopy(base), cfg)
+    weights = load_file(str(Path(ckpt_dir) / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    unknown = set(weights) - set(params)
+    if unknown:
+        raise KeyError(f"checkpoint {ckpt_dir} holds parameters the model lacks: {sorted(unknown)[:3]}")
+    with torch.no_grad():
+        for n, t in weights.items():
+            params[n].copy_(t)
+    return model.merge_and_unload() if cfg.lora.enabled else model
+
+
+# -- running -----------------------------------------------------------------------------------
+def _train(run: PlannedRun, exp: Experiment, log: Log) -> dict[str, Any]:
+    """``python -m opsdl_core.train`` for one planned run (skipped when its results exist)."""
+    rd = Path(run.cfg.train.run_dir)
+    done = rd / "results.json"
+    if done.exists() and json.loads(done.read_text()).get("config_hash") == run.cfg.hash():
+        log(f"[experiment] {run.label}: trained already ({rd})")
+        return json.loads(done.read_text())
+    rd.mkdir(parents=True, exist_ok=True)
+    cfg_path = exp.out_dir / "configs" / f"{run.label}.yaml"
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    run.cfg.to_yaml(cfg_path)
+    log(f"[experiment] {run.label}: training ({run.cfg.train.steps} steps) -> {rd}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[1]),
+                                                                   os.environ.get("PYTHONPATH", "")) if p)}
+    t0 = time.time()
+    with open(rd / "train.log", "a") as fh:
+        proc = subprocess.run([sys.executable, "-m", "opsdl_core.train", "--config", str(cfg_path), "--no-eval"],
+                              stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        tail = (rd / "train.log").read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"training {run.label} failed (exit {proc.returncode}, {rd / 'train.log'}):\n"
+                           + "\n".join(tail))
+    results = json.loads(done.read_text())
+    log(f"[experiment] {run.label}: trained in {time.time() - t0:.0f}s")
+    return results
+
+
+def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> dict[str, Any]:
+    """Run (or resume) the whole experiment; returns the summary written to ``comparison.json``."""
+    import torch
+
+    from .lineage import LineageStore, content_hash, ingest_training_run
+    from .models import load_model_and_tokenizer, resolve_model
+
+    s, t0 = exp.settings, time.time()
+    out = exp.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    store = store or LineageStore(s.db)
+    store.log_experiment(s.name, "OPSDL against Long-SFT and DPO on the same prompts, per context length")
+    if exp.run.train.num_threads:
+        torch.set_num_threads(exp.run.train.num_threads)
+    resolved = resolve_model(exp.run.model.name, cache_dir=exp.run.model.cache_dir)
+    base, tok = load_model_and_tokenizer(resolved, dtype=getattr(torch, exp.run.model.dtype),
+                                         trust_remote_code=exp.run.model.trust_remote_code,
+                                         cache_dir=exp.run.model.cache_dir)
+    base_id = f"base:{resolved.content_hash}"
+    suites = build_suites(exp, tok)
+    for x in suites:
+        store.log_dataset(x.digest, name=x.name, kind="eval", n_rows=len(x.items),
+                          metadata={"family": x.family, "context_length": x.length, "experiment": s.name})
+    suites_digest = hashlib.sha256("".join(x.digest for x in suites).encode()).hexdigest()[:12]
+    evals: list[dict[str, Any]] = []
+
+    def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any]) -> None:
+        cache = out / "evals" / f"{label}-{suites_digest}.json"
+        if cache.exists() and json.loads(cache.read_text())["checkpoint_id"] == ckpt_id:
+            rec = json.loads(cache.read_text())
+        else:
+            log(f"[experiment] evaluating {label}")
+            t = time.time()
+            model = get_model()
+            model.eval()
+            rec = {"checkpoint_id": ckpt_id, "params": params, "rows": evaluate_model(model, tok, suites, s),
+                   "seconds": round(time.time() - t, 1)}
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(rec, indent=1))
+        run_id = f"exp-{s.name}-{label}-{suites_digest}"
+        store.log_run(run_id, experiment=s.name, kind="eval", params={**params, "suites": suites_digest},
+                      duration_s=rec["seconds"], base_model=exp.run.model.name, base_model_hash=resolved.content_hash)
+        store.log_eval_scores(run_id, ckpt_id, [{k: v for k, v in r.items() if k != "seconds"} for r in rec["rows"]])
+        evals.append({"label": label, "eval_run_id": run_id, **rec})
+        acc = ", ".join(f"{r['task']}@{r['context_length'] or 'C_s'} {r['value']:.2f}" for r in rec["rows"])
+        log(f"[experiment] {label}: {acc}")
+
+    evaluate("base", base_id, {"method": "base", "seed": None, "step": 0, "prompts_seen": 0}, lambda: base)
+    trained = []
+    for run in plan_runs(exp):
+        results = _train(run, exp, log)
+        rd = Path(run.cfg.train.run_dir)
+        ids = ingest_training_run(store, rd, experiment=s.name)
+        common = {"method": run.method, "seed": run.seed, "train_run_id": ids["run_id"],
+                  "train_config_hash": run.cfg.hash(), "train_data_digest": results.get("data_digest")}
+        if s.eval_every:
+            for rec in _checkpoint_log(rd):
+                step, path = int(rec["step"]), rd / "checkpoints" / rec["path"]
+                if step >= run.cfg.train.steps or not path.exists():
+                    continue  # the final model stands for the last step
+                evaluate(f"{run.label}-step{step}", content_hash(path),
+                         {**common, "step": step, "prompts_seen": prompts_seen(run.cfg, step)},
+                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p))
+        steps = int(results.get("steps") or run.cfg.train.steps)
+        final_dir = rd / "final" / "model"
+        evaluate(run.label, ids["final"].get("merged") or content_hash(final_dir),
+                 {**common, "step": steps, "prompts_seen": prompts_seen(run.cfg, steps)},
+                 lambda d=final_dir: load_model_and_tokenizer(str(d))[0])
+        trained.append({"method": run.method, "seed": run.seed, "train_seconds": results.get("train_seconds"),
+                        "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
+    summary = summarize(evals, trained, s)
+    summary.update(experiment=s.name, base_model=exp.run.model.name, base_checkpoint_id=base_id,
+                   suites={x.name: x.digest for x in suites}, wall_seconds=round(time.time() - t0, 1))
+    write_comparison(summary, out)
+    log(f"[experiment] done in {summary['wall_seconds']:.0f}s: {out / 'comparison.md'}")
+    return summary
+
+
+def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:
+    from .checkpoint import read_jsonl
+
+    path = run_dir / "checkpoints.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+# -- the comparison ----------------------------------------------------------------------------
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: ExperimentSettings) -> dict[str, Any]:
+    """Per method: accuracy by (family, context, length) as mean and spread over seeds of the final
+    models; the sample-efficiency curve from the intermediate ones; prompts and training time."""
+    final_step = {(t["method"], t["seed"]): t["steps"] for t in trained}
+    cells: dict[tuple[str, str, str, int], list[float]] = {}
+    curve: dict[tuple[str, str, int, int], list[float]] = {}
+    for e in evals:
+        p = e["params"]
+        method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
+        is_final = method == "base" or final_step.get((method, seed)) == step
+        for r in e["rows"]:
+            if is_final:
+                cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
+            if r["context"] == "long":
+                key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
+                curve.setdefault(key, []).append(r["value"])
+    methods = ["base"] + list(s.methods)
+    table = []
+    for m in methods:
+        row: dict[str, Any] = {"method": m, "scores": {}}
+        for (mm, task, ctx, length), xs in sorted(cells.items()):
+            if mm == m:
+                mean, sd = _mean_sd(xs)
+                row["scores"][f"{task}|{ctx}|{length}"] = {"mean": mean, "sd": sd, "n_seeds": len(xs)}
+        runs = [t for t in trained if t["method"] == m]
+        if runs:
+            row["prompts"] = runs[0]["prompts"]
+            row["train_seconds"] = _mean_sd([float(t["train_seconds"] or 0) for t in runs])
+        table.append(row)
+    curves = {}
+    for (m, task, length, seen), xs in sorted(curve.items()):
+        curves.setdefault(f"{m}|{task}|{length}", []).append({"prompts_seen": seen, "mean": statistics.fmean(xs),
+                                                              "sd": _mean_sd(xs)[1], "n": len(xs)})
+    base_curves = {k: v for k, v in curves.items() if k.startswith("base|")}
+    for key, pts in curves.items():  # every method's curve starts at the base model (0 prompts)
+        m, task, length = key.split("|")
+        b = base_curves.get(f"base|{task}|{length}")
+        if m != "base" and b and pts[0]["prompts_seen"] != 0:
+            pts.insert(0, b[0])
+    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "table": table,
+            "curves": curves, "trained": trained}
+
+
+def _fmt(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "—"
+    return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c["n_seeds"] > 1 else "")
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    lengths = summary["lengths"]
+    families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
+                      key=lambda f: (f != "in_family", f))
+    lines = []
+    for fam in families:
+        title = {"in_family": "training templates, fresh keys (in-family)",
+                 "transfer": "templates never trained on (transfer)"}.get(fam, fam)
+        lines += [f"### Long-context accuracy: {title}", "",
+                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " | C_s only | prompts | train s |",
+                  "|---|" + "---:|" * (len(lengths) + 3)]
+        for r in summary["table"]:
+            sc = r["scores"]
+            cols = [_fmt(sc.get(f"{fam}|long|{n}")) for n in lengths] + [_fmt(sc.get(f"{fam}|short|0"))]
+            ts = r.get("train_seconds")
+            cols += [str(r.get("prompts", 0)), f"{ts[0]:.0f}" if ts else "—"]
+            lines.append(f"| {r['method']} | " + " | ".join(cols) + " |")
+        lines.append("")
+    lines.append(f"Mean ± standard deviation over seeds {summary['seeds']} (final models; greedy answers).")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {"json": out / "comparison.json", "md": out / "comparison.md",
+             "length_png": out / "accuracy_vs_length.png", "efficiency_png": out / "sample_efficiency.png"}
+    paths["json"].write_text(json.dumps(summary, indent=1))
+    paths["md"].write_text(comparison_markdown(summary))
+    lengths = summary["lengths"]
+    fams = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]}, key=lambda f: f != "in_family")
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in summary["table"]:
+            pts = [(n, r["scores"].get(f"{fam}|long|{n}")) for n in lengths]
+            pts = [(n, c) for n, c in pts if c]
+            if pts:
+                ax.errorbar([n for n, _ in pts], [c["mean"] for _, c in pts], yerr=[c["sd"] for _, c in pts],
+                            marker="o", capsize=3, label=r["method"], ls="--" if r["method"] == "base" else "-")
+        ax.set_title(f"{fam}: long-context accuracy", fontsize=10)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["length_png"], dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    length = max(lengths)
+    for key, pts in summary["curves"].items():
+        m, fam, n = key.split("|")
+        if fam == "in_family" and int(n) == length and m != "base":
+            ax.errorbar([p["prompts_seen"] for p in pts], [p["mean"] for p in pts], yerr=[p["sd"] for p in pts],
+                        marker="o", capsize=3, label=m)
+    ax.set_title(f"sample efficiency: in-family accuracy at {length} tokens", fontsize=10)
+    ax.set_xlabel("training prompts seen")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths["efficiency_png"], dpi=80)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    ap = argparse.ArgumentParser(prog="python -m opsdl_core.experiment", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, help="YAML with sections 'experiment' and 'run'")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override a field: experiment.seeds=[0], run.train.steps=10 (repeatable)")
+    args = ap.parse_args(argv)
+    exp = load_experiment(args.config, args.set)
+    summary = run_experiment(exp, log=lambda m: print(m, flush=True))
+    print(comparison_markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

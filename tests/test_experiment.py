@@ -1,0 +1,119 @@
+"""The headline experiment: its config, the plan (same prompts per seed for every method), the
+comparison's statistics, and a whole run on a tiny model with every score traceable in SQL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from opsdl_core.config import ConfigError
+from opsdl_core.experiment import load_experiment, plan_runs, summarize
+
+
+def _write(tmp_path, experiment: dict, run: dict | None = None):
+    import yaml
+
+    p = tmp_path / "exp.yaml"
+    p.write_text(yaml.safe_dump({"experiment": {"out_dir": str(tmp_path / "out"), **experiment},
+                                 "run": run or {"train": {"steps": 4}}}))
+    return p
+
+
+def test_config_names_the_bad_field(tmp_path):
+    with pytest.raises(ConfigError, match="experiment.methods"):
+        load_experiment(_write(tmp_path, {"methods": ["opsdl", "ppo"]}))
+    with pytest.raises(ConfigError, match="experiment.seeds"):
+        load_experiment(_write(tmp_path, {"seeds": [1, 1]}))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_experiment(_write(tmp_path, {"lenghts": [512]}))
+    with pytest.raises(ConfigError, match="unknown section"):
+        load_experiment(None, ["runs.train.steps=3"])
+    with pytest.raises(ConfigError, match="train.steps"):
+        load_experiment(_write(tmp_path, {}), ["run.train.steps=0"])
+
+
+def test_plan_gives_every_method_of_a_seed_the_same_prompts_and_its_own_folder(tmp_path):
+    exp = load_experiment(_write(tmp_path, {"seeds": [0, 5], "eval_every": 2}), ["run.train.steps=6"])
+    runs = plan_runs(exp)
+    assert [(r.seed, r.method) for r in runs] == [(s, m) for s in (0, 5) for m in ("opsdl", "sft", "dpo")]
+    assert len({r.cfg.train.run_dir for r in runs}) == 6 and len({r.cfg.hash() for r in runs}) == 6
+    for r in runs:
+        assert r.cfg.method.kind == r.method and r.cfg.train.seed == r.seed
+        assert r.cfg.data == exp.run.data  # the same training data for every run
+        assert r.cfg.train.save_every == 2 and r.cfg.train.keep_checkpoints >= 4  # every intermediate point kept
+    from opsdl_core.trainer import prompt_order
+
+    orders = {(r.seed, r.method): [prompt_order(256, r.cfg.train.seed, i) for i in range(6)] for r in runs}
+    assert orders[(0, "opsdl")] == orders[(0, "sft")] == orders[(0, "dpo")] != orders[(5, "opsdl")]
+
+
+def test_summary_is_mean_and_spread_over_seeds_and_curves_start_at_the_base(tmp_path):
+    exp = load_experiment(_write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1], "lengths": [512]}))
+
+    def ev(method, seed, step, seen, acc, short):
+        return {"params": {"method": method, "seed": seed, "step": step, "prompts_seen": seen},
+                "rows": [{"task": "in_family", "context": "long", "context_length": 512, "value": acc},
+                         {"task": "in_family", "context": "short", "context_length": 0, "value": short}]}
+
+    evals = [ev("base", None, 0, 0, 0.4, 0.9), ev("opsdl", 0, 2, 2, 0.5, 0.9), ev("opsdl", 0, 4, 4, 0.6, 0.8),
+             ev("opsdl", 1, 2, 2, 0.7, 0.9), ev("opsdl", 1, 4, 4, 0.8, 1.0)]
+    trained = [{"method": "opsdl", "seed": s, "steps": 4, "prompts": 4, "train_seconds": t} for s, t in ((0, 10), (1, 20))]
+    out = summarize(evals, trained, exp.settings)
+    opsdl = next(r for r in out["table"] if r["method"] == "opsdl")
+    assert opsdl["scores"]["in_family|long|512"]["mean"] == pytest.approx(0.7)  # final models only (step 4)
+    assert opsdl["scores"]["in_family|long|512"]["sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert opsdl["scores"]["in_family|short|0"]["mean"] == pytest.approx(0.9)
+    assert opsdl["prompts"] == 4 and opsdl["train_seconds"][0] == 15
+    curve = out["curves"]["opsdl|in_family|512"]
+    assert [(p["prompts_seen"], round(p["mean"], 3)) for p in curve] == [(0, 0.4), (2, 0.6), (4, 0.7)]
+
+
+@pytest.mark.slow
+def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_model_dir):
+    from opsdl_core.lineage import LineageStore
+
+    db = tmp_path / "lineage.duckdb"
+    run = {"model": {"name": str(tiny_model_dir)},
+           "data": {"train_size": 6, "context_tokens": 160, "short_budget_tokens": 64, "n_distractors": [2, 3],
+                    "heldout_size": 0},
+           "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6}, "lora": {"r": 4, "alpha": 8},
+           "optim": {"lr": 5e-3}, "train": {"steps": 2, "num_threads": 1}}
+    cfg = _write(tmp_path, {"seeds": [0, 1], "lengths": [128, 192], "eval_n": 2, "eval_every": 1,
+                            "max_new_tokens": 4, "db": str(db)}, run)
+    from opsdl_core.experiment import run_experiment
+
+    logs: list[str] = []
+    summary = run_experiment(load_experiment(cfg), log=logs.append)
+    out = tmp_path / "out"
+    md = (out / "comparison.md").read_text()
+    for m in ("base", "opsdl", "sft", "dpo"):
+        assert f"| {m} |" in md
+    assert (out / "accuracy_vs_length.png").stat().st_size > 1000
+    assert (out / "sample_efficiency.png").stat().st_size > 1000
+    assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    assert sum("training (2 steps)" in line for line in logs) == 6
+
+    store = LineageStore(db)
+    cols, rows = store.query("SELECT method, seed, step, prompts_seen, task, context, context_length, checkpoint_id, "
+                             "eval_dataset, train_run_id, train_config_hash, train_datasets FROM v_method_scores")
+    got = [dict(zip(cols, r)) for r in rows]
+    # base + 3 methods x 2 seeds x (step 1 checkpoint + final): 13 evaluations x (2 families x 2 lengths + 2 C_s)
+    assert len(got) == 13 * 6
+    suites = set(summary["suites"].values())
+    for g in got:
+        assert g["eval_dataset"] in suites
+        if g["method"] == "base":
+            assert g["checkpoint_id"].startswith("base:") and g["train_run_id"] is None
+            continue
+        assert g["train_run_id"] and g["train_datasets"], g  # checkpoint -> its training run -> its data
+        _, p = store.query("SELECT key, value FROM params WHERE run_id = ? AND key IN ('method.kind', 'train.seed')",
+                           [g["train_run_id"]])
+        assert dict(p) == {"method.kind": g["method"], "train.seed": str(g["seed"])}
+        _, ck = store.query("SELECT step, kind FROM checkpoints WHERE checkpoint_id = ?", [g["checkpoint_id"]])
+        assert ck and ck[0][0] == g["step"] and ck[0][1] == ("merged" if g["step"] == 2 else "full-state")
+    # resuming re-uses every training and evaluation and writes the same rows
+    logs.clear()
+    run_experiment(load_experiment(cfg), log=logs.append)
+    assert not any("training (" in line or "evaluating" in line for line in logs)
+    assert store.count("eval_scores") == 13 * 6
