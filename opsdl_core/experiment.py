@@ -54,6 +54,7 @@ class ExperimentSettings:
     eval_n: int = 30  # questions per suite and length
     transfer: bool = True  # also evaluate templates never trained on
     eval_every: int = 0  # evaluate intermediate checkpoints every k steps (sample efficiency); 0: final only
+    curve_length: Optional[int] = None  # intermediate checkpoints: in-family at this length only (default: longest)
     max_new_tokens: int = 32
     batch_size: int = 8
     db: Optional[str] = None  # lineage DuckDB file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)
@@ -68,6 +69,12 @@ class ExperimentSettings:
                "a non-empty list of token counts >= 64", self.lengths)
         _check(self.eval_n >= 1, "experiment.eval_n", "an integer >= 1", self.eval_n)
         _check(self.eval_every >= 0, "experiment.eval_every", "an integer >= 0", self.eval_every)
+        _check(self.curve_length is None or self.curve_length in self.lengths, "experiment.curve_length",
+               f"null or one of experiment.lengths {self.lengths}", self.curve_length)
+
+    @property
+    def curve_at(self) -> int:
+        return self.curve_length or max(self.lengths)
 
 
 @dataclass
@@ -164,15 +171,16 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     return suites
 
 
-def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings) -> list[dict[str, Any]]:
-    """Greedy accuracy on every suite with the long context, and with C_s only on each family's
-    longest suite (C_s does not depend on the length)."""
+def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
+                   short: bool = True) -> list[dict[str, Any]]:
+    """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
+    family's longest suite (C_s does not depend on the length)."""
     from .evaluate import evaluate_accuracy
 
     longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
     rows = []
     for suite in suites:
-        contexts = ("long", "short") if longest[suite.family] is suite else ("long",)
+        contexts = ("long", "short") if short and longest[suite.family] is suite else ("long",)
         for ctx in contexts:
             r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
                                   batch_size=s.batch_size)
@@ -256,7 +264,10 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     suites_digest = hashlib.sha256("".join(x.digest for x in suites).encode()).hexdigest()[:12]
     evals: list[dict[str, Any]] = []
 
-    def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any]) -> None:
+    curve_suites = [x for x in suites if x.family == "in_family" and x.length == s.curve_at]
+
+    def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any],
+                 suites: list[Suite] = suites) -> None:
         cache = out / "evals" / f"{label}-{suites_digest}.json"
         if cache.exists() and json.loads(cache.read_text())["checkpoint_id"] == ckpt_id:
             rec = json.loads(cache.read_text())
@@ -265,7 +276,8 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
             t = time.time()
             model = get_model()
             model.eval()
-            rec = {"checkpoint_id": ckpt_id, "params": params, "rows": evaluate_model(model, tok, suites, s),
+            rec = {"checkpoint_id": ckpt_id, "params": params,
+                   "rows": evaluate_model(model, tok, suites, s, short=len(suites) > 1),
                    "seconds": round(time.time() - t, 1)}
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(rec, indent=1))
@@ -292,7 +304,7 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                     continue  # the final model stands for the last step
                 evaluate(f"{run.label}-step{step}", content_hash(path),
                          {**common, "step": step, "prompts_seen": prompts_seen(run.cfg, step)},
-                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p))
+                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites)
         steps = int(results.get("steps") or run.cfg.train.steps)
         final_dir = rd / "final" / "model"
         evaluate(run.label, ids["final"].get("merged") or content_hash(final_dir),
@@ -359,7 +371,8 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: Exp
         b = base_curves.get(f"base|{task}|{length}")
         if m != "base" and b and pts[0]["prompts_seen"] != 0:
             pts.insert(0, b[0])
-    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "table": table,
+    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
+            "table": table,
             "curves": curves, "trained": trained}
 
 
@@ -419,7 +432,7 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     fig.savefig(paths["length_png"], dpi=80)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    length = max(lengths)
+    length = summary.get("curve_length") or max(lengths)
     for key, pts in summary["curves"].items():
         m, fam, n = key.split("|")
         if fam == "in_family" and int(n) == length and m != "base":

@@ -11,19 +11,24 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets import ALL_ASSETS, ALL_CHECKS, OpsdlResource
+from assets import ALL_ASSETS, ALL_CHECKS, EXPERIMENT_ASSETS, OpsdlResource
 from opsdl_core.data import JSONL_SUFFIXES, PARQUET_SUFFIXES
 
 INBOX_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)
 
 full_pipeline = dg.define_asset_job(
-    "opsdl_full_pipeline", selection=dg.AssetSelection.all(),
+    "opsdl_full_pipeline", selection=dg.AssetSelection.assets(*ALL_ASSETS),
     description="Curate prompts → teacher contexts → base rollouts → OPSDL training → evaluation (synthetic "
                 "suites and lm-eval RULER per length) → report.")
 
 evaluation_only = dg.define_asset_job(
     "opsdl_evaluation_only", selection=dg.AssetSelection.assets("evaluation", "long_context_eval", "report"),
     description="Re-evaluate the latest trained model on the latest evaluation suites and rewrite the report.")
+
+experiment = dg.define_asset_job(
+    "opsdl_experiment", selection=dg.AssetSelection.assets(*EXPERIMENT_ASSETS),
+    description="OPSDL against Long-SFT and DPO on the same prompts, over seeds, per context length: the "
+                "comparison table, accuracy against length and sample efficiency (configs/experiment.yaml).")
 
 retrain_schedule = dg.ScheduleDefinition(
     name="opsdl_weekly_retrain", job=full_pipeline, cron_schedule="0 3 * * 1",
@@ -55,7 +60,8 @@ def inbox_sensor(context: dg.SensorEvaluationContext, opsdl: OpsdlResource):
 
 def build_definitions(opsdl: OpsdlResource | None = None) -> dg.Definitions:
     return dg.Definitions(
-        assets=ALL_ASSETS, asset_checks=ALL_CHECKS, jobs=[full_pipeline, evaluation_only],
+        assets=[*ALL_ASSETS, *EXPERIMENT_ASSETS], asset_checks=ALL_CHECKS,
+        jobs=[full_pipeline, evaluation_only, experiment],
         schedules=[retrain_schedule], sensors=[inbox_sensor],
         resources={"opsdl": opsdl or OpsdlResource(), "pipes_subprocess_client": dg.PipesSubprocessClient()})
 

@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
 mkdir -p "$DAGSTER_HOME"
 [ -f "$DAGSTER_HOME/dagster.yaml" ] || printf 'telemetry:\n  enabled: false\n' > "$DAGSTER_HOME/dagster.yaml"
 start=$(date +%s)
-.venv/bin/dagster asset materialize -m pipelines.definitions --select '*' -c "${1:-configs/pipeline.yaml}"
+.venv/bin/dagster job execute -m pipelines.definitions -j opsdl_full_pipeline -c "${1:-configs/pipeline.yaml}"
 report="$OPSDL_HOME/artifacts/report/report.md"
 echo
 cat "$report"

@@ -98,8 +98,9 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
     cols, rows = store.query("SELECT method, seed, step, prompts_seen, task, context, context_length, checkpoint_id, "
                              "eval_dataset, train_run_id, train_config_hash, train_datasets FROM v_method_scores")
     got = [dict(zip(cols, r)) for r in rows]
-    # base + 3 methods x 2 seeds x (step 1 checkpoint + final): 13 evaluations x (2 families x 2 lengths + 2 C_s)
-    assert len(got) == 13 * 6
+    # base and 6 final models: 2 families x 2 lengths + 2 C_s; 6 step-1 checkpoints: in-family at 192 only
+    assert len(got) == 7 * 6 + 6
+    assert {(g["task"], g["context_length"]) for g in got if g["step"] == 1} == {("in_family", 192)}
     suites = set(summary["suites"].values())
     for g in got:
         assert g["eval_dataset"] in suites
@@ -116,4 +117,25 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
     logs.clear()
     run_experiment(load_experiment(cfg), log=logs.append)
     assert not any("training (" in line or "evaluating" in line for line in logs)
-    assert store.count("eval_scores") == 13 * 6
+    assert store.count("eval_scores") == 7 * 6 + 6
+
+
+def test_committed_experiment_config_and_its_dagster_job():
+    from pathlib import Path
+
+    import dagster as dg
+
+    from pipelines.definitions import build_definitions
+
+    exp = load_experiment(Path(__file__).resolve().parents[1] / "configs" / "experiment.yaml")
+    assert max(exp.settings.lengths) >= 1536 and len(exp.settings.seeds) == 3
+    assert set(exp.settings.methods) == {"opsdl", "sft", "dpo"} and len(plan_runs(exp)) == 9
+    defs = build_definitions()
+    job = defs.resolve_job_def("opsdl_experiment")
+    assert [n.name for n in job.graph.node_defs] == ["method_comparison"]
+    full = defs.resolve_job_def("opsdl_full_pipeline")  # the main job does not train the baselines
+    assert "method_comparison" not in {n.name for n in full.graph.node_defs}
+    cfg = {"ops": {"method_comparison": {"config": {"seeds": [0], "steps": 4, "overrides": ["experiment.eval_n=5"]}}}}
+    assert dg.validate_run_config(job, cfg)["ops"]["method_comparison"]["config"]["seeds"] == [0]
+    with pytest.raises(dg.DagsterInvalidConfigError, match="seeds"):
+        dg.validate_run_config(job, {"ops": {"method_comparison": {"config": {"seeds": "all"}}}})

@@ -47,11 +47,12 @@ def test_definitions_load_with_every_stage_and_check():
     defs = build_definitions()
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert keys == {"eval_sets", "curated_prompts", "quarantined_rows", "teacher_contexts", "base_rollouts",
-                    "opsdl_model", "evaluation", "long_context_eval", "report"}
+                    "opsdl_model", "evaluation", "long_context_eval", "report", "method_comparison"}
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert checks == {"c_s_in_c_l_within_budget", "no_duplicate_prompts", "no_eval_overlap", "training_loss_finite",
                       "short_context_retention"}
     assert defs.resolve_job_def("opsdl_full_pipeline") and defs.resolve_job_def("opsdl_evaluation_only")
+    assert defs.resolve_job_def("opsdl_experiment")
     assert defs.resolve_schedule_def("opsdl_weekly_retrain") and defs.resolve_sensor_def("inbox_sensor")
 
 

@@ -20,7 +20,7 @@ from assets import ALL_ASSETS, ALL_CHECKS, OpsdlResource
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["eval_sets", "curated_prompts", "quarantined_rows", "teacher_contexts", "base_rollouts", "opsdl_model",
-          "evaluation", "long_context_eval", "report"]
+          "evaluation", "long_context_eval", "report", "method_comparison"]
 pytestmark = pytest.mark.slow
 
 
@@ -95,6 +95,7 @@ def test_graphql_lists_every_asset_and_latest_materializations(webserver):
     nodes = {n["assetKey"]["path"][0]: n["groupName"] for n in data["assetNodes"]}
     assert set(STAGES) <= set(nodes), nodes
     assert nodes["opsdl_model"] == "training" and nodes["eval_sets"] == "curation"
+    assert nodes["method_comparison"] == "experiment"
     latest = {i["assetKey"]["path"][0]: i["latestMaterialization"] for i in data["assetsLatestInfo"]}
     assert latest["eval_sets"] and latest["curated_prompts"] and latest["report"] is None
 
