@@ -17,6 +17,10 @@ What it does (every stage resumes: a finished training or evaluation is not redo
              (base + the checkpoint's trainable weights), on the same suites
     compare  ``out_dir/comparison.{md,json}``, ``accuracy_vs_length.png`` (one line per method,
              spread over seeds), ``sample_efficiency.png`` (accuracy against prompts seen)
+    diagnose sampled answers of the base and every final model, each token scored with the long
+             and with the short prompt: ``gap_by_position.png`` (mean gap by answer position, one
+             line per method) and ``gap_heatmap.png`` (a few answers token by token); the tokens
+             and log-probs are in ``rollout_samples`` (views ``v_token_gaps``, ``v_gap_by_position``)
     lineage  every training run and checkpoint, and every score with its method, seed, step,
              checkpoint hash and suite digest (view ``v_method_scores``)
 """
@@ -57,6 +61,10 @@ class ExperimentSettings:
     curve_length: Optional[int] = None  # intermediate checkpoints: in-family at this length only (default: longest)
     max_new_tokens: int = 32
     batch_size: int = 8
+    # diagnostics: sampled answers of the base and every final model on the first prompts of the
+    # curve-length suite, each token scored with the long and with the short prompt (0: none)
+    diagnostic_prompts: int = 4
+    diagnostic_samples: int = 2
     db: Optional[str] = None  # lineage DuckDB file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)
 
     def __post_init__(self) -> None:
@@ -190,6 +198,21 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
     return rows
 
 
+def gap_snapshot(model: Any, tokenizer: Any, suite: Suite, exp: Experiment) -> list[dict[str, Any]]:
+    """Sampled answers (the training rollout's temperature) to the first ``diagnostic_prompts``
+    of ``suite``, each token's log-prob under the long prompt (student) and under the short one
+    (the same model reading C_s only): where along the answer the two part."""
+    from .snapshot import rollout_snapshot
+
+    k = exp.settings.diagnostic_prompts
+    if not k:
+        return []
+    rows = rollout_snapshot(model, tokenizer, suite.items[:k], n=exp.settings.diagnostic_samples,
+                            temperature=exp.run.rollout.temperature, top_p=exp.run.rollout.top_p,
+                            max_new_tokens=exp.run.rollout.max_new_tokens, seed=0)
+    return [{k2: v for k2, v in r.items() if k2 != "response_ids"} for r in rows]
+
+
 def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
     """The model of an intermediate checkpoint: a copy of ``base`` with the checkpoint's trainable
     weights (LoRA adapters merged in)."""
@@ -276,8 +299,10 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
             t = time.time()
             model = get_model()
             model.eval()
+            final = len(suites) > 1  # the base and final models; intermediate ones get the curve suite only
             rec = {"checkpoint_id": ckpt_id, "params": params,
-                   "rows": evaluate_model(model, tok, suites, s, short=len(suites) > 1),
+                   "rows": evaluate_model(model, tok, suites, s, short=final),
+                   "snapshot": gap_snapshot(model, tok, curve_suites[0], exp) if final else [],
                    "seconds": round(time.time() - t, 1)}
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(rec, indent=1))
@@ -285,6 +310,9 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
         store.log_run(run_id, experiment=s.name, kind="eval", params={**params, "suites": suites_digest},
                       duration_s=rec["seconds"], base_model=exp.run.model.name, base_model_hash=resolved.content_hash)
         store.log_eval_scores(run_id, ckpt_id, [{k: v for k, v in r.items() if k != "seconds"} for r in rec["rows"]])
+        if rec["snapshot"]:
+            store.log_rollout_samples(run_id, [{**r, "step": int(params.get("step") or 0),
+                                                "dataset_digest": curve_suites[0].digest} for r in rec["snapshot"]])
         evals.append({"label": label, "eval_run_id": run_id, **rec})
         acc = ", ".join(f"{r['task']}@{r['context_length'] or 'C_s'} {r['value']:.2f}" for r in rec["rows"])
         log(f"[experiment] {label}: {acc}")
@@ -371,7 +399,20 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: Exp
         b = base_curves.get(f"base|{task}|{length}")
         if m != "base" and b and pts[0]["prompts_seen"] != 0:
             pts.insert(0, b[0])
+    gaps: dict[str, dict[int, list[float]]] = {}
+    heat: dict[str, list[list[float]]] = {}
+    for e in evals:
+        p = e["params"]
+        for r in e.get("snapshot") or []:
+            gap = [a - b for a, b in zip(r["student_token_logprobs"], r["teacher_token_logprobs"])]
+            for pos, g in enumerate(gap):
+                gaps.setdefault(p["method"], {}).setdefault(pos, []).append(g)
+            if p.get("seed") in (None, s.seeds[0]):
+                heat.setdefault(p["method"], []).append(gap)
+    gap_by_position = {m: [{"position": pos, "mean_gap": statistics.fmean(v), "n": len(v)}
+                           for pos, v in sorted(by.items())] for m, by in gaps.items()}
     return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
+            "gap_by_position": gap_by_position, "gap_examples": heat,
             "table": table,
             "curves": curves, "trained": trained}
 
@@ -445,7 +486,52 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     fig.tight_layout()
     fig.savefig(paths["efficiency_png"], dpi=80)
     plt.close(fig)
+    if summary.get("gap_by_position"):
+        paths["gap_png"] = out / "gap_by_position.png"
+        paths["heatmap_png"] = out / "gap_heatmap.png"
+        _gap_plots(summary, paths["gap_png"], paths["heatmap_png"])
     return paths
+
+
+def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> None:
+    """Mean student − teacher log-prob by answer position, one line per model; and the per-token
+    gaps of a few sampled answers, one panel per model (rows: samples, columns: positions)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for m in summary["methods"]:
+        pts = summary["gap_by_position"].get(m)
+        if pts:
+            ax.plot([p["position"] for p in pts], [p["mean_gap"] for p in pts], marker=".",
+                    ls="--" if m == "base" else "-", label=m)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_title("student − teacher log-prob by answer position", fontsize=10)
+    ax.set_xlabel("answer token position")
+    ax.set_ylabel("mean gap (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(line_path, dpi=80)
+    plt.close(fig)
+    models = [m for m in summary["methods"] if summary["gap_examples"].get(m)]
+    width = max(len(g) for m in models for g in summary["gap_examples"][m])
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, min(2 + 0.3 * width, 14)), 1.2 + 0.9 * len(models)),
+                             squeeze=False)
+    fig.suptitle("student − teacher log-prob per answer token (blue: the student is surer, red: the teacher)",
+                 fontsize=9)
+    for ax, m in zip(axes[:, 0], models):
+        rows = summary["gap_examples"][m]
+        grid = np.full((len(rows), width), np.nan)
+        for i, g in enumerate(rows):
+            grid[i, : len(g)] = g
+        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-4, vmax=4, interpolation="nearest")
+        ax.set_ylabel(m, fontsize=8)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("answer token position")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="gap (nats)")
+    fig.savefig(heat_path, dpi=80)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,8 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
            "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6}, "lora": {"r": 4, "alpha": 8},
            "optim": {"lr": 5e-3}, "train": {"steps": 2, "num_threads": 1}}
     cfg = _write(tmp_path, {"seeds": [0, 1], "lengths": [128, 192], "eval_n": 2, "eval_every": 1,
-                            "max_new_tokens": 4, "db": str(db)}, run)
+                            "max_new_tokens": 4, "db": str(db), "diagnostic_prompts": 2, "diagnostic_samples": 2},
+                 run)
     from opsdl_core.experiment import run_experiment
 
     logs: list[str] = []
@@ -92,6 +93,9 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
     assert (out / "accuracy_vs_length.png").stat().st_size > 1000
     assert (out / "sample_efficiency.png").stat().st_size > 1000
     assert json.loads((out / "comparison.json").read_text())["seeds"] == [0, 1]
+    assert (out / "gap_by_position.png").stat().st_size > 1000 and (out / "gap_heatmap.png").stat().st_size > 1000
+    assert set(summary["gap_by_position"]) == {"base", "opsdl", "sft", "dpo"}
+    assert len(summary["gap_examples"]["opsdl"]) == 2 * 2  # seed 0's answers only
     assert sum("training (2 steps)" in line for line in logs) == 6
 
     store = LineageStore(db)
@@ -113,6 +117,11 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
         assert dict(p) == {"method.kind": g["method"], "train.seed": str(g["seed"])}
         _, ck = store.query("SELECT step, kind FROM checkpoints WHERE checkpoint_id = ?", [g["checkpoint_id"]])
         assert ck and ck[0][0] == g["step"] and ck[0][1] == ("merged" if g["step"] == 2 else "full-state")
+    # the diagnostics: 2 prompts x 2 samples of the base and of the 6 final models, token by token
+    cols, rows = store.query("SELECT r.run_id, count(*) FROM rollout_samples r GROUP BY r.run_id")
+    assert len(rows) == 7 and all(n == 4 for _, n in rows)
+    _, pos = store.query("SELECT count(DISTINCT run_id), min(position) FROM v_gap_by_position")
+    assert pos[0] == (7, 0)
     # resuming re-uses every training and evaluation and writes the same rows
     logs.clear()
     run_experiment(load_experiment(cfg), log=logs.append)
