@@ -36,6 +36,10 @@ def test_cell_takes_the_first_n_samples_of_the_length_with_mean_stderr_and_token
     assert math.isclose(c["stderr"], math.sqrt((4 * 0.25 / 3) / 4))
     assert c["prompt_tokens"] == pytest.approx(901.5)
     assert crosscheck.cell(samples, 2048, 4, tokens_field="n_tokens") is None
+    for i, smp in enumerate(samples):  # as lm-eval logs them: the prompt the model was given
+        smp["arguments"] = {"gen_args_0": {"arg_0": "w " * (10 + i), "arg_1": {}}}
+    counted = crosscheck.cell(samples, 1024, 4, count=lambda text: len(text.split()))
+    assert counted["prompt_tokens"] == pytest.approx(11.5) and counted["acc"] == c["acc"]
 
 
 def test_compare_puts_both_sides_in_one_row_with_the_difference_and_the_peers_error():

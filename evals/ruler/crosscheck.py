@@ -13,7 +13,8 @@ length; nothing else in it is changed. Our side is read from ``--ours`` (an ``lm
 --log_samples`` output folder of the ``opsdl_ruler`` group; its first ``n`` samples per length
 are exactly the samples an ``n``-sample run generates, because ours are seeded per index) or run
 here. Finished cells are kept, so running the command again resumes (or only re-compares).
-The table puts both side by side with the mean prompt length in tokens of each, which is
+The table puts both side by side with the mean prompt length in tokens of each (the prompt the
+model was given, chat template and answer prefix included, in the model's tokenizer), which is
 where the two implementations differ most (lm-eval fits the haystack once, on its first sample,
 in steps of 5 units below 4K; ours fits each sample by bisection).
 
@@ -36,7 +37,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from evals.ruler.generate import TASKS
 
@@ -152,25 +153,35 @@ def read_samples(folder: Path) -> dict[str, list[dict]]:
     return {t: list(v.values()) for t, v in by_task.items()}
 
 
-def cell(samples: list[dict], length: int, n: int, *, tokens_field: str) -> dict[str, Any] | None:
+def _prompt(sample: dict) -> str:
+    """The prompt lm-eval gave the model (chat template and answer prefix included)."""
+    args = sample["arguments"]
+    return args["gen_args_0"]["arg_0"] if isinstance(args, dict) else args[0][0]
+
+
+def cell(samples: list[dict], length: int, n: int, *, tokens_field: str = "n_tokens",
+         count: Callable[[str], int] | None = None) -> dict[str, Any] | None:
     """Accuracy (RULER's string_match_all, as each task computed it), its standard error and the
-    mean prompt tokens of the first ``n`` samples of ``length``."""
+    mean prompt tokens of the first ``n`` samples of ``length``: with ``count``, the tokens of the
+    prompt the model was given (the same measure for both implementations); else the doc's
+    ``tokens_field`` (lm-eval's ``length`` adds the task's generation budget to the prompt)."""
     rows = sorted((s for s in samples if int(s["doc"]["max_length"]) == length), key=lambda s: s["doc_id"])[:n]
     if not rows:
         return None
     scores = [float(s[str(length)]) for s in rows]
     mean = sum(scores) / len(scores)
     var = sum((x - mean) ** 2 for x in scores) / (len(scores) - 1) if len(scores) > 1 else 0.0
+    tokens = [count(_prompt(s)) if count else int(s["doc"][tokens_field]) for s in rows]
     return {"acc": mean, "stderr": math.sqrt(var / len(scores)), "n": len(scores),
-            "prompt_tokens": sum(int(s["doc"][tokens_field]) for s in rows) / len(rows)}
+            "prompt_tokens": sum(tokens) / len(tokens)}
 
 
 def compare(ours: dict[str, list[dict]], peer: dict[tuple[str, int], dict | str], lengths: list[int],
-            n: int) -> list[dict[str, Any]]:
+            n: int, count: Callable[[str], int] | None = None) -> list[dict[str, Any]]:
     table = []
     for task in TASKS:
         for length in lengths:
-            o = cell(ours.get(f"opsdl_ruler_{task}", []), length, n, tokens_field="n_tokens")
+            o = cell(ours.get(f"opsdl_ruler_{task}", []), length, n, tokens_field="n_tokens", count=count)
             p = peer.get((task, length))
             row: dict[str, Any] = {"task": task, "length": length, "ours": o}
             row["peer"] = p if isinstance(p, dict) else None
@@ -216,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
 
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+
+    def count(text: str) -> int:
+        return len(tok(text, add_special_tokens=False)["input_ids"])
+
     peer: dict[tuple[str, int], dict | str] = {}
     (out / "logs").mkdir(parents=True, exist_ok=True)
     for length in args.lengths:
@@ -248,8 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         for task in TASKS:
             name = all_names[task]
             if name in names:
-                # lm-eval's doc field "length" is the prompt's token count (chat template not included)
-                peer[(task, length)] = cell(samples.get(name, []), length, args.n, tokens_field="length") \
+                peer[(task, length)] = cell(samples.get(name, []), length, args.n, count=count) \
                     or "no samples"
 
     if args.ours is None:
@@ -260,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
                             log=out / "logs" / "ours.log", batch_size=args.batch_size)
         if proc.returncode != 0:
             raise SystemExit(f"opsdl_ruler failed: {_last_error(out / 'logs' / 'ours.log')}")
-    table = compare(read_samples(args.ours), peer, args.lengths, args.n)
+    table = compare(read_samples(args.ours), peer, args.lengths, args.n, count=count)
     (out / "crosscheck.json").write_text(json.dumps(table, indent=1))
     md = to_markdown(table)
     (out / "crosscheck.md").write_text(md)
