@@ -131,8 +131,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict]:
-    """Restore weights, optimizer, scheduler and RNG; returns (state.json, teacher state)."""
+def load_trainable(path: Path, model: Any) -> None:
+    """Copy a checkpoint's trainable weights (``trainable.safetensors``) into ``model`` in place."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -142,6 +142,12 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(t)
+
+
+def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -> tuple[dict[str, Any], dict]:
+    """Restore weights, optimizer, scheduler and RNG; returns (state.json, teacher state)."""
+    path = Path(path)
+    load_trainable(path, model)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))

@@ -216,20 +216,11 @@ def gap_snapshot(model: Any, tokenizer: Any, suite: Suite, exp: Experiment) -> l
 def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
     """The model of an intermediate checkpoint: a copy of ``base`` with the checkpoint's trainable
     weights (LoRA adapters merged in)."""
-    import torch
-    from safetensors.torch import load_file
-
+    from .checkpoint import load_trainable
     from .trainer import apply_lora
 
     model = apply_lora(copy.deepcopy(base), cfg)
-    weights = load_file(str(Path(ckpt_dir) / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    unknown = set(weights) - set(params)
-    if unknown:
-        raise KeyError(f"checkpoint {ckpt_dir} holds parameters the model lacks: {sorted(unknown)[:3]}")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    load_trainable(Path(ckpt_dir), model)
     return model.merge_and_unload() if cfg.lora.enabled else model
 
 
