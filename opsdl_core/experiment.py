@@ -31,7 +31,6 @@ import copy
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
 
-__all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "summarize"]
+__all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs"]
 
 Log = Callable[[str], None]
 
@@ -229,9 +228,10 @@ def _train(run: PlannedRun, exp: Experiment, log: Log) -> dict[str, Any]:
     """``python -m opsdl_core.train`` for one planned run (skipped when its results exist)."""
     rd = Path(run.cfg.train.run_dir)
     done = rd / "results.json"
-    if done.exists() and json.loads(done.read_text()).get("config_hash") == run.cfg.hash():
+    prior = json.loads(done.read_text()) if done.exists() else {}
+    if prior.get("config_hash") == run.cfg.hash():
         log(f"[experiment] {run.label}: trained already ({rd})")
-        return json.loads(done.read_text())
+        return prior
     rd.mkdir(parents=True, exist_ok=True)
     cfg_path = exp.out_dir / "configs" / f"{run.label}.yaml"
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,9 +283,8 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any],
                  suites: list[Suite] = suites) -> None:
         cache = out / "evals" / f"{label}-{suites_digest}.json"
-        if cache.exists() and json.loads(cache.read_text())["checkpoint_id"] == ckpt_id:
-            rec = json.loads(cache.read_text())
-        else:
+        rec = json.loads(cache.read_text()) if cache.exists() else {}
+        if rec.get("checkpoint_id") != ckpt_id:
             log(f"[experiment] evaluating {label}")
             t = time.time()
             model = get_model()
@@ -331,6 +330,8 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                  lambda d=final_dir: load_model_and_tokenizer(str(d))[0])
         trained.append({"method": run.method, "seed": run.seed, "train_seconds": results.get("train_seconds"),
                         "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
+    from .experiment_report import summarize, write_comparison
+
     summary = summarize(evals, trained, s)
     summary.update(experiment=s.name, base_model=exp.run.model.name, base_checkpoint_id=base_id,
                    suites={x.name: x.digest for x in suites}, wall_seconds=round(time.time() - t0, 1))
@@ -346,185 +347,6 @@ def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(path) if path.exists() else []
 
 
-# -- the comparison ----------------------------------------------------------------------------
-def _mean_sd(xs: list[float]) -> tuple[float, float]:
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: ExperimentSettings) -> dict[str, Any]:
-    """Per method: accuracy by (family, context, length) as mean and spread over seeds of the final
-    models; the sample-efficiency curve from the intermediate ones; prompts and training time."""
-    final_step = {(t["method"], t["seed"]): t["steps"] for t in trained}
-    cells: dict[tuple[str, str, str, int], list[float]] = {}
-    curve: dict[tuple[str, str, int, int], list[float]] = {}
-    for e in evals:
-        p = e["params"]
-        method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
-        is_final = method == "base" or final_step.get((method, seed)) == step
-        for r in e["rows"]:
-            if is_final:
-                cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
-            if r["context"] == "long":
-                key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
-                curve.setdefault(key, []).append(r["value"])
-    methods = ["base"] + list(s.methods)
-    table = []
-    for m in methods:
-        row: dict[str, Any] = {"method": m, "scores": {}}
-        for (mm, task, ctx, length), xs in sorted(cells.items()):
-            if mm == m:
-                mean, sd = _mean_sd(xs)
-                row["scores"][f"{task}|{ctx}|{length}"] = {"mean": mean, "sd": sd, "n_seeds": len(xs)}
-        runs = [t for t in trained if t["method"] == m]
-        if runs:
-            row["prompts"] = runs[0]["prompts"]
-            row["train_seconds"] = _mean_sd([float(t["train_seconds"] or 0) for t in runs])
-        table.append(row)
-    curves = {}
-    for (m, task, length, seen), xs in sorted(curve.items()):
-        curves.setdefault(f"{m}|{task}|{length}", []).append({"prompts_seen": seen, "mean": statistics.fmean(xs),
-                                                              "sd": _mean_sd(xs)[1], "n": len(xs)})
-    base_curves = {k: v for k, v in curves.items() if k.startswith("base|")}
-    for key, pts in curves.items():  # every method's curve starts at the base model (0 prompts)
-        m, task, length = key.split("|")
-        b = base_curves.get(f"base|{task}|{length}")
-        if m != "base" and b and pts[0]["prompts_seen"] != 0:
-            pts.insert(0, b[0])
-    gaps: dict[str, dict[int, list[float]]] = {}
-    heat: dict[str, list[list[float]]] = {}
-    for e in evals:
-        p = e["params"]
-        for r in e.get("snapshot") or []:
-            gap = [a - b for a, b in zip(r["student_token_logprobs"], r["teacher_token_logprobs"])]
-            for pos, g in enumerate(gap):
-                gaps.setdefault(p["method"], {}).setdefault(pos, []).append(g)
-            if p.get("seed") in (None, s.seeds[0]):
-                heat.setdefault(p["method"], []).append(gap)
-    gap_by_position = {m: [{"position": pos, "mean_gap": statistics.fmean(v), "n": len(v)}
-                           for pos, v in sorted(by.items())] for m, by in gaps.items()}
-    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
-            "gap_by_position": gap_by_position, "gap_examples": heat,
-            "table": table,
-            "curves": curves, "trained": trained}
-
-
-def _fmt(c: dict[str, Any] | None) -> str:
-    if not c:
-        return "—"
-    return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c["n_seeds"] > 1 else "")
-
-
-def comparison_markdown(summary: dict[str, Any]) -> str:
-    lengths = summary["lengths"]
-    families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
-                      key=lambda f: (f != "in_family", f))
-    lines = []
-    for fam in families:
-        title = {"in_family": "training templates, fresh keys (in-family)",
-                 "transfer": "templates never trained on (transfer)"}.get(fam, fam)
-        lines += [f"### Long-context accuracy: {title}", "",
-                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " | C_s only | prompts | train s |",
-                  "|---|" + "---:|" * (len(lengths) + 3)]
-        for r in summary["table"]:
-            sc = r["scores"]
-            cols = [_fmt(sc.get(f"{fam}|long|{n}")) for n in lengths] + [_fmt(sc.get(f"{fam}|short|0"))]
-            ts = r.get("train_seconds")
-            cols += [str(r.get("prompts", 0)), f"{ts[0]:.0f}" if ts else "—"]
-            lines.append(f"| {r['method']} | " + " | ".join(cols) + " |")
-        lines.append("")
-    lines.append(f"Mean ± standard deviation over seeds {summary['seeds']} (final models; greedy answers).")
-    return "\n".join(lines) + "\n"
-
-
-def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = {"json": out / "comparison.json", "md": out / "comparison.md",
-             "length_png": out / "accuracy_vs_length.png", "efficiency_png": out / "sample_efficiency.png"}
-    paths["json"].write_text(json.dumps(summary, indent=1))
-    paths["md"].write_text(comparison_markdown(summary))
-    lengths = summary["lengths"]
-    fams = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]}, key=lambda f: f != "in_family")
-    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.4), squeeze=False)
-    for ax, fam in zip(axes[0], fams):
-        for r in summary["table"]:
-            pts = [(n, r["scores"].get(f"{fam}|long|{n}")) for n in lengths]
-            pts = [(n, c) for n, c in pts if c]
-            if pts:
-                ax.errorbar([n for n, _ in pts], [c["mean"] for _, c in pts], yerr=[c["sd"] for _, c in pts],
-                            marker="o", capsize=3, label=r["method"], ls="--" if r["method"] == "base" else "-")
-        ax.set_title(f"{fam}: long-context accuracy", fontsize=10)
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths["length_png"], dpi=80)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    length = summary.get("curve_length") or max(lengths)
-    for key, pts in summary["curves"].items():
-        m, fam, n = key.split("|")
-        if fam == "in_family" and int(n) == length and m != "base":
-            ax.errorbar([p["prompts_seen"] for p in pts], [p["mean"] for p in pts], yerr=[p["sd"] for p in pts],
-                        marker="o", capsize=3, label=m)
-    ax.set_title(f"sample efficiency: in-family accuracy at {length} tokens", fontsize=10)
-    ax.set_xlabel("training prompts seen")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths["efficiency_png"], dpi=80)
-    plt.close(fig)
-    if summary.get("gap_by_position"):
-        paths["gap_png"] = out / "gap_by_position.png"
-        paths["heatmap_png"] = out / "gap_heatmap.png"
-        _gap_plots(summary, paths["gap_png"], paths["heatmap_png"])
-    return paths
-
-
-def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> None:
-    """Mean student − teacher log-prob by answer position, one line per model; and the per-token
-    gaps of a few sampled answers, one panel per model (rows: samples, columns: positions)."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
-    for m in summary["methods"]:
-        pts = summary["gap_by_position"].get(m)
-        if pts:
-            ax.plot([p["position"] for p in pts], [p["mean_gap"] for p in pts], marker=".",
-                    ls="--" if m == "base" else "-", label=m)
-    ax.axhline(0, color="grey", lw=0.6)
-    ax.set_title("student − teacher log-prob by answer position", fontsize=10)
-    ax.set_xlabel("answer token position")
-    ax.set_ylabel("mean gap (nats)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(line_path, dpi=80)
-    plt.close(fig)
-    models = [m for m in summary["methods"] if summary["gap_examples"].get(m)]
-    width = max(len(g) for m in models for g in summary["gap_examples"][m])
-    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, min(2 + 0.3 * width, 14)), 1.2 + 0.9 * len(models)),
-                             squeeze=False)
-    fig.suptitle("student − teacher log-prob per answer token (blue: the student is surer, red: the teacher)",
-                 fontsize=9)
-    for ax, m in zip(axes[:, 0], models):
-        rows = summary["gap_examples"][m]
-        grid = np.full((len(rows), width), np.nan)
-        for i, g in enumerate(rows):
-            grid[i, : len(g)] = g
-        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-4, vmax=4, interpolation="nearest")
-        ax.set_ylabel(m, fontsize=8)
-        ax.set_yticks([])
-        ax.tick_params(labelsize=7)
-    axes[-1, 0].set_xlabel("answer token position")
-    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="gap (nats)")
-    fig.savefig(heat_path, dpi=80)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -536,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     exp = load_experiment(args.config, args.set)
     summary = run_experiment(exp, log=lambda m: print(m, flush=True))
+    from .experiment_report import comparison_markdown
+
     print(comparison_markdown(summary))
     return 0
 

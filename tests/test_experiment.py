@@ -8,7 +8,8 @@ import json
 import pytest
 
 from opsdl_core.config import ConfigError
-from opsdl_core.experiment import load_experiment, plan_runs, summarize
+from opsdl_core.experiment import load_experiment, plan_runs
+from opsdl_core.experiment_report import summarize
 
 
 def _write(tmp_path, experiment: dict, run: dict | None = None):

@@ -1,0 +1,196 @@
+"""The experiment's comparison (``opsdl_core.experiment``): per-method statistics over seeds, the
+markdown table and the plots (accuracy against length, sample efficiency, student–teacher gaps)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .experiment import ExperimentSettings
+
+__all__ = ["summarize", "comparison_markdown", "write_comparison"]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "ExperimentSettings") -> dict[str, Any]:
+    """Per method: accuracy by (family, context, length) as mean and spread over seeds of the final
+    models; the sample-efficiency curve from the intermediate ones; prompts and training time."""
+    final_step = {(t["method"], t["seed"]): t["steps"] for t in trained}
+    cells: dict[tuple[str, str, str, int], list[float]] = {}
+    curve: dict[tuple[str, str, int, int], list[float]] = {}
+    for e in evals:
+        p = e["params"]
+        method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
+        is_final = method == "base" or final_step.get((method, seed)) == step
+        for r in e["rows"]:
+            if is_final:
+                cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
+            if r["context"] == "long":
+                key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
+                curve.setdefault(key, []).append(r["value"])
+    methods = ["base"] + list(s.methods)
+    table = []
+    for m in methods:
+        row: dict[str, Any] = {"method": m, "scores": {}}
+        for (mm, task, ctx, length), xs in sorted(cells.items()):
+            if mm == m:
+                mean, sd = _mean_sd(xs)
+                row["scores"][f"{task}|{ctx}|{length}"] = {"mean": mean, "sd": sd, "n_seeds": len(xs)}
+        runs = [t for t in trained if t["method"] == m]
+        if runs:
+            row["prompts"] = runs[0]["prompts"]
+            row["train_seconds"] = _mean_sd([float(t["train_seconds"] or 0) for t in runs])
+        table.append(row)
+    curves = {}
+    for (m, task, length, seen), xs in sorted(curve.items()):
+        curves.setdefault(f"{m}|{task}|{length}", []).append({"prompts_seen": seen, "mean": statistics.fmean(xs),
+                                                              "sd": _mean_sd(xs)[1], "n": len(xs)})
+    base_curves = {k: v for k, v in curves.items() if k.startswith("base|")}
+    for key, pts in curves.items():  # every method's curve starts at the base model (0 prompts)
+        m, task, length = key.split("|")
+        b = base_curves.get(f"base|{task}|{length}")
+        if m != "base" and b and pts[0]["prompts_seen"] != 0:
+            pts.insert(0, b[0])
+    gaps: dict[str, dict[int, list[float]]] = {}
+    heat: dict[str, list[list[float]]] = {}
+    for e in evals:
+        p = e["params"]
+        for r in e.get("snapshot") or []:
+            gap = [a - b for a, b in zip(r["student_token_logprobs"], r["teacher_token_logprobs"])]
+            for pos, g in enumerate(gap):
+                gaps.setdefault(p["method"], {}).setdefault(pos, []).append(g)
+            if p.get("seed") in (None, s.seeds[0]):
+                heat.setdefault(p["method"], []).append(gap)
+    gap_by_position = {m: [{"position": pos, "mean_gap": statistics.fmean(v), "n": len(v)}
+                           for pos, v in sorted(by.items())] for m, by in gaps.items()}
+    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
+            "gap_by_position": gap_by_position, "gap_examples": heat,
+            "table": table,
+            "curves": curves, "trained": trained}
+
+
+def _fmt(c: dict[str, Any] | None) -> str:
+    if not c:
+        return "—"
+    return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c["n_seeds"] > 1 else "")
+
+
+def comparison_markdown(summary: dict[str, Any]) -> str:
+    lengths = summary["lengths"]
+    families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
+                      key=lambda f: (f != "in_family", f))
+    lines = []
+    for fam in families:
+        title = {"in_family": "training templates, fresh keys (in-family)",
+                 "transfer": "templates never trained on (transfer)"}.get(fam, fam)
+        lines += [f"### Long-context accuracy: {title}", "",
+                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " | C_s only | prompts | train s |",
+                  "|---|" + "---:|" * (len(lengths) + 3)]
+        for r in summary["table"]:
+            sc = r["scores"]
+            cols = [_fmt(sc.get(f"{fam}|long|{n}")) for n in lengths] + [_fmt(sc.get(f"{fam}|short|0"))]
+            ts = r.get("train_seconds")
+            cols += [str(r.get("prompts", 0)), f"{ts[0]:.0f}" if ts else "—"]
+            lines.append(f"| {r['method']} | " + " | ".join(cols) + " |")
+        lines.append("")
+    lines.append(f"Mean ± standard deviation over seeds {summary['seeds']} (final models; greedy answers).")
+    return "\n".join(lines) + "\n"
+
+
+def _line(ax: Any, pts: list[tuple[int, dict[str, Any]]], label: str) -> None:
+    """One method's means with its spread over seeds as error bars."""
+    if pts:
+        ax.errorbar([x for x, _ in pts], [c["mean"] for _, c in pts], yerr=[c["sd"] for _, c in pts], marker="o",
+                    capsize=3, label=label, ls="--" if label == "base" else "-")
+
+
+def _axes(ax: Any, title: str, xlabel: str) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8)
+
+
+def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {"json": out / "comparison.json", "md": out / "comparison.md",
+             "length_png": out / "accuracy_vs_length.png", "efficiency_png": out / "sample_efficiency.png"}
+    paths["json"].write_text(json.dumps(summary, indent=1))
+    paths["md"].write_text(comparison_markdown(summary))
+    lengths = summary["lengths"]
+    fams = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]}, key=lambda f: f != "in_family")
+    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.4), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        for r in summary["table"]:
+            pts = [(n, r["scores"].get(f"{fam}|long|{n}")) for n in lengths]
+            _line(ax, [(n, c) for n, c in pts if c], r["method"])
+        _axes(ax, f"{fam}: long-context accuracy", "context length (tokens)")
+    fig.tight_layout()
+    fig.savefig(paths["length_png"], dpi=80)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    length = summary.get("curve_length") or max(lengths)
+    for key, pts in summary["curves"].items():
+        m, fam, n = key.split("|")
+        if fam == "in_family" and int(n) == length and m != "base":
+            _line(ax, [(p["prompts_seen"], p) for p in pts], m)
+    _axes(ax, f"sample efficiency: in-family accuracy at {length} tokens", "training prompts seen")
+    fig.tight_layout()
+    fig.savefig(paths["efficiency_png"], dpi=80)
+    plt.close(fig)
+    if summary.get("gap_by_position"):
+        paths["gap_png"] = out / "gap_by_position.png"
+        paths["heatmap_png"] = out / "gap_heatmap.png"
+        _gap_plots(summary, paths["gap_png"], paths["heatmap_png"])
+    return paths
+
+
+def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> None:
+    """Mean student − teacher log-prob by answer position, one line per model; and the per-token
+    gaps of a few sampled answers, one panel per model (rows: samples, columns: positions)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for m in summary["methods"]:
+        pts = summary["gap_by_position"].get(m)
+        if pts:
+            ax.plot([p["position"] for p in pts], [p["mean_gap"] for p in pts], marker=".",
+                    ls="--" if m == "base" else "-", label=m)
+    ax.axhline(0, color="grey", lw=0.6)
+    ax.set_title("student − teacher log-prob by answer position", fontsize=10)
+    ax.set_xlabel("answer token position")
+    ax.set_ylabel("mean gap (nats)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(line_path, dpi=80)
+    plt.close(fig)
+    models = [m for m in summary["methods"] if summary["gap_examples"].get(m)]
+    width = max(len(g) for m in models for g in summary["gap_examples"][m])
+    fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, min(2 + 0.3 * width, 14)), 1.2 + 0.9 * len(models)),
+                             squeeze=False)
+    fig.suptitle("student − teacher log-prob per answer token (blue: the student is surer, red: the teacher)",
+                 fontsize=9)
+    for ax, m in zip(axes[:, 0], models):
+        rows = summary["gap_examples"][m]
+        grid = np.full((len(rows), width), np.nan)
+        for i, g in enumerate(rows):
+            grid[i, : len(g)] = g
+        im = ax.imshow(grid, aspect="auto", cmap="RdBu", vmin=-4, vmax=4, interpolation="nearest")
+        ax.set_ylabel(m, fontsize=8)
+        ax.set_yticks([])
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("answer token position")
+    fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="gap (nats)")
+    fig.savefig(heat_path, dpi=80)
+    plt.close(fig)
