@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,6 +12,8 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.lineage import LineageStore
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 # Steps that load a model or tokenize a data set carry this tag; the main job's run config allows
@@ -45,6 +48,20 @@ class OpsdlResource(dg.ConfigurableResource):
                                                                   "(default $OPSDL_CACHE_DIR or ~/.cache/opsdl).")
     num_threads: int = Field(default=2, description="torch CPU threads for in-process work (curation, eval).")
     lineage_db: str | None = Field(default=None, description="DuckDB lineage file (default HOME/lineage.duckdb).")
+    accelerate_config: str | None = Field(
+        default=None, description="Launch the training process with `accelerate launch --config_file THIS` "
+                                  "(e.g. configs/accelerate/fsdp.yaml on 8 GPUs); default: one plain Python process.")
+
+    def train_command(self, module: str) -> list[str]:
+        """The command that starts the training process ``python -m module`` (through accelerate if configured)."""
+        if not self.accelerate_config:
+            return [sys.executable, "-m", module]
+        cfg = Path(self.accelerate_config).expanduser()
+        if not cfg.is_absolute():
+            cfg = PROJECT_ROOT / cfg
+        if not cfg.is_file():
+            raise FileNotFoundError(f"opsdl resource accelerate_config: no file at {cfg}")
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "-m", module]
 
     # -- paths ------------------------------------------------------------------------------
     @property

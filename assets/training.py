@@ -4,7 +4,6 @@
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,13 +40,17 @@ class TrainingConfig(dg.Config):
     seed: int = Field(default=0, description="Training seed.")
     save_every: int = Field(default=10, description="Checkpoint every N steps (a retried step resumes there).")
     num_threads: int = Field(default=2, description="torch CPU threads of the training process.")
+    rollout_backend: Literal["transformers", "vllm"] = Field(
+        default="transformers", description="Sampler: the trainer's own model (transformers) or a vLLM engine "
+                                            "synced after every step (settings: overrides 'rollout.vllm.FIELD=...').")
     overrides: list[str] = Field(default=[], description="Any other RunConfig field: 'SECTION.FIELD=VALUE'.")
 
     def run_config(self, *, model: str, model_cache_dir: str | None, data: dict[str, Any], run_dir: str) -> RunConfig:
         d = {
             "model": {"name": model, "cache_dir": model_cache_dir},
             "data": data,
-            "rollout": {"samples_per_prompt": self.samples_per_prompt, "temperature": self.temperature,
+            "rollout": {"backend": self.rollout_backend, "samples_per_prompt": self.samples_per_prompt,
+                        "temperature": self.temperature,
                         "top_p": self.top_p, "max_new_tokens": self.max_new_tokens},
             "loss": {"kind": self.loss, "advantage_clip": self.advantage_clip},
             "lora": {"enabled": self.lora, "r": self.lora_r, "alpha": self.lora_alpha},
@@ -83,9 +86,13 @@ def opsdl_model(context: dg.AssetExecutionContext, config: TrainingConfig, opsdl
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "pipeline-config.yaml"
     cfg.to_yaml(cfg_path)
-    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "OPSDL_CONFIG_PATH": str(cfg_path),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
-    inv = pipes_subprocess_client.run(context=context, command=[sys.executable, "-m", "pipelines.pipes_train"],
+    try:
+        command = opsdl.train_command("pipelines.pipes_train")
+    except FileNotFoundError as e:
+        raise dg.Failure(str(e)) from None
+    inv = pipes_subprocess_client.run(context=context, command=command,
                                       extras={"config_path": str(cfg_path)}, env=env, cwd=str(PROJECT_ROOT))
     messages = inv.get_custom_messages()
     results = next((m["results"] for m in messages if isinstance(m, dict) and m.get("kind") == "results"), None)

@@ -88,10 +88,33 @@ class DataConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``rollout.backend: vllm``; ``opsdl_core.rollout_vllm``)."""
+
+    max_model_len: int = 4096  # prompt + answer, in tokens
+    dtype: Optional[str] = None  # default: model.dtype (the trainer's, so log-probs match)
+    kv_cache_gib: float = 1.0  # KV cache size: CPU RAM on the CPU build, per GPU on GPUs; 0: use gpu_memory_utilization
+    gpu_memory_utilization: float = 0.3  # GPUs only, when kv_cache_gib is 0
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds
+    in_process: bool = False  # the engine in the trainer's process (weights handed over in memory)
+    tensor_parallel_size: int = 1
+    model_dir: Optional[str] = None  # the folder the engine starts from (default: the model's own folder)
+
+    def __post_init__(self) -> None:
+        _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", "an integer >= 16", self.max_model_len)
+        _check(self.kv_cache_gib >= 0, "rollout.vllm.kv_cache_gib", "a number >= 0", self.kv_cache_gib)
+        _check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "a float in (0, 1]",
+               self.gpu_memory_utilization)
+        _check(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "an integer >= 1",
+               self.tensor_parallel_size)
+
+
+@dataclass
 class RolloutConfig:
     """On-policy sampling from the current weights."""
 
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     samples_per_prompt: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -103,6 +126,7 @@ class RolloutConfig:
     # Health check of the weight sync: mean |log p_trainer − log p_sampler| over the sampled tokens
     # above this stops the run (stale or corrupted sampler weights); null disables the check.
     max_logprob_diff: Optional[float] = 0.1
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
@@ -288,6 +312,11 @@ class RunConfig:
             d.get(section, {}).pop(key, None)
         if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes
             d.pop("method")
+        if d["rollout"]["backend"] != "vllm":  # the engine's settings matter only when it samples
+            d["rollout"].pop("vllm")
+        else:
+            for key in ("kv_cache_gib", "gpu_memory_utilization", "in_process", "model_dir", "max_model_len"):
+                d["rollout"]["vllm"].pop(key)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

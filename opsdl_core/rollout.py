@@ -133,6 +133,23 @@ def merged_lora_weights(peft_model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+def sampler_weights(model: Any) -> dict[str, torch.Tensor]:
+    """Every parameter of the plain model (names as in its checkpoint), LoRA adapters merged in:
+    what an engine that holds its own copy of the weights (vLLM) must be sent after a step."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return {k: p.detach() for k, p in model.named_parameters()}
+    merged = merged_lora_weights(model)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.get_base_model().named_parameters():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        out[name] = merged.get(name, p.detach())
+    return out
+
+
 class TransformersRollout:
     """Batched sampling with a KV cache on a transformers model (shared with the trainer).
 

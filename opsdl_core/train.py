@@ -82,8 +82,12 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
 
     if do_eval and cfg.eval.before:
         _eval("before", model)
-    trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage).setup(resume=resume)
-    result = trainer.train(on_step=on_step)
+    trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage,
+                           model_dir=lineage.get("model_path")).setup(resume=resume)
+    try:
+        result = trainer.train(on_step=on_step)
+    finally:
+        trainer.rollout.release()  # a vLLM engine's process and memory; the trainer's own model stays
     results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1))
     if result.metrics:
         keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")

@@ -35,7 +35,7 @@ from .config import RunConfig
 from .losses import compute_loss, needs_full_logits
 from .prepare import Prepared, PreparedData
 from .prompts import pad_token_id, stop_token_ids
-from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights
+from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
 from .scoring import score_responses
 from .synthetic import score_answer
 from .teacher import TeacherWeights
@@ -86,9 +86,10 @@ def prompt_order(n: int, seed: int, cursor: int) -> int:
 class OPSDLTrainer:
     def __init__(self, cfg: RunConfig, model: Any, tokenizer: Any, data: PreparedData, *,
                  rollout: RolloutEngine | None = None, log: Callable[[str], None] = print,
-                 lineage: dict[str, Any] | None = None):
+                 lineage: dict[str, Any] | None = None, model_dir: str | None = None):
         self.cfg, self.tokenizer, self.data, self.log = cfg, tokenizer, data, log
         self.base_model = model
+        self.model_dir = model_dir  # the model's folder, where the vLLM engine starts from
         self.rollout = rollout
         self.lineage = dict(lineage or {})
         self.run_dir = Path(cfg.train.run_dir)
@@ -107,7 +108,12 @@ class OPSDLTrainer:
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         torch.manual_seed(cfg.train.seed)
         sampler_model = None
-        if self.rollout is None and cfg.lora.enabled and cfg.rollout.merged_sampler:
+        use_vllm = self.rollout is None and cfg.rollout.backend == "vllm"
+        if use_vllm:  # before LoRA wraps the model: an exported folder holds the plain weights
+            from .rollout_vllm import engine_model_dir
+
+            engine_dir = engine_model_dir(cfg, self.base_model, self.tokenizer, self.model_dir, self.run_dir)
+        if self.rollout is None and not use_vllm and cfg.lora.enabled and cfg.rollout.merged_sampler:
             sampler_model = copy.deepcopy(self.base_model).eval()  # LoRA-free copy, synced each step
             for p in sampler_model.parameters():
                 p.requires_grad_(False)
@@ -122,6 +128,13 @@ class OPSDLTrainer:
         self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
                                       ema_decay=cfg.train.ema_decay)
         self.pad_id = pad_token_id(self.tokenizer)
+        self._full_sync = use_vllm  # an engine with its own copy of the weights gets all of them
+        if use_vllm:
+            from .rollout_vllm import VLLMRollout
+
+            self.rollout = VLLMRollout(engine_dir, cfg.rollout.vllm, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                                       log=self.log)
+            self.sync_weights()  # the engine starts from the trainer's weights, whatever the folder held
         if self.rollout is None:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
                                                pad_id=self.pad_id)
@@ -187,8 +200,11 @@ class OPSDLTrainer:
         return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
 
     def _batch_indices(self, micro: int) -> list[int]:
+        """This process's prompts: under ``accelerate launch`` each rank takes its own slice of the
+        same seeded order (one process: rank 0 of 1, the order of a single-machine run)."""
         n, k = len(self.data.train), self.cfg.train.prompts_per_step
-        base = (self.step * self.cfg.train.grad_accum + micro) * k
+        ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
+        base = ((self.step * self.cfg.train.grad_accum + micro) * ranks + rank) * k
         return [prompt_order(n, self.cfg.train.seed, base + j) for j in range(k)]
 
     def _batch(self, micro: int) -> list[Prepared]:
@@ -213,7 +229,7 @@ class OPSDLTrainer:
         n = self.cfg.train.grad_accum
         m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
         m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
-                 prompts_seen=self.step * n * self.cfg.train.prompts_per_step,
+                 prompts_seen=self.step * n * self.cfg.train.prompts_per_step * self.accelerator.num_processes,
                  **{k: round(v, 4) for k, v in timings.items()})
         return m
 
@@ -307,7 +323,10 @@ class OPSDLTrainer:
 
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
-        state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
+        if self._full_sync:
+            state = sampler_weights(self.unwrapped)
+        else:
+            state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
         self.rollout.update_weights(self.step, state)
 
     def _accumulate(self, sums, out, stu, tch, ro, batch, sampler) -> None:

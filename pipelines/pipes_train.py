@@ -18,6 +18,10 @@ from opsdl_core.train import run  # noqa: E402
 
 
 def main() -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`: one rank talks to Dagster
+        cfg = RunConfig.from_yaml(os.environ["OPSDL_CONFIG_PATH"])
+        run(cfg, evaluate=False, log=lambda s: None)
+        return
     with open_dagster_pipes() as pipes:
         cfg = RunConfig.from_yaml(pipes.get_extra("config_path"))
         pipes.log.info(f"[opsdl] training in {cfg.train.run_dir} (config {cfg.hash()}, retry {pipes.retry_number})")

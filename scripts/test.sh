@@ -14,5 +14,7 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     || echo "[test] WARNING: could not install chromium; the headless-browser test will be skipped"
 fi
 if command -v chromium >/dev/null 2>&1; then export OPSDL_REQUIRE_BROWSER=1; fi
+# setup.sh installed vLLM (unless OPSDL_VLLM=none): its tests then run, a broken install fails them
+if [ "${OPSDL_VLLM:-cpu}" != none ]; then export OPSDL_REQUIRE_VLLM=1; fi
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 exec .venv/bin/python -m pytest -q "$@"

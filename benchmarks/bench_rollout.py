@@ -1,0 +1,138 @@
+"""Benchmark the rollout backends: vLLM (the CPU build here, the GPU build in production) against
+the transformers backend, on the same prompts, n samples per prompt, and the cost of one weight sync.
+
+    .venv/bin/python benchmarks/bench_rollout.py                        # embedded default, 1K and 2K, n=4
+    .venv/bin/python benchmarks/bench_rollout.py --lengths 1024 --prompts 4 --threads 2
+
+For each prompt length: ``--prompts`` long-context prompts of the training data (synthetic needle
+tasks at that many tokens), ``n`` answers each at temperature 1, ``--new-tokens`` tokens per answer
+(no stop token, so both backends generate exactly the same number of tokens). One untimed warm-up
+call per backend, then ``--repeats`` timed calls; printed: generated tokens per second (prefill
+included: that is what a rollout costs), the ratio vLLM / transformers, and how far the two
+backends' per-token log-probs of the vLLM samples are apart (the trainer's health check value).
+
+Weight sync: the trainer's full weights (LoRA merged) pushed into the engine, in the engine's own
+process (through a safetensors file in /dev/shm, the default) and, with ``--in-process``, into an
+engine in this process (tensors handed over). The first generation after a sync is timed too
+(the prefix cache was reset).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--prompts", type=int, default=2, help="prompts per call")
+    ap.add_argument("--n", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the transformers backend")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--syncs", type=int, default=3, help="timed weight syncs per engine mode")
+    ap.add_argument("--in-process", action="store_true", help="also time an engine in this process")
+    args = ap.parse_args()
+
+    import torch
+
+    from opsdl_core.config import RunConfig, VLLMConfig
+    from opsdl_core.models import load_model_and_tokenizer, resolve_model
+    from opsdl_core.prepare import prepare_data
+    from opsdl_core.rollout import SamplingParams, TransformersRollout, sampler_weights
+    from opsdl_core.rollout_vllm import VLLMRollout
+    from opsdl_core.scoring import score_responses
+    from opsdl_core.trainer import apply_lora
+
+    torch.set_num_threads(args.threads)
+    resolved = resolve_model(args.model)
+    model, tok = load_model_and_tokenizer(resolved)
+    model.eval()
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=())
+    prompts = {}
+    for length in args.lengths:
+        cfg = RunConfig.from_dict({"data": {"train_size": args.prompts, "heldout_size": 0, "context_tokens": length}})
+        prompts[length] = [p.student_ids for p in prepare_data(cfg.data, tok).train]
+
+    def timed(engine, ps, seed):
+        t = time.perf_counter()
+        out = engine.generate(ps, n=args.n, params=params, seed=seed)
+        dt = time.perf_counter() - t
+        return out, sum(len(r) for r in out.response_ids) / dt, dt
+
+    hf = TransformersRollout(model, pad_id=tok.pad_token_id)
+    max_len = max(max(len(p) for p in ps) for ps in prompts.values()) + args.new_tokens + 16
+    t = time.perf_counter()
+    eng = VLLMRollout(resolved.path, VLLMConfig(max_model_len=max_len, kv_cache_gib=args.kv_cache_gib))
+    start_s = time.perf_counter() - t
+    print(f"model {args.model}; {args.prompts} prompts x n={args.n} x {args.new_tokens} new tokens; "
+          f"torch threads {args.threads}; vLLM engine started in {start_s:.1f}s\n")
+    print("| prompt tokens | transformers tok/s | vLLM tok/s | vLLM / transformers | max |logprob diff| |")
+    print("|---:|---:|---:|---:|---:|")
+    rows = []
+    for length, ps in prompts.items():
+        res = {}
+        for name, engine in (("transformers", hf), ("vllm", eng)):
+            timed(engine, ps, seed=0)  # warm-up
+            runs = [timed(engine, ps, seed=1 + r) for r in range(args.repeats)]
+            res[name] = (statistics.median(r[1] for r in runs), runs[-1][0])
+        out = res["vllm"][1]
+        with torch.no_grad():
+            ref = score_responses(model, prompts=ps, responses=out.response_ids, prompt_index=out.prompt_index,
+                                  pad_id=tok.pad_token_id)
+        diff = max(abs(ref.logprobs[b, i].item() - lp) for b, lps in enumerate(out.sampler_logprobs)
+                   for i, lp in enumerate(lps))
+        mean_len = sum(map(len, ps)) / len(ps)
+        ratio = res["vllm"][0] / res["transformers"][0]
+        rows.append((mean_len, res["transformers"][0], res["vllm"][0], ratio, diff))
+        print(f"| {mean_len:.0f} | {res['transformers'][0]:.1f} | {res['vllm'][0]:.1f} | {ratio:.2f}x | {diff:.1e} |",
+              flush=True)
+
+    # weight sync: a LoRA step's worth of change, full weights pushed
+    lora_model = apply_lora(model, RunConfig.from_dict({"lora": {"r": 16, "alpha": 32}}))
+    with torch.no_grad():
+        for n_, p in lora_model.named_parameters():
+            if "lora_B" in n_:
+                p.normal_(0, 1e-3)
+    state = sampler_weights(lora_model)
+    mb = sum(v.numel() * v.element_size() for v in state.values()) / 2**20
+    ps = prompts[args.lengths[0]]
+
+    def sync_times(engine):
+        times, first = [], []
+        for i in range(args.syncs):
+            t = time.perf_counter()
+            engine.update_weights(i + 1, state)
+            times.append(time.perf_counter() - t)
+            first.append(timed(engine, ps, seed=100 + i)[2])
+        return statistics.median(times), statistics.median(first)
+
+    print(f"\nweight sync: {len(state)} tensors, {mb:.0f} MiB (all weights, LoRA merged)\n")
+    print("| engine | sync s | first rollout after sync s | rollout without sync s |")
+    print("|---|---:|---:|---:|")
+    base_gen = statistics.median(timed(eng, ps, seed=200 + i)[2] for i in range(args.repeats))
+    s, f = sync_times(eng)
+    print(f"| own process (file in /dev/shm) | {s:.2f} | {f:.2f} | {base_gen:.2f} |", flush=True)
+    eng.release()
+    if args.in_process:
+        eng = VLLMRollout(resolved.path, VLLMConfig(max_model_len=max_len, kv_cache_gib=args.kv_cache_gib,
+                                                    in_process=True))
+        timed(eng, ps, seed=0)
+        base_gen = statistics.median(timed(eng, ps, seed=200 + i)[2] for i in range(args.repeats))
+        s, f = sync_times(eng)
+        print(f"| this process (tensors handed over) | {s:.2f} | {f:.2f} | {base_gen:.2f} |", flush=True)
+        eng.release()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

