@@ -68,11 +68,13 @@ class LmEvalSpec:
             args.append(f"peft={self.peft}")
         if self.backend == "vllm":
             lengths = self.metadata.get("max_seq_lengths") or []
-            args.append(f"max_model_len={max([4096, *lengths]) + 256}")
+            if lengths:  # RULER: the longest prompt plus the chat template and the answer; else the model's own
+                args.append(f"max_model_len={max(lengths) + 512}")
         return ",".join(args)
 
     def command(self, output: Path) -> list[str]:
-        cmd = [sys.executable, "-m", "lm_eval", "--model", self.backend, "--model_args", self.model_args(),
+        entry = "evals.lm_eval_vllm" if self.backend == "vllm" else "lm_eval"  # see evals/lm_eval_vllm.py
+        cmd = [sys.executable, "-m", entry, "--model", self.backend, "--model_args", self.model_args(),
                "--tasks", ",".join(self.tasks), "--batch_size", str(self.batch_size), "--log_samples",
                "--output_path", str(output)]
         if self.backend == "hf":

