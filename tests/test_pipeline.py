@@ -180,3 +180,11 @@ def test_committed_main_job_run_config_is_valid():
     assert resolved["ops"]["opsdl_model"]["config"]["steps"] == cfg["ops"]["opsdl_model"]["config"]["steps"]
     with pytest.raises(dg.DagsterInvalidConfigError, match="lr"):
         dg.validate_run_config(job, {"ops": {"opsdl_model": {"config": {"lr": "fast"}}}})
+
+
+def test_retention_check_is_exact_at_its_margin():
+    from assets.checks import within_margin
+
+    assert 0.7 - 0.8 < -0.1  # the floating-point difference that failed a real run at exactly the margin
+    assert within_margin(0.7 - 0.8, 0.10) and within_margin(0.0, 0.10)
+    assert not within_margin(0.65 - 0.8, 0.10) and not within_margin(-0.1 - 1e-6, 0.10)
