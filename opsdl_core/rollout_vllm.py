@@ -98,7 +98,6 @@ class VLLMRollout:
         kw: dict[str, Any] = {}
         if s.kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(s.kv_cache_gib))))
         else:
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         t = time.perf_counter()
