@@ -26,11 +26,16 @@ class EvalSetsConfig(dg.Config):
     n_distractors: list[int] = Field(default=[4, 12], description="[min, max] distractor records per context.")
     templates: list[str] = Field(default=[], description="Training templates asked in the in-template suite "
                                                          "(empty: all); match the curation's templates.")
+    families: list[str] = Field(default=[], description="Curriculum families trained on: one in-family suite each "
+                                                        "(replaces the needle-template suites).")
+    heldout_families: list[str] = Field(default=[], description="Curriculum families never trained on: one "
+                                                                "out-of-family suite each (transfer).")
 
 
 class CurationConfig(dg.Config):
-    source: str = Field(default="synthetic", description="'synthetic' (built-in generator), 'inbox' (the data "
-                                                         "inbox folder), or a JSONL/Parquet file or folder.")
+    source: str = Field(default="synthetic", description="'synthetic' (built-in needle generator), 'curriculum' "
+                                                         "(the built-in task families), 'inbox' (the data inbox "
+                                                         "folder), or a JSONL/Parquet file or folder.")
     size: int = Field(default=256, description="Training prompts to keep.")
     context_tokens: int = Field(default=1024, description="Synthetic only: target length of C_L in tokens.")
     seed: int = Field(default=0, description="Synthetic only: generator seed.")
@@ -38,6 +43,26 @@ class CurationConfig(dg.Config):
     n_distractors: list[int] = Field(default=[4, 12], description="Synthetic only: [min, max] distractor records.")
     ngram: int = Field(default=8, description="Decontamination: shared word n-gram length with eval data.")
     max_tokens: int | None = Field(default=None, description="Set aside examples whose C_L is longer.")
+    families: dict[str, float] = Field(default={}, description="Curriculum only: the mixture, family -> weight "
+                                                               "(empty: every family, equal weights).")
+    haystacks: dict[str, float] = Field(default={}, description="Curriculum only: haystack kind -> weight "
+                                                                "(noise, prose, records; empty: equal).")
+    lengths: list[int] = Field(default=[], description="Curriculum only: context lengths, equal shares "
+                                                       "(empty: [context_tokens]).")
+    length_order: str = Field(default="mixed", description="Curriculum only: 'mixed' or 'ascending' (short first).")
+
+
+def _curriculum_args(config: CurationConfig) -> dict[str, Any]:
+    from opsdl_core.config import ConfigError, CurriculumConfig
+
+    try:  # the same validation as a run config's data.curriculum
+        c = CurriculumConfig(**{k: v for k, v in (("families", config.families), ("haystacks", config.haystacks),
+                                                 ("lengths", config.lengths or None)) if v},
+                             length_order=config.length_order)
+    except (ConfigError, TypeError) as err:
+        raise dg.Failure(f"curated_prompts config: {err}") from None
+    return {"families": c.families, "haystacks": c.haystacks, "lengths": c.lengths, "length_order": c.length_order,
+            "prose": c.prose}
 
 
 def md_table(rows: list[dict[str, Any]], cols: list[str], width: int = 80) -> str:
@@ -68,7 +93,8 @@ def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: 
     count = opsdl.count_tokens()
     suites = eval_suites(count_tokens=count, lengths=config.lengths, n=config.n, seed=config.seed,
                          in_template_n=config.in_template_n, n_distractors=tuple(config.n_distractors),
-                         train_templates=config.templates or None)
+                         train_templates=config.templates or None, families=config.families,
+                         heldout_families=config.heldout_families)
     out_dir = opsdl.artifacts("eval_sets")
     store = opsdl.store()
     result: dict[str, Any] = {"suites": {}}
@@ -106,12 +132,13 @@ def curated_prompts(context: dg.AssetExecutionContext, config: CurationConfig, o
                     eval_sets: dict[str, Any]):
     eval_examples = [ex for s in eval_sets["suites"].values() for ex in read_examples(s["path"])]
     source = str(opsdl.inbox) if config.source == "inbox" else config.source
-    if source != "synthetic" and not Path(source).exists():
-        raise dg.Failure(f"curation source {source!r} does not exist; expected 'synthetic', 'inbox', "
+    if source not in ("synthetic", "curriculum") and not Path(source).exists():
+        raise dg.Failure(f"curation source {source!r} does not exist; expected 'synthetic', 'curriculum', 'inbox', "
                          "or a JSONL/Parquet file or folder")
     res = curate(source, count_tokens=opsdl.count_tokens(), size=config.size, context_tokens=config.context_tokens,
                  seed=config.seed, templates=config.templates or None, n_distractors=tuple(config.n_distractors),
-                 eval_examples=eval_examples, ngram=config.ngram, max_tokens=config.max_tokens)
+                 eval_examples=eval_examples, ngram=config.ngram, max_tokens=config.max_tokens,
+                 curriculum=_curriculum_args(config) if config.source == "curriculum" else None)
     if not res.examples:
         reasons = "; ".join(f"{r.source} row {r.row}: {r.reason}" for r in res.quarantined[:3])
         raise dg.Failure(f"no usable training prompts from {source!r}" + (f" (e.g. {reasons})" if reasons else ""))

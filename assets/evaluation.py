@@ -32,7 +32,7 @@ class EvaluationConfig(dg.Config):
 def _suite_contexts(name: str) -> tuple[str, ...]:
     # Short-context (C_s only) accuracy on the held-out templates measures retention of the
     # short-context skill; the in-template suite is only asked with the long context.
-    return ("long", "short") if name.startswith("kv_heldout") else ("long",)
+    return ("long", "short") if name.startswith(("kv_heldout", "out_of_family:", "in_family:")) else ("long",)
 
 
 def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: EvaluationConfig,

@@ -22,7 +22,7 @@ from .config import RunConfig
 from .prepare import PreparedData
 from .rollout import RolloutEngine, SamplingParams
 from .scoring import score_responses
-from .synthetic import score_answer
+from .synthetic import score_example
 
 __all__ = ["used_prompt_indices", "load_or_build_baseline_data"]
 
@@ -34,7 +34,7 @@ def used_prompt_indices(cfg: RunConfig, n_prompts: int) -> list[int]:
     from .trainer import prompt_order
 
     total = cfg.train.steps * cfg.train.grad_accum * cfg.train.prompts_per_step
-    return sorted({prompt_order(n_prompts, cfg.train.seed, i) for i in range(total)})
+    return sorted({prompt_order(n_prompts, cfg.train.seed, i, cfg.train.prompt_order) for i in range(total)})
 
 
 def _reference_ids(tokenizer: Any, answer: str, stop_id: int) -> list[int]:
@@ -71,11 +71,10 @@ def build_baseline_data(cfg: RunConfig, model: Any, tokenizer: Any, data: Prepar
     for i, p in zip(idx, prepared):
         ex = p.example
         if ex.answer is not None:
-            distractors = ex.metadata.get("distractor_answers", ())
             for key, ids_key in (("target_correct", "target_ids"), ("rejected_correct", "rejected_ids")):
                 if ids_key in rows[i]:
                     text = tokenizer.decode(rows[i][ids_key], skip_special_tokens=True)
-                    rows[i][key] = bool(score_answer(ex.answer, text, distractors))
+                    rows[i][key] = bool(score_example(ex, text))
     return rows
 
 

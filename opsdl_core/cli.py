@@ -6,6 +6,7 @@
     opsdl lineage sql "SELECT * FROM v_checkpoint_provenance"      [--db var/lineage.duckdb] [--json]
     opsdl lineage tables                                            # tables and views with row counts
     opsdl lineage ingest runs/demo [--experiment NAME]              # record a finished training run
+    opsdl data curriculum|self-instruct|prose-docs ...             # training data files (opsdl data --help)
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev = sub.add_parser("eval", help="lm-eval on a model, scores to the lineage store (python -m evals.harness)",
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
+    da = sub.add_parser("data", help="write curriculum or self-instruct training data (opsdl_core.data_cli)",
+                        add_help=False)
+    da.add_argument("rest", nargs=argparse.REMAINDER)
     li = sub.add_parser("lineage", help="query or fill the DuckDB lineage store")
     li.add_argument("--db", default=None, help="database file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
     lsub = li.add_subparsers(dest="cmd", required=True)
@@ -83,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ing.add_argument("run_dir")
     ing.add_argument("--experiment", default="default")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("train", "eval"):  # their own parsers (and --help) take every argument after it
+    if argv and argv[0] in ("train", "eval", "data"):  # their own parsers (and --help) take every argument after it
         args = argparse.Namespace(group=argv[0], rest=argv[1:])
     else:
         args = ap.parse_args(argv)
@@ -95,6 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from evals.harness import main as eval_main
 
         return int(eval_main(args.rest) or 0)
+    if args.group == "data":
+        from .data_cli import main as data_main
+
+        return int(data_main(args.rest) or 0)
     return _lineage(args)
 
 

@@ -51,6 +51,37 @@ class ModelConfig:
         _check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
 
 
+CURRICULUM_FAMILIES = ("kv_lookup", "record_lookup", "prose_attribute", "event_date", "multi_hop", "comparison",
+                       "counting")  # opsdl_core.curriculum.FAMILIES (kept in step by a test)
+HAYSTACK_KINDS = ("noise", "prose", "records")
+
+
+@dataclass
+class CurriculumConfig:
+    """The built-in curriculum (``data.source: curriculum``; ``opsdl_core.curriculum``)."""
+
+    # the mixture: family -> weight (examples split by largest remainder); default: all, equal
+    families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in CURRICULUM_FAMILIES})
+    haystacks: dict[str, float] = field(default_factory=lambda: {"noise": 1.0, "prose": 1.0, "records": 1.0})
+    lengths: Optional[list[int]] = None  # context lengths (equal shares per family); default [data.context_tokens]
+    # ascending: short contexts first (with train.prompt_order: sequential, trained in that order)
+    length_order: Literal["mixed", "ascending"] = "mixed"
+    prose: str = "python-reference"  # natural-prose haystack: built in, or "folder:<path>" of .txt files
+
+    def __post_init__(self) -> None:
+        for name, weights, known in (("families", self.families, CURRICULUM_FAMILIES),
+                                     ("haystacks", self.haystacks, HAYSTACK_KINDS)):
+            bad = [k for k in weights if k not in known]
+            _check(not bad, f"data.curriculum.{name}", f"names among {list(known)}", bad)
+            _check(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0, f"data.curriculum.{name}",
+                   "weights >= 0 with a positive sum", weights)
+        _check(self.lengths is None or (bool(self.lengths) and all(n >= 64 for n in self.lengths)),
+               "data.curriculum.lengths", "null or a non-empty list of token counts >= 64", self.lengths)
+
+    def active_families(self) -> list[str]:
+        return [f for f, w in self.families.items() if w > 0]
+
+
 @dataclass
 class DataConfig:
     """Where training and held-out examples come from, and how the teacher context is built."""
@@ -74,8 +105,13 @@ class DataConfig:
     bm25_chunk_tokens: int = 64
     bm25_top_k: int = 3
     field_map: Optional[dict[str, str]] = None
+    curriculum: Optional[CurriculumConfig] = None  # source "curriculum": its mixture (default: every family)
 
     def __post_init__(self) -> None:
+        if isinstance(self.curriculum, dict):
+            self.curriculum = _build(CurriculumConfig, self.curriculum, "data.curriculum")
+        if self.source == "curriculum" and self.curriculum is None:
+            self.curriculum = CurriculumConfig()
         _check(self.train_size > 0, "data.train_size", "a positive integer", self.train_size)
         _check(self.heldout_size >= 0, "data.heldout_size", "an integer >= 0", self.heldout_size)
         _check(self.in_template_size >= 0, "data.in_template_size", "an integer >= 0", self.in_template_size)
@@ -206,6 +242,9 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     num_threads: Optional[int] = None  # torch intra-op threads; None: leave torch's default
     log_every: int = 1
+    # "shuffle": a seeded permutation of the prompts per epoch; "sequential": the data's own order
+    # (a length curriculum, data.curriculum.length_order: ascending)
+    prompt_order: Literal["shuffle", "sequential"] = "shuffle"
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
@@ -308,6 +347,10 @@ class RunConfig:
     def hash(self) -> str:
         """Stable 16-hex digest of the result-affecting fields (sorted-key canonical JSON)."""
         d = self.to_dict()
+        if d["data"].get("curriculum") is None:  # runs before the curriculum keep their hashes
+            d["data"].pop("curriculum", None)
+        if d["train"].get("prompt_order") == "shuffle":
+            d["train"].pop("prompt_order")
         for section, key in _NON_SEMANTIC:
             d.get(section, {}).pop(key, None)
         if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes

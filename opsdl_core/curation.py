@@ -98,10 +98,30 @@ def _templates(names: Sequence[str] | None) -> tuple:
 
 def eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n: int, seed: int,
                 n_distractors: tuple[int, int] = (4, 12), in_template_n: int = 0,
-                train_templates: Sequence[str] | None = None) -> dict[str, list[Example]]:
+                train_templates: Sequence[str] | None = None, families: Sequence[str] = (),
+                heldout_families: Sequence[str] = (), haystack: str = "noise") -> dict[str, list[Example]]:
     """The synthetic evaluation suites: held-out templates at each context length
     (``kv_heldout@{L}``) and, when ``in_template_n``, fresh keys of the training templates
-    (``kv_in_template@{L}``).  Seeds are offset from training's, so the streams are disjoint."""
+    (``kv_in_template@{L}``).  Seeds are offset from training's, so the streams are disjoint.
+
+    With curriculum ``families`` (trained) and ``heldout_families`` (never trained): one suite per
+    family and length, ``in_family:{family}@{L}`` and ``out_of_family:{family}@{L}``, ``n``
+    questions each, held-out names, every template of the family."""
+    if families or heldout_families:
+        from .curriculum import generate_family
+
+        overlap = set(families) & set(heldout_families)
+        if overlap:
+            raise ValueError(f"families {sorted(overlap)} are both trained and held out; expected disjoint lists")
+        out = {}
+        for kind, fams in (("in_family", families), ("out_of_family", heldout_families)):
+            for f in fams:
+                for L in lengths:
+                    out[f"{kind}:{f}@{L}"] = generate_family(f, n=n, split="heldout", target_tokens=L,
+                                                             count_tokens=count_tokens, seed=seed + 7_000_003,
+                                                             haystack=haystack, n_distractors=n_distractors,
+                                                             templates="all")
+        return out
     tpl = _templates(train_templates)
     out: dict[str, list[Example]] = {}
     for L in lengths:
@@ -118,15 +138,26 @@ def eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n
 def curate(source: str, *, count_tokens: Callable[[str], int], size: int, context_tokens: int = 1024,
            seed: int = 0, templates: Sequence[str] | None = None, n_distractors: tuple[int, int] = (4, 12),
            eval_examples: Iterable[Example] = (), ngram: int = 8, max_tokens: int | None = None,
-           field_map: dict[str, str] | None = None) -> CurationResult:
-    """Training prompts from ``source`` ("synthetic" or a file/folder), cleaned.
+           field_map: dict[str, str] | None = None, curriculum: dict[str, Any] | None = None) -> CurationResult:
+    """Training prompts from ``source`` ("synthetic", "curriculum" or a file/folder), cleaned.
+
+    ``curriculum`` (source "curriculum"): keyword arguments of
+    :func:`opsdl_core.curriculum.generate_curriculum` (``families``, ``haystacks``, ``lengths``,
+    ``length_order``, ``prose``); lengths default to ``[context_tokens]``.
 
     Rows that cannot be used are returned in ``quarantined`` with the source, row, field and
     reason: malformed rows (from the loader), exact duplicates (by content hash) after the
     first, rows overlapping the evaluation data, and rows whose ``C_L`` exceeds ``max_tokens``.
     At most ``size`` examples are kept (after cleaning, in source order)."""
     quarantined: list[RejectedRow] = []
-    if source == "synthetic":
+    if source == "curriculum":
+        from .curriculum import generate_curriculum
+
+        kw = dict(curriculum or {})
+        kw["lengths"] = kw.get("lengths") or [context_tokens]
+        loaded = generate_curriculum(n=size, split="train", count_tokens=count_tokens, seed=seed,
+                                     n_distractors=n_distractors, **kw)
+    elif source == "synthetic":
         tpl = _templates(templates)
         loaded = generate_examples(n=size, split="train", templates=tpl, target_tokens=context_tokens,
                                    count_tokens=count_tokens, seed=seed, n_distractors=n_distractors)

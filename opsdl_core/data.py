@@ -26,7 +26,8 @@ optional (a string or an int, converted with ``str``); the default is the first 
 digits of :meth:`Example.content_hash`.  ``metadata`` is an optional JSON-serialisable
 mapping.  ``source`` is taken from the row if it is a non-empty string, otherwise the
 file path.  Other columns are ignored.  When ``require_evidence_in_context`` is true,
-``short_context`` must occur verbatim (no normalisation at all) in ``long_context``.
+``short_context`` must occur verbatim (no normalisation at all) in ``long_context``, or be
+pieces of it in document order joined by ``EVIDENCE_SEPARATOR`` (:func:`locate_evidence`).
 Ids must be unique within one load: a later duplicate is rejected, naming the first row.
 """
 from __future__ import annotations
@@ -43,6 +44,8 @@ from typing import Any
 
 __all__ = [
     "Example",
+    "EVIDENCE_SEPARATOR",
+    "locate_evidence",
     "RejectedRow",
     "LoadResult",
     "validate_row",
@@ -59,6 +62,28 @@ JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 REQUIRED_FIELDS = ("long_context", "short_context", "question")
 _OUR_FIELDS = ("id", *REQUIRED_FIELDS, "answer", "source", "metadata")
+# C_s made of several pieces of C_L (facts far apart) joins them, in document order, with this.
+EVIDENCE_SEPARATOR = "\n...\n"
+
+
+def locate_evidence(short_context: str, long_context: str) -> tuple[tuple[int, int], ...] | None:
+    """Char spans of ``short_context`` in ``long_context``: its first verbatim occurrence, else
+    its :data:`EVIDENCE_SEPARATOR`-joined pieces found one after the other; ``None`` if neither."""
+    if not short_context:
+        return None
+    start = long_context.find(short_context)
+    if start >= 0:
+        return ((start, start + len(short_context)),)
+    if EVIDENCE_SEPARATOR not in short_context:
+        return None
+    spans, at = [], 0
+    for piece in short_context.split(EVIDENCE_SEPARATOR):
+        start = long_context.find(piece, at) if piece else -1
+        if start < 0:
+            return None
+        spans.append((start, start + len(piece)))
+        at = start + len(piece)
+    return tuple(spans)
 
 
 @dataclass(frozen=True)
@@ -203,11 +228,12 @@ def validate_row(
     value = raw_dict.get(col["source"])
     row_source = value if isinstance(value, str) and value.strip() else source
 
-    if require_evidence_in_context and text["short_context"] not in text["long_context"]:
+    if require_evidence_in_context and locate_evidence(text["short_context"], text["long_context"]) is None:
         return reject(
             "short_context",
             f"short_context ({len(text['short_context'])} chars) does not occur verbatim in long_context "
-            f"({len(text['long_context'])} chars); expected an exact substring (no normalisation is applied)",
+            f"({len(text['long_context'])} chars); expected an exact substring (no normalisation is applied), "
+            f"or substrings in document order joined by {EVIDENCE_SEPARATOR!r}",
         )
 
     value = raw_dict.get(col["id"])

@@ -9,7 +9,7 @@ from typing import Any, Callable, Literal, Sequence
 from .prepare import Prepared
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import SamplingParams, TransformersRollout
-from .synthetic import score_answer
+from .synthetic import score_example
 
 
 @dataclass
@@ -50,7 +50,7 @@ def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, 
             outputs[i] = tokenizer.decode(ids, skip_special_tokens=True)
         if progress is not None:
             progress(min(s + batch_size, len(order)), len(order))
-    correct = [bool(score_answer(p.example.answer, out, p.example.metadata.get("distractor_answers", ())))
+    correct = [bool(score_example(p.example, out))
                for p, out in zip(items, outputs)]
     n = len(items)
     return EvalResult(context, sum(correct) / n if n else float("nan"), n, correct, outputs,

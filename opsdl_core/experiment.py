@@ -65,6 +65,18 @@ class ExperimentSettings:
     diagnostic_prompts: int = 4
     diagnostic_samples: int = 2
     db: Optional[str] = None  # lineage DuckDB file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)
+    # transfer (run.data.source: curriculum): families never trained on. "split": one training per
+    # seed and method without all of them; "leave_one_out": one per held-out family (trained on every
+    # other family of the mixture). Every model is evaluated on its in-family and out-of-family suites.
+    heldout_families: list[str] = field(default_factory=list)
+    protocol: str = "split"
+    eval_haystack: str = "noise"  # haystack of the curriculum evaluation suites
+    in_family_n: Optional[int] = None  # questions per trained family and length (default: eval_n)
+    # RULER tasks (lm-eval, evals/ruler) run on the base and every final model, e.g.
+    # [opsdl_ruler_vt, opsdl_ruler_niah_single_1]; at ruler_lengths (default: lengths), ruler_n each
+    ruler_tasks: list[str] = field(default_factory=list)
+    ruler_n: int = 10
+    ruler_lengths: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
         _check(bool(self.methods) and all(m in METHOD_KINDS for m in self.methods), "experiment.methods",
@@ -78,6 +90,17 @@ class ExperimentSettings:
         _check(self.eval_every >= 0, "experiment.eval_every", "an integer >= 0", self.eval_every)
         _check(self.curve_length is None or self.curve_length in self.lengths, "experiment.curve_length",
                f"null or one of experiment.lengths {self.lengths}", self.curve_length)
+        _check(self.protocol in ("split", "leave_one_out"), "experiment.protocol", "'split' or 'leave_one_out'",
+               self.protocol)
+        from .config import CURRICULUM_FAMILIES, HAYSTACK_KINDS
+
+        bad = [f for f in self.heldout_families if f not in CURRICULUM_FAMILIES]
+        _check(not bad, "experiment.heldout_families", f"names among {list(CURRICULUM_FAMILIES)}", bad)
+        _check(self.eval_haystack in HAYSTACK_KINDS, "experiment.eval_haystack", f"one of {HAYSTACK_KINDS}",
+               self.eval_haystack)
+        _check(self.ruler_n >= 1, "experiment.ruler_n", "an integer >= 1", self.ruler_n)
+        _check(self.in_family_n is None or self.in_family_n >= 1, "experiment.in_family_n", "null or an integer >= 1",
+               self.in_family_n)
 
     @property
     def curve_at(self) -> int:
@@ -119,24 +142,50 @@ class PlannedRun:
     method: str
     seed: int
     cfg: RunConfig
+    heldout: tuple[str, ...] = ()  # curriculum families this run never trains on
 
     @property
     def label(self) -> str:
-        return f"{self.method}-seed{self.seed}"
+        return f"{self.method}-seed{self.seed}" + (f"-without-{'+'.join(self.heldout)}" if self.heldout else "")
+
+    @property
+    def trained_families(self) -> list[str]:
+        c = self.cfg.data.curriculum
+        return c.active_families() if c is not None else []
+
+
+def folds(exp: Experiment) -> list[tuple[str, ...]]:
+    """The families each training leaves out: none (no curriculum or nothing held out), all of
+    ``heldout_families`` at once ("split"), or each one in turn ("leave_one_out")."""
+    s = exp.settings
+    if exp.run.data.source != "curriculum" or not s.heldout_families:
+        return [()]
+    if s.protocol == "leave_one_out":
+        return [(f,) for f in s.heldout_families]
+    return [tuple(s.heldout_families)]
 
 
 def plan_runs(exp: Experiment) -> list[PlannedRun]:
-    """One training run per (seed, method), seeds outermost; same data and prompt order per seed."""
+    """One training run per (fold, seed, method), seeds outermost within a fold; same data and
+    prompt order per seed and fold. A fold's held-out families get weight 0 in its mixture."""
     s, base = exp.settings, exp.run.to_dict()
     out = []
-    for seed in s.seeds:
-        for method in s.methods:
-            over: dict[str, Any] = {"method": {"kind": method},
-                                    "train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / f"{method}-seed{seed}")}}
-            if s.eval_every:
-                over["train"].update(save_every=s.eval_every,
-                                     keep_checkpoints=exp.run.train.steps // s.eval_every + 1)
-            out.append(PlannedRun(method, seed, RunConfig.from_dict(_deep_merge(base, over))))
+    for fold in folds(exp):
+        for seed in s.seeds:
+            for method in s.methods:
+                run = PlannedRun(method, seed, exp.run, fold)
+                over: dict[str, Any] = {"method": {"kind": method},
+                                        "train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / run.label)}}
+                if fold:
+                    mix = dict(exp.run.data.curriculum.families)
+                    over["data"] = {"curriculum": {"families": {f: (0.0 if f in fold else w) for f, w in mix.items()}}}
+                    if not any(w > 0 for f, w in mix.items() if f not in fold):
+                        raise ConfigError(f"experiment.heldout_families {list(fold)}: no family left to train on "
+                                          f"(mixture {mix})")
+                if s.eval_every:
+                    over["train"].update(save_every=s.eval_every,
+                                         keep_checkpoints=exp.run.train.steps // s.eval_every + 1)
+                out.append(PlannedRun(method, seed, RunConfig.from_dict(_deep_merge(base, over)), fold))
     return out
 
 
@@ -154,6 +203,12 @@ class Suite:
     digest: str
 
 
+def curriculum_families(exp: Experiment) -> list[str]:
+    """Every family an experiment on the curriculum evaluates: the mixture's and the held-out ones."""
+    mix = exp.run.data.curriculum.active_families() if exp.run.data.curriculum else []
+    return list(dict.fromkeys(mix + list(exp.settings.heldout_families)))
+
+
 def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     from .config import DataConfig
     from .prepare import prepare_examples, token_counter, training_templates
@@ -162,8 +217,24 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     d, s = exp.run.data, exp.settings
     count = token_counter(tokenizer)
     prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=d.short_budget_tokens)
-    families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
     suites = []
+    if d.source == "curriculum":  # one suite per family and length: held-out names, every template
+        from .curriculum import generate_family
+
+        for f in curriculum_families(exp):
+            for length in s.lengths:
+                n = s.eval_n if f in s.heldout_families else (s.in_family_n or s.eval_n)
+                raw = generate_family(f, n=n, split="heldout", target_tokens=length, count_tokens=count,
+                                      seed=d.seed + 7_000_003 + length, haystack=s.eval_haystack,
+                                      n_distractors=tuple(d.n_distractors), templates="all",
+                                      prose=d.curriculum.prose)
+                items, bad = prepare_examples(raw, tokenizer, prep_cfg)
+                if bad:
+                    raise ValueError(f"suite {f}@{length}: {bad[0].reason}")
+                h = hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
+                suites.append(Suite(f"{f}@{length}", f, length, items, h))
+        return suites
+    families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
     for fi, (family, templates) in enumerate(families):
         for length in s.lengths:
             kw = {"templates": templates} if templates is not None else {}
@@ -179,9 +250,10 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
 
 
 def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
-                   short: bool = True) -> list[dict[str, Any]]:
+                   short: bool = True, task_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
-    family's longest suite (C_s does not depend on the length)."""
+    family's longest suite (C_s does not depend on the length). ``task_names``: the task label(s)
+    each family's rows get (``in_family:counting``, ...; default: the family)."""
     from .evaluate import evaluate_accuracy
 
     longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
@@ -191,9 +263,48 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
         for ctx in contexts:
             r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
                                   batch_size=s.batch_size)
-            rows.append({"task": suite.family, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
-                         "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
-                         "harness": "opsdl", "seconds": round(r.seconds, 1)})
+            for task in (task_names or {}).get(suite.family, [suite.family]):
+                rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
+                             "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
+                             "harness": "opsdl", "seconds": round(r.seconds, 1)})
+    return rows
+
+
+def task_labels(exp: Experiment, run: PlannedRun | None) -> dict[str, list[str]] | None:
+    """Curriculum families as in-family or out-of-family tasks: for a trained model by its fold;
+    for the base model every label any fold gives the family (its score is the baseline of each)."""
+    if exp.run.data.source != "curriculum":
+        return None
+    out: dict[str, list[str]] = {}
+    runs = [run] if run is not None else [r for r in plan_runs(exp) if r.seed == exp.settings.seeds[0]
+                                          and r.method == exp.settings.methods[0]]
+    for r in runs:
+        for f in curriculum_families(exp):
+            label = "out_of_family" if f in r.heldout else ("in_family" if f in r.trained_families else None)
+            if label and f"{label}:{f}" not in out.setdefault(f, []):
+                out[f].append(f"{label}:{f}")
+    return {f: v for f, v in out.items() if v}
+
+
+def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[dict[str, Any]]:
+    """``experiment.ruler_tasks`` through lm-eval (evals/ruler) on a model folder: rows labelled
+    ``ruler:<task>`` per context length."""
+    s = exp.settings
+    if not s.ruler_tasks:
+        return []
+    from evals.harness import LmEvalSpec, results_file, run as run_lm_eval, score_rows
+
+    spec = LmEvalSpec(model=str(model_dir), tasks=tuple(s.ruler_tasks), batch_size=s.batch_size,
+                      metadata={"max_seq_lengths": list(s.ruler_lengths or s.lengths), "num_samples": s.ruler_n},
+                      num_threads=exp.run.train.num_threads, dtype=exp.run.model.dtype)
+    folder = out / "ruler" / label
+    run_lm_eval(spec, folder, log_path=folder / "lm_eval.log")
+    rows = []
+    for r in score_rows(results_file(folder)):
+        if r["context_length"] and not r["is_group"]:
+            rows.append({"task": f"ruler:{r['task'].removeprefix('opsdl_ruler_')}", "context": "long",
+                         "context_length": r["context_length"], "metric": "accuracy", "value": r["value"],
+                         "n": r["n"], "dataset_digest": r["dataset_digest"], "harness": r["harness"]})
     return rows
 
 
@@ -279,9 +390,13 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     evals: list[dict[str, Any]] = []
 
     curve_suites = [x for x in suites if x.family == "in_family" and x.length == s.curve_at]
+    if exp.run.data.source == "curriculum":  # transfer over training: the held-out families' suites
+        held = set(s.heldout_families) or set(curriculum_families(exp))
+        curve_suites = [x for x in suites if x.family in held and x.length == s.curve_at]
 
     def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any],
-                 suites: list[Suite] = suites) -> None:
+                 suites: list[Suite] = suites, labels: dict[str, list[str]] | None = None,
+                 model_dir: str | None = None) -> None:
         cache = out / "evals" / f"{label}-{suites_digest}.json"
         rec = json.loads(cache.read_text()) if cache.exists() else {}
         if rec.get("checkpoint_id") != ckpt_id:
@@ -290,8 +405,10 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
             model = get_model()
             model.eval()
             final = len(suites) > 1  # the base and final models; intermediate ones get the curve suite only
-            rec = {"checkpoint_id": ckpt_id, "params": params,
-                   "rows": evaluate_model(model, tok, suites, s, short=final),
+            rows = evaluate_model(model, tok, suites, s, short=final, task_names=labels)
+            if final and model_dir:
+                rows += ruler_rows(model_dir, exp, out, label)
+            rec = {"checkpoint_id": ckpt_id, "params": params, "rows": rows,
                    "snapshot": gap_snapshot(model, tok, curve_suites[0], exp) if final else [],
                    "seconds": round(time.time() - t, 1)}
             cache.parent.mkdir(parents=True, exist_ok=True)
@@ -307,14 +424,17 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
         acc = ", ".join(f"{r['task']}@{r['context_length'] or 'C_s'} {r['value']:.2f}" for r in rec["rows"])
         log(f"[experiment] {label}: {acc}")
 
-    evaluate("base", base_id, {"method": "base", "seed": None, "step": 0, "prompts_seen": 0}, lambda: base)
+    evaluate("base", base_id, {"method": "base", "seed": None, "step": 0, "prompts_seen": 0}, lambda: base,
+             labels=task_labels(exp, None), model_dir=str(resolved.path))
     trained = []
     for run in plan_runs(exp):
         results = _train(run, exp, log)
         rd = Path(run.cfg.train.run_dir)
         ids = ingest_training_run(store, rd, experiment=s.name)
         common = {"method": run.method, "seed": run.seed, "train_run_id": ids["run_id"],
-                  "train_config_hash": run.cfg.hash(), "train_data_digest": results.get("data_digest")}
+                  "train_config_hash": run.cfg.hash(), "train_data_digest": results.get("data_digest"),
+                  **({"heldout_families": list(run.heldout)} if run.heldout else {})}
+        labels = task_labels(exp, run)
         if s.eval_every:
             for rec in _checkpoint_log(rd):
                 step, path = int(rec["step"]), rd / "checkpoints" / rec["path"]
@@ -322,13 +442,14 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                     continue  # the final model stands for the last step
                 evaluate(f"{run.label}-step{step}", content_hash(path),
                          {**common, "step": step, "prompts_seen": prompts_seen(run.cfg, step)},
-                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites)
+                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites, labels=labels)
         steps = int(results.get("steps") or run.cfg.train.steps)
         final_dir = rd / "final" / "model"
         evaluate(run.label, ids["final"].get("merged") or content_hash(final_dir),
                  {**common, "step": steps, "prompts_seen": prompts_seen(run.cfg, steps)},
-                 lambda d=final_dir: load_model_and_tokenizer(str(d))[0])
-        trained.append({"method": run.method, "seed": run.seed, "train_seconds": results.get("train_seconds"),
+                 lambda d=final_dir: load_model_and_tokenizer(str(d))[0], labels=labels, model_dir=str(final_dir))
+        trained.append({"method": run.method, "seed": run.seed, "heldout": list(run.heldout),
+                        "train_seconds": results.get("train_seconds"),
                         "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
     from .experiment_report import summarize, write_comparison
 

@@ -3,6 +3,7 @@ markdown table and the plots (accuracy against length, sample efficiency, studen
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 from pathlib import Path
@@ -69,10 +70,38 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
                 heat.setdefault(p["method"], []).append(gap)
     gap_by_position = {m: [{"position": pos, "mean_gap": statistics.fmean(v), "n": len(v)}
                            for pos, v in sorted(by.items())] for m, by in gaps.items()}
-    return {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
-            "gap_by_position": gap_by_position, "gap_examples": heat,
-            "table": table,
-            "curves": curves, "trained": trained}
+    out = {"methods": methods, "lengths": list(s.lengths), "seeds": list(s.seeds), "curve_length": s.curve_at,
+           "gap_by_position": gap_by_position, "gap_examples": heat,
+           "table": table,
+           "curves": curves, "trained": trained}
+    out["transfer"] = transfer_summary(out)
+    return out
+
+
+KINDS = ("in_family", "out_of_family", "ruler")
+
+
+def transfer_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per trained method, task kind (in-family, out-of-family, RULER) and context length: mean
+    accuracy over the kind's tasks of the base and of the method (each task first averaged over
+    seeds), the gain, and on how many tasks the method beats the base; ``context_length`` 0 is
+    C_s only (short-context retention)."""
+    base = next((r["scores"] for r in summary["table"] if r["method"] == "base"), {})
+    rows = []
+    for r in summary["table"]:
+        if r["method"] == "base":
+            continue
+        by: dict[tuple[str, int], list[tuple[str, float, float]]] = {}
+        for key, cell in r["scores"].items():
+            task, ctx, length = key.split("|")
+            kind = task.split(":", 1)[0]
+            if kind in KINDS and key in base:
+                by.setdefault((kind, int(length)), []).append((task, base[key]["mean"], cell["mean"]))
+        for (kind, length), xs in sorted(by.items(), key=lambda kv: (KINDS.index(kv[0][0]), kv[0][1])):
+            b, m = statistics.fmean(x[1] for x in xs), statistics.fmean(x[2] for x in xs)
+            rows.append({"method": r["method"], "kind": kind, "context_length": length, "tasks": len(xs),
+                         "base": b, "trained": m, "gain": m - b, "tasks_improved": sum(x[2] > x[1] for x in xs)})
+    return rows
 
 
 def _fmt(c: dict[str, Any] | None) -> str:
@@ -81,26 +110,59 @@ def _fmt(c: dict[str, Any] | None) -> str:
     return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c["n_seeds"] > 1 else "")
 
 
+def transfer_markdown(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("transfer") or []
+    if not rows:
+        return []
+    lines = ["### In-family against out-of-family gains", "",
+             "| method | tasks | context | n tasks | base | trained | gain | tasks improved |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    names = {"in_family": "in-family", "out_of_family": "out-of-family (never trained)", "ruler": "RULER (not trained)"}
+    for r in rows:
+        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
+        lines.append(f"| {r['method']} | {names[r['kind']]} | {ctx} | {r['tasks']} | {r['base']:.3f} | "
+                     f"{r['trained']:.3f} | {r['gain']:+.3f} | {r['tasks_improved']}/{r['tasks']} |")
+    return lines + ["", "Means over the kind's tasks; each task's trained score is first averaged over seeds "
+                    "(per-task spreads in the tables below).", ""]
+
+
 def comparison_markdown(summary: dict[str, Any]) -> str:
     lengths = summary["lengths"]
     families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
                       key=lambda f: (f != "in_family", f))
-    lines = []
+    lines = transfer_markdown(summary)
     for fam in families:
         title = {"in_family": "training templates, fresh keys (in-family)",
                  "transfer": "templates never trained on (transfer)"}.get(fam, fam)
+        fam_lengths = sorted({int(k.split("|")[2]) for r in summary["table"] for k in r["scores"]
+                              if k.startswith(f"{fam}|long|")}) or lengths
         lines += [f"### Long-context accuracy: {title}", "",
-                  "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " | C_s only | prompts | train s |",
-                  "|---|" + "---:|" * (len(lengths) + 3)]
+                  "| method | " + " | ".join(f"{n} tokens" for n in fam_lengths) + " | C_s only | prompts | train s |",
+                  "|---|" + "---:|" * (len(fam_lengths) + 3)]
         for r in summary["table"]:
             sc = r["scores"]
-            cols = [_fmt(sc.get(f"{fam}|long|{n}")) for n in lengths] + [_fmt(sc.get(f"{fam}|short|0"))]
+            if not any(k.startswith(f"{fam}|") for k in sc):
+                continue
+            cols = [_fmt(sc.get(f"{fam}|long|{n}")) for n in fam_lengths] + [_fmt(sc.get(f"{fam}|short|0"))]
             ts = r.get("train_seconds")
             cols += [str(r.get("prompts", 0)), f"{ts[0]:.0f}" if ts else "—"]
             lines.append(f"| {r['method']} | " + " | ".join(cols) + " |")
         lines.append("")
     lines.append(f"Mean ± standard deviation over seeds {summary['seeds']} (final models; greedy answers).")
     return "\n".join(lines) + "\n"
+
+
+def _kind_means(summary: dict[str, Any], lengths: list[int]) -> None:
+    """Add ``in_family`` / ``out_of_family`` cells to each method's scores: the mean over its tasks of
+    that kind (per seed-averaged task), for the accuracy-vs-length panels."""
+    for r in summary["table"]:
+        for kind in ("in_family", "out_of_family"):
+            for n in lengths:
+                xs = [c for k, c in r["scores"].items() if k.startswith(kind + ":") and k.endswith(f"|long|{n}")]
+                if xs:
+                    r["scores"][f"{kind}|long|{n}"] = {"mean": statistics.fmean(c["mean"] for c in xs),
+                                                       "sd": statistics.fmean(c["sd"] for c in xs),
+                                                       "n_seeds": xs[0]["n_seeds"]}
 
 
 def _line(ax: Any, pts: list[tuple[int, dict[str, Any]]], label: str) -> None:
@@ -114,7 +176,8 @@ def _axes(ax: Any, title: str, xlabel: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
 
 
 def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
@@ -129,6 +192,11 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     paths["md"].write_text(comparison_markdown(summary))
     lengths = summary["lengths"]
     fams = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]}, key=lambda f: f != "in_family")
+    if any(":" in f for f in fams):  # curriculum: one panel per task kind, not per family
+        fams = [f for f in fams if ":" not in f] + [f for f in ("in_family", "out_of_family")
+                                                    if any(t.startswith(f + ":") for t in fams)]
+        summary = {**summary, "table": copy.deepcopy(summary["table"])}  # the plot's own copy
+        _kind_means(summary, lengths)
     fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.4), squeeze=False)
     for ax, fam in zip(axes[0], fams):
         for r in summary["table"]:

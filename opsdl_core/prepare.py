@@ -65,6 +65,16 @@ def training_templates(cfg: DataConfig) -> tuple:
 def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], list[RejectedRow]]:
     """Train and held-out examples before teacher contexts, plus rows set aside."""
     count = token_counter(tokenizer)
+    if cfg.source == "curriculum":
+        from .curriculum import generate_curriculum
+
+        c = cfg.curriculum
+        kw = dict(families=dict(c.families), lengths=c.lengths or [cfg.context_tokens], count_tokens=count,
+                  seed=cfg.seed, haystacks=dict(c.haystacks), n_distractors=tuple(cfg.n_distractors), prose=c.prose)
+        train = generate_curriculum(n=cfg.train_size, split="train", length_order=c.length_order, **kw)
+        heldout = generate_curriculum(n=cfg.heldout_size, split="heldout", templates="all", **kw) \
+            if cfg.heldout_size else []
+        return train, heldout, []
     if cfg.source == "synthetic":
         kw = dict(target_tokens=cfg.context_tokens, count_tokens=count, seed=cfg.seed,
                   n_distractors=tuple(cfg.n_distractors))

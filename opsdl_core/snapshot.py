@@ -13,7 +13,7 @@ from .prepare import Prepared
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import SamplingParams, TransformersRollout
 from .scoring import score_responses
-from .synthetic import score_answer
+from .synthetic import score_example
 
 __all__ = ["rollout_snapshot"]
 
@@ -43,7 +43,7 @@ def rollout_snapshot(model: Any, tokenizer: Any, items: Sequence[Prepared], *, n
             m = stu.mask[b]
             s, q = stu.logprobs[b][m], tch.logprobs[b][m]
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct = (bool(score_answer(ex.answer, text, ex.metadata.get("distractor_answers", ())))
+            correct = (bool(score_example(ex, text))
                        if ex.answer is not None else None)
             rows.append({"example_id": ex.id, "sample_index": b - ro.prompt_index.index(g), "response": text,
                          "response_ids": list(map(int, ids)), "n_tokens": len(ids),

@@ -39,6 +39,7 @@ __all__ = [
     "generate_examples",
     "answer_in_text",
     "score_answer",
+    "score_example",
 ]
 
 FAMILY = "kv_needle"
@@ -192,6 +193,34 @@ def score_answer(answer: str, generated: str, wrong_answers: Iterable[str] = ())
     return 0.0 if any(answer_in_text(w, generated) for w in wrong_answers) else 1.0
 
 
+def _first_at(answer: str, text: str) -> int | None:
+    ans = _norm(answer).strip(_EDGE)
+    if not ans:
+        return None
+    pattern = ("(?<!\\w)" if ans[0].isalnum() else "") + re.escape(ans) + ("(?!\\w)" if ans[-1].isalnum() else "")
+    m = re.search(pattern, _norm(text))
+    return m.start() if m else None
+
+
+def score_example(example: Example, generated: str) -> float:
+    """Score ``generated`` against an example's reference, as its metadata asks:
+
+    * default: :func:`score_answer` with ``distractor_answers`` as the wrong answers;
+    * ``answer_aliases``: other spellings that count as the answer (``"twice"`` for ``"2"``);
+    * ``scoring: "first_mention"`` (a choice between named options, e.g. which of two towers is
+      taller): correct when the answer is named and named before every wrong option."""
+    md = example.metadata or {}
+    wrong = md.get("distractor_answers", ())
+    if md.get("scoring") == "first_mention":
+        at = _first_at(example.answer, generated)
+        others = [x for x in (_first_at(w, generated) for w in wrong) if x is not None]
+        return float(at is not None and all(at < x for x in others))
+    for ans in (example.answer, *md.get("answer_aliases", ())):
+        if score_answer(ans, generated, wrong):
+            return 1.0
+    return 0.0
+
+
 # --------------------------------------------------------------------------- generation
 def length_tolerance(target_tokens: int) -> float:
     """Allowed |count_tokens(C_L) - target_tokens|: 5% of the target, at least 8 tokens."""
@@ -208,10 +237,13 @@ def _value(rng: random.Random, kind: str) -> str:
 
 
 class _Layout:
-    """Filler stream plus records at fixed relative depths; ``text(W)`` uses W filler words."""
+    """Filler stream plus records at fixed relative depths; ``text(W)`` uses W filler words.
+    ``sentence(rng)`` gives the next filler sentence (default: the generated village prose)."""
 
-    def __init__(self, rng: random.Random, records: list[str], depths: list[float]):
+    def __init__(self, rng: random.Random, records: list[str], depths: list[float],
+                 sentence: Callable[[random.Random], str] | None = None):
         self._rng = rng
+        self._sentence = sentence or _filler_sentence
         self._sentences: list[list[str]] = []
         self._words = 0
         self.records, self.depths = records, depths
@@ -219,7 +251,7 @@ class _Layout:
 
     def _ensure(self, n_words: int) -> None:
         while self._words < n_words:
-            words = _filler_sentence(self._rng).split()
+            words = self._sentence(self._rng).split()
             self._sentences.append(words)
             self._words += len(words)
 

@@ -4,7 +4,8 @@ Three strategies, each returning a :class:`TeacherContext` whose text is made of
 of ``C_L`` (so the teacher never sees text the student did not) and which has passed
 :func:`check_teacher_context` before it is returned:
 
-* ``oracle``: the example's ``short_context`` located in ``C_L`` (first occurrence);
+* ``oracle``: the example's ``short_context`` located in ``C_L`` (first occurrence), or its
+  pieces joined by ``SEPARATOR`` located one after the other (evidence far apart);
 * ``window``: the evidence plus surrounding text, grown the same number of characters on
   both sides and snapped inwards to sentence starts/ends (word boundaries where no sentence
   boundary is in reach) while it fits ``min(window_tokens, max_tokens)``; when one side
@@ -25,7 +26,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from opsdl_core.data import Example
+from opsdl_core.data import EVIDENCE_SEPARATOR, Example, locate_evidence
 
 __all__ = [
     "TeacherContext",
@@ -33,6 +34,7 @@ __all__ = [
     "STRATEGIES",
     "SEPARATOR",
     "oracle_context",
+    "evidence_spans",
     "window_context",
     "bm25_context",
     "build_teacher_context",
@@ -41,7 +43,7 @@ __all__ = [
 ]
 
 STRATEGIES = ("oracle", "window", "bm25")
-SEPARATOR = "\n...\n"
+SEPARATOR = EVIDENCE_SEPARATOR
 CountTokens = Callable[[str], int]
 
 
@@ -105,13 +107,26 @@ def _locate_evidence(ex: Example, strategy: str) -> tuple[int, int]:
     return start, start + len(ex.short_context)
 
 
+def evidence_spans(ex: Example, strategy: str = "oracle") -> tuple[tuple[int, int], ...]:
+    """Where ``short_context`` lies in ``long_context``: one span when it occurs verbatim; several
+    when it is pieces of ``C_L`` joined by :data:`SEPARATOR` (evidence far apart: two facts to
+    compare, the links of a chain), each piece found after the previous one."""
+    spans = locate_evidence(ex.short_context, ex.long_context)
+    if spans is None and SEPARATOR in ex.short_context:
+        raise TeacherContextError(f"example {ex.id}: {strategy}: the {ex.short_context.count(SEPARATOR) + 1} "
+                                  f"evidence pieces of short_context do not occur in long_context in that order; "
+                                  f"expected pieces of C_L in document order joined by {SEPARATOR!r}")
+    return spans if spans is not None else (_locate_evidence(ex, strategy),)
+
+
 def oracle_context(ex: Example, *, count_tokens: CountTokens, max_tokens: int) -> TeacherContext:
-    """The example's ``short_context``, located (first occurrence) in ``long_context``."""
-    s, e = _locate_evidence(ex, "oracle")
+    """The example's ``short_context``, located (first occurrence) in ``long_context``; several
+    evidence pieces joined by :data:`SEPARATOR` are located one by one (:func:`evidence_spans`)."""
+    spans = evidence_spans(ex, "oracle")
     n = count_tokens(ex.short_context)
     if n > max_tokens:
         raise TeacherContextError(f"example {ex.id}: oracle: short_context has {n} tokens > max_tokens={max_tokens}")
-    return _checked(TeacherContext(ex.short_context, ((s, e),), n, "oracle"), ex, max_tokens, count_tokens)
+    return _checked(TeacherContext(ex.short_context, spans, n, "oracle"), ex, max_tokens, count_tokens)
 
 
 # --------------------------------------------------------------------------- sentences

@@ -37,7 +37,7 @@ from .prepare import Prepared, PreparedData
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
 from .scoring import score_responses
-from .synthetic import score_answer
+from .synthetic import score_example
 from .teacher import TeacherWeights
 
 
@@ -75,9 +75,12 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def prompt_order(n: int, seed: int, cursor: int) -> int:
-    """The example index at data position ``cursor``: a fresh seeded permutation per epoch."""
+def prompt_order(n: int, seed: int, cursor: int, order: str = "shuffle") -> int:
+    """The example index at data position ``cursor``: a fresh seeded permutation per epoch
+    (``order="sequential"``: the data's own order, epoch after epoch)."""
     epoch, pos = divmod(cursor, n)
+    if order == "sequential":
+        return pos
     perm = list(range(n))
     random.Random(f"{seed}:epoch:{epoch}").shuffle(perm)
     return perm[pos]
@@ -205,7 +208,7 @@ class OPSDLTrainer:
         n, k = len(self.data.train), self.cfg.train.prompts_per_step
         ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
         base = ((self.step * self.cfg.train.grad_accum + micro) * ranks + rank) * k
-        return [prompt_order(n, self.cfg.train.seed, base + j) for j in range(k)]
+        return [prompt_order(n, self.cfg.train.seed, base + j, self.cfg.train.prompt_order) for j in range(k)]
 
     def _batch(self, micro: int) -> list[Prepared]:
         return [self.data.train[i] for i in self._batch_indices(micro)]
@@ -335,7 +338,7 @@ class OPSDLTrainer:
         lens = [len(r) for r in ro.response_ids]
         exs = [batch[g].example for g in ro.prompt_index]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ro.response_ids]
-        scored = [score_answer(e.answer, t, e.metadata.get("distractor_answers", ()))
+        scored = [score_example(e, t)
                   for e, t in zip(exs, texts) if e.answer is not None]
         vals = {
             "loss": float(out.loss.detach()),

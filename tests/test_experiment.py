@@ -149,3 +149,77 @@ def test_committed_experiment_config_and_its_dagster_job():
     assert dg.validate_run_config(job, cfg)["ops"]["method_comparison"]["config"]["seeds"] == [0]
     with pytest.raises(dg.DagsterInvalidConfigError, match="seeds"):
         dg.validate_run_config(job, {"ops": {"method_comparison": {"config": {"seeds": "all"}}}})
+
+
+def _curriculum_run(tiny_model_dir, families):
+    return {"model": {"name": str(tiny_model_dir)},
+            "data": {"source": "curriculum", "train_size": 6, "context_tokens": 200, "short_budget_tokens": 96,
+                     "n_distractors": [1, 2], "heldout_size": 0,
+                     "curriculum": {"families": families, "haystacks": {"noise": 1.0, "prose": 1.0}}},
+            "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6}, "lora": {"r": 4, "alpha": 8},
+            "optim": {"lr": 5e-3}, "train": {"steps": 2, "num_threads": 1}}
+
+
+def test_transfer_plan_leaves_families_out_of_training(tmp_path, tiny_model_dir):
+    from opsdl_core.experiment import task_labels
+
+    fams = {"kv_lookup": 1.0, "counting": 1.0, "prose_attribute": 2.0}
+    exp = load_experiment(_write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1],
+                                            "heldout_families": ["prose_attribute", "event_date"]},
+                                 _curriculum_run(tiny_model_dir, fams)))
+    runs = plan_runs(exp)
+    assert len(runs) == 2 and all(r.heldout == ("prose_attribute", "event_date") for r in runs)
+    for r in runs:
+        assert r.cfg.data.curriculum.families == {"kv_lookup": 1.0, "counting": 1.0, "prose_attribute": 0.0}
+        assert sorted(r.trained_families) == ["counting", "kv_lookup"]
+        assert task_labels(exp, r) == {"kv_lookup": ["in_family:kv_lookup"], "counting": ["in_family:counting"],
+                                       "prose_attribute": ["out_of_family:prose_attribute"],
+                                       "event_date": ["out_of_family:event_date"]}
+    assert len({r.cfg.hash() for r in runs}) == 2 and len({r.cfg.train.run_dir for r in runs}) == 2
+    loo = load_experiment(_write(tmp_path, {"methods": ["opsdl"], "seeds": [0], "protocol": "leave_one_out",
+                                            "heldout_families": ["kv_lookup", "counting"]},
+                                 _curriculum_run(tiny_model_dir, fams)))
+    runs = plan_runs(loo)
+    assert [r.heldout for r in runs] == [("kv_lookup",), ("counting",)]
+    assert sorted(runs[0].trained_families) == ["counting", "prose_attribute"]
+    # the base model's score on a family is the baseline of every label a fold gives it
+    assert sorted(task_labels(loo, None)["kv_lookup"]) == ["in_family:kv_lookup", "out_of_family:kv_lookup"]
+    with pytest.raises(ConfigError, match="experiment.heldout_families"):
+        load_experiment(_write(tmp_path, {"heldout_families": ["telepathy"]}))
+    with pytest.raises(ConfigError, match="no family left"):
+        plan_runs(load_experiment(_write(tmp_path, {"heldout_families": ["kv_lookup"]},
+                                         _curriculum_run(tiny_model_dir, {"kv_lookup": 1.0}))))
+
+
+def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_path, tiny_model_dir):
+    from opsdl_core.experiment import run_experiment
+    from opsdl_core.lineage import LineageStore
+
+    db = tmp_path / "lineage.duckdb"
+    cfg = _write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1], "lengths": [200], "eval_n": 3, "in_family_n": 2,
+                            "heldout_families": ["event_date"], "max_new_tokens": 4, "db": str(db),
+                            "diagnostic_prompts": 1, "diagnostic_samples": 1},
+                 _curriculum_run(tiny_model_dir, {"kv_lookup": 1.0, "multi_hop": 1.0}))
+    summary = run_experiment(load_experiment(cfg), log=lambda m: None)
+    kinds = {(t["kind"], t["context_length"]): t for t in summary["transfer"]}
+    assert set(kinds) == {("in_family", 200), ("in_family", 0), ("out_of_family", 200), ("out_of_family", 0)}
+    assert kinds[("in_family", 200)]["tasks"] == 2 and kinds[("out_of_family", 200)]["tasks"] == 1
+    md = (tmp_path / "out" / "comparison.md").read_text()
+    assert "In-family against out-of-family gains" in md and "out_of_family:event_date" in md
+    store = LineageStore(db)
+    _, rows = store.query("SELECT method, task, count(*), sum(n) FROM v_method_scores WHERE context = 'long' "
+                          "GROUP BY ALL ORDER BY ALL")
+    assert rows == [("base", "in_family:kv_lookup", 1, 2), ("base", "in_family:multi_hop", 1, 2),
+                    ("base", "out_of_family:event_date", 1, 3),
+                    ("opsdl", "in_family:kv_lookup", 2, 4), ("opsdl", "in_family:multi_hop", 2, 4),
+                    ("opsdl", "out_of_family:event_date", 2, 6)]
+    # the training data of each run (rebuilt from its saved config) holds no example of the held-out family
+    from opsdl_core.config import RunConfig
+    from opsdl_core.models import load_model_and_tokenizer
+    from opsdl_core.prepare import load_raw
+
+    tok = load_model_and_tokenizer(str(tiny_model_dir))[1]
+    for seed in (0, 1):
+        run_cfg = RunConfig.from_yaml(tmp_path / "out" / "configs" / f"opsdl-seed{seed}-without-event_date.yaml")
+        train, _, _ = load_raw(run_cfg.data, tok)
+        assert {e.metadata["family"] for e in train} == {"kv_lookup", "multi_hop"}

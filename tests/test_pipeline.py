@@ -188,3 +188,31 @@ def test_retention_check_is_exact_at_its_margin():
     assert 0.7 - 0.8 < -0.1  # the floating-point difference that failed a real run at exactly the margin
     assert within_margin(0.7 - 0.8, 0.10) and within_margin(0.0, 0.10)
     assert not within_margin(0.65 - 0.8, 0.10) and not within_margin(-0.1 - 1e-6, 0.10)
+
+
+def test_curriculum_source_mixes_families_and_holds_some_out(pipeline_run, tiny_model_dir):
+    import collections
+
+    home, instance, _ = pipeline_run
+    run_config = {"eval_sets": {"config": {"lengths": [200], "n": 2, "families": ["kv_lookup", "counting"],
+                                           "heldout_families": ["event_date"], "n_distractors": [1, 2]}},
+                  "curated_prompts": {"config": {"source": "curriculum", "size": 9, "context_tokens": 200,
+                                                 "n_distractors": [1, 2], "haystacks": {"noise": 1, "prose": 2},
+                                                 "families": {"kv_lookup": 2.0, "counting": 1.0}}}}
+    result = _materialize(home, tiny_model_dir, instance, run_config=run_config,
+                          selection=["eval_sets", "curated_prompts", "quarantined_rows"])
+    assert result.success
+    suites = result.output_for_node("eval_sets")["suites"]
+    assert set(suites) == {"in_family:kv_lookup@200", "in_family:counting@200", "out_of_family:event_date@200"}
+    prompts = result.output_for_node("curated_prompts", "curated_prompts")
+    from assets.curation import read_examples
+
+    exs = read_examples(prompts["path"])
+    assert collections.Counter(e.metadata["family"] for e in exs) == {"kv_lookup": 6, "counting": 3}
+    assert collections.Counter(e.metadata["haystack"] for e in exs) == {"prose": 6, "noise": 3}
+    bad = {"eval_sets": run_config["eval_sets"],
+           "curated_prompts": {"config": {"source": "curriculum", "size": 4, "families": {"kv_lookup": 1.0,
+                                                                                         "telepathy": 1.0}}}}
+    with pytest.raises(dg.Failure, match="data.curriculum.families"):
+        _materialize(home, tiny_model_dir, instance, run_config=bad,
+                     selection=["eval_sets", "curated_prompts", "quarantined_rows"])
