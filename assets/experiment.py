@@ -10,6 +10,7 @@ from pydantic import Field
 
 from opsdl_core.config import ConfigError
 from opsdl_core.experiment import load_experiment, plan_runs, run_experiment
+from opsdl_core.experiment_report import transfer_markdown
 
 from .plots import png_markdown
 from .resources import HEAVY, OpsdlResource
@@ -28,13 +29,18 @@ class ExperimentConfig(dg.Config):
     steps: Optional[int] = Field(default=None, description="Optimizer steps per training run.")
     eval_every: Optional[int] = Field(default=None, description="Evaluate intermediate checkpoints every k steps "
                                       "(the sample-efficiency curve); 0: final models only.")
+    heldout_families: Optional[list[str]] = Field(default=None, description="Curriculum experiments "
+                                                  "(configs/transfer.yaml): task families never trained on.")
+    protocol: Optional[str] = Field(default=None, description="Curriculum experiments: 'split' (one training "
+                                    "without every held-out family) or 'leave_one_out' (one per family).")
     overrides: list[str] = Field(default=[], description="Any other field, as 'experiment.eval_n=20' or "
                                  "'run.optim.lr=2e-4'.")
 
     def set_lines(self) -> list[str]:
         pairs = [("experiment.methods", self.methods), ("experiment.seeds", self.seeds),
                  ("experiment.lengths", self.lengths), ("run.train.steps", self.steps),
-                 ("experiment.eval_every", self.eval_every)]
+                 ("experiment.eval_every", self.eval_every), ("experiment.heldout_families", self.heldout_families),
+                 ("experiment.protocol", self.protocol)]
         return [f"{k}={v}" for k, v in pairs if v is not None] + list(self.overrides)
 
 
@@ -68,6 +74,7 @@ def method_comparison(context: dg.AssetExecutionContext, config: ExperimentConfi
         "accuracy_vs_length": dg.MetadataValue.md(png_markdown(out / "accuracy_vs_length.png", "accuracy vs length")),
         "sample_efficiency": dg.MetadataValue.md(png_markdown(out / "sample_efficiency.png", "sample efficiency")),
         "training_runs": len(summary["trained"]),
+        **({"transfer": dg.MetadataValue.md("\n".join(transfer_markdown(summary)))} if summary.get("transfer") else {}),
         "wall_seconds": summary["wall_seconds"],
         "out_dir": dg.MetadataValue.path(str(out)),
         "sql": dg.MetadataValue.md("```sql\nSELECT method, seed, step, task, context, context_length, value, "

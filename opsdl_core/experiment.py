@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
 
-__all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs"]
+__all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "evaluate_external"]
 
 Log = Callable[[str], None]
 
@@ -461,6 +461,45 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     return summary
 
 
+def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: list[str] | None = None,
+                      lengths: list[int] | None = None, log: Log = print, store: Any = None) -> list[dict[str, Any]]:
+    """Score a model trained elsewhere (e.g. on self-instruct data) on this experiment's suites (or
+    the named families / lengths of them), long context, beside the base model's scores on the
+    same suites when the experiment has them. Rows go to the lineage store under ``label``."""
+    import torch
+
+    from .lineage import LineageStore, content_hash
+    from .models import load_model_and_tokenizer, resolve_model
+
+    s = exp.settings
+    if exp.run.train.num_threads:
+        torch.set_num_threads(exp.run.train.num_threads)
+    model, tok = load_model_and_tokenizer(str(model_dir))
+    model.eval()
+    suites = [x for x in build_suites(exp, tok) if (not families or x.family in families)
+              and (not lengths or x.length in lengths)]
+    if not suites:
+        raise ValueError(f"no suite of experiment {s.name!r} matches families={families} lengths={lengths}")
+    rows = evaluate_model(model, tok, suites, s, short=False)
+    base: dict[tuple[str, int], float] = {}
+    for cache in (exp.out_dir / "evals").glob("base-*.json"):
+        for r in json.loads(cache.read_text())["rows"]:
+            digest = {x.digest for x in suites}
+            if r["context"] == "long" and r["dataset_digest"] in digest:
+                base[(r["task"].split(":")[-1], int(r["context_length"]))] = r["value"]
+    store = store or LineageStore(s.db)
+    ckpt = f"external:{content_hash(Path(model_dir))}" if Path(model_dir).is_dir() else f"external:{model_dir}"
+    run_id = f"exp-{s.name}-{label}"
+    store.log_run(run_id, experiment=s.name, kind="eval", params={"method": label, "model_dir": str(model_dir)},
+                  base_model=exp.run.model.name, base_model_hash=resolve_model(exp.run.model.name).content_hash)
+    store.log_eval_scores(run_id, ckpt, [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
+    for r in rows:
+        r["base"] = base.get((r["task"], int(r["context_length"])))
+        log(f"[experiment] {label}: {r['task']}@{r['context_length']} {r['value']:.3f} (base "
+            f"{'—' if r['base'] is None else format(r['base'], '.3f')}, n={r['n']})")
+    return rows
+
+
 def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:
     from .checkpoint import read_jsonl
 
@@ -476,8 +515,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", type=Path, help="YAML with sections 'experiment' and 'run'")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                     help="override a field: experiment.seeds=[0], run.train.steps=10 (repeatable)")
+    ap.add_argument("--evaluate-model", metavar="DIR", help="only score this model folder on the experiment's "
+                    "suites (beside the base model's scores), e.g. a model trained on self-instruct data")
+    ap.add_argument("--label", default="external", help="name of --evaluate-model's scores in the lineage store")
+    ap.add_argument("--families", help="with --evaluate-model: comma-separated families (default: all)")
+    ap.add_argument("--lengths", help="with --evaluate-model: comma-separated lengths (default: all)")
     args = ap.parse_args(argv)
     exp = load_experiment(args.config, args.set)
+    if args.evaluate_model:
+        evaluate_external(exp, args.evaluate_model, args.label,
+                          families=args.families.split(",") if args.families else None,
+                          lengths=[int(x) for x in args.lengths.split(",")] if args.lengths else None,
+                          log=lambda m: print(m, flush=True))
+        return 0
     summary = run_experiment(exp, log=lambda m: print(m, flush=True))
     from .experiment_report import comparison_markdown
 

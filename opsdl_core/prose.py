@@ -117,5 +117,5 @@ def write_documents(out_dir: str | Path, *, name: str = BUILTIN, min_chars: int 
             path = out / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', title)}.txt"
             path.write_text(text, encoding="utf-8")
             paths.append(path)
-    (out / "SOURCE.md").write_text(f"Source: {name}\nLicence: {PSF_LICENCE if name == BUILTIN else 'user-supplied'}\n")
+    (out / "SOURCE").write_text(f"Source: {name}\nLicence: {PSF_LICENCE if name == BUILTIN else 'user-supplied'}\n")
     return paths

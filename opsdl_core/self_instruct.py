@@ -4,7 +4,8 @@ For each document: cut it into prose chunks (paragraph-aligned, ``min_chunk_toke
 ``chunk_tokens``); the model itself writes a question (and usually an answer) about a chunk
 (self-instruct, greedy, one chat turn, one worked example in the prompt); then
 
-1. the reply must contain a question (``Question: ...``, at least 3 words), else ``unparsed``;
+1. the reply must contain a question (``Question: ...``, at least 3 words), else ``unparsed``, and
+   be about the chunk rather than the prompt's worked example, else ``copies_the_example``;
 2. the model answers the question from the chunk alone (the teacher's prompt); the reference
    answer is the longest phrase of that answer (at most ``max_answer_words`` words, not only stop
    words, not in the question) that occurs in the chunk, else ``not_answerable_from_chunk``;
@@ -31,7 +32,8 @@ from typing import Any
 
 from .data import Example
 
-__all__ = ["SelfInstructSettings", "SelfInstructResult", "prose_chunks", "parse_question", "answer_span", "self_instruct",
+__all__ = ["SelfInstructSettings", "SelfInstructResult", "prose_chunks", "parse_question", "answer_span",
+           "copies_the_example", "self_instruct",
            "QUESTION_PROMPT", "load_documents"]
 
 QUESTION_PROMPT = ("Write one question about a specific fact stated in the passage, and its short answer copied "
@@ -124,6 +126,15 @@ def parse_question(text: str) -> tuple[str, str] | None:
     a = _A.search(text, q.end())
     answer = " ".join(a.group(1).split()).strip('"').rstrip(".").strip() if a else ""
     return (question if question.endswith("?") else question + "?"), answer
+
+
+_EXAMPLE_WORDS = re.compile(r"lighthouse|thomas hale|north cape|great storm", re.I)
+
+
+def copies_the_example(question: str, chunk: str) -> bool:
+    """True when the question is about the prompt's worked example rather than the chunk (it names
+    the example's lighthouse, Thomas Hale, ... and the chunk does not)."""
+    return any(not re.search(re.escape(m.group()), chunk, re.I) for m in _EXAMPLE_WORDS.finditer(question))
 
 
 def answer_span(said: str, chunk: str, question: str, *, max_words: int, agree_with: str = "") -> str | None:
@@ -247,6 +258,9 @@ def self_instruct(documents: Sequence[tuple[str, str]], model: Any, tokenizer: A
         qa = parse_question(reply)
         if qa is None:
             j["outcome"] = "unparsed"
+        elif copies_the_example(qa[0], j["chunk"]):
+            j["question"], j["written_answer"] = qa
+            j["outcome"] = "copies_the_example"
         else:
             j["question"], j["written_answer"] = qa
             asked.append(j)

@@ -100,7 +100,8 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     Path(cfg.train.run_dir, "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     if do_eval:
         log("[opsdl] held-out accuracy                       before   after")
-        names = [(f"{p}{c}", f"{'training templates, ' if p else 'held-out templates, '}{c} context")
+        held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
+        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context")
                  for p, _, cs in suites for c in cs]
         for key, label in names:
             before = results.get(f"before_{key}_accuracy", float("nan"))

@@ -223,3 +223,13 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
         run_cfg = RunConfig.from_yaml(tmp_path / "out" / "configs" / f"opsdl-seed{seed}-without-event_date.yaml")
         train, _, _ = load_raw(run_cfg.data, tok)
         assert {e.metadata["family"] for e in train} == {"kv_lookup", "multi_hop"}
+    # a model trained elsewhere, scored on the same suites beside the base model's scores
+    from opsdl_core.experiment import evaluate_external
+
+    rows = evaluate_external(load_experiment(cfg), str(tiny_model_dir), "tiny-again", families=["event_date"],
+                             log=lambda m: None)
+    base_row = next(r for r in summary["table"] if r["method"] == "base")["scores"]["out_of_family:event_date|long|200"]
+    assert [(r["task"], r["context_length"], r["n"]) for r in rows] == [("event_date", 200, 3)]
+    assert rows[0]["base"] == base_row["mean"] == rows[0]["value"]  # the same model: the same greedy answers
+    _, got = store.query("SELECT task, value FROM v_method_scores WHERE method = 'tiny-again'")
+    assert got == [("event_date", rows[0]["value"])]

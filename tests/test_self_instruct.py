@@ -97,6 +97,14 @@ def test_filter_outcomes_and_kept_triples(docs, tiny_model_and_tokenizer):
     assert all(a["answer"] == e.answer for a, e in zip(kept, res.examples))
 
 
+def test_questions_about_the_worked_example_are_dropped():
+    from opsdl_core.self_instruct import copies_the_example
+
+    assert copies_the_example("Who built the lighthouse on the north cape?", "The for statement iterates.")
+    assert not copies_the_example("Who built the lighthouse?", "The old lighthouse was rebuilt in spring.")
+    assert not copies_the_example("What does the for statement do?", "The for statement iterates.")
+
+
 def test_answer_span_is_the_longest_shared_phrase_of_the_chunk():
     from opsdl_core.self_instruct import answer_span
 
@@ -115,7 +123,7 @@ def test_real_tiny_model_end_to_end_from_the_cli(tmp_path, tiny_model_dir):
 
     folder = tmp_path / "docs"
     paths = write_documents(folder, min_chars=12000)
-    assert len(paths) >= 3 and "Python Software Foundation" in (folder / "SOURCE.md").read_text()
+    assert len(paths) >= 3 and "Python Software Foundation" in (folder / "SOURCE").read_text()
     for p in paths[3:]:
         p.unlink()
     out = tmp_path / "si.jsonl"
