@@ -482,10 +482,10 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
         raise ValueError(f"no suite of experiment {s.name!r} matches families={families} lengths={lengths}")
     rows = evaluate_model(model, tok, suites, s, short=False)
     base: dict[tuple[str, int], float] = {}
-    for cache in (exp.out_dir / "evals").glob("base-*.json"):
+    digests = {x.digest for x in suites}
+    for cache in (exp.out_dir / "evals").glob("base-*.json"):  # the base model's scores on the same suites
         for r in json.loads(cache.read_text())["rows"]:
-            digest = {x.digest for x in suites}
-            if r["context"] == "long" and r["dataset_digest"] in digest:
+            if r["context"] == "long" and r["dataset_digest"] in digests:
                 base[(r["task"].split(":")[-1], int(r["context_length"]))] = r["value"]
     store = store or LineageStore(s.db)
     ckpt = f"external:{content_hash(Path(model_dir))}" if Path(model_dir).is_dir() else f"external:{model_dir}"
