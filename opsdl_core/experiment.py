@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
+from .experiment_suites import (Suite, build_suites, curriculum_families, evaluate_external, evaluate_model,
+                                gap_snapshot, ruler_rows)
 
 __all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "evaluate_external"]
 
@@ -193,83 +195,7 @@ def prompts_seen(cfg: RunConfig, step: int) -> int:
     return step * cfg.train.prompts_per_step * cfg.train.grad_accum
 
 
-# -- evaluation suites -------------------------------------------------------------------------
-@dataclass
-class Suite:
-    name: str  # e.g. in_family@1024
-    family: str  # in_family | transfer
-    length: int
-    items: list  # Prepared
-    digest: str
-
-
-def curriculum_families(exp: Experiment) -> list[str]:
-    """Every family an experiment on the curriculum evaluates: the mixture's and the held-out ones."""
-    mix = exp.run.data.curriculum.active_families() if exp.run.data.curriculum else []
-    return list(dict.fromkeys(mix + list(exp.settings.heldout_families)))
-
-
-def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
-    from .config import DataConfig
-    from .prepare import prepare_examples, token_counter, training_templates
-    from .synthetic import generate_examples
-
-    d, s = exp.run.data, exp.settings
-    count = token_counter(tokenizer)
-    prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=d.short_budget_tokens)
-    suites = []
-    if d.source == "curriculum":  # one suite per family and length: held-out names, every template
-        from .curriculum import generate_family
-
-        for f in curriculum_families(exp):
-            for length in s.lengths:
-                n = s.eval_n if f in s.heldout_families else (s.in_family_n or s.eval_n)
-                raw = generate_family(f, n=n, split="heldout", target_tokens=length, count_tokens=count,
-                                      seed=d.seed + 7_000_003 + length, haystack=s.eval_haystack,
-                                      n_distractors=tuple(d.n_distractors), templates="all",
-                                      prose=d.curriculum.prose)
-                items, bad = prepare_examples(raw, tokenizer, prep_cfg)
-                if bad:
-                    raise ValueError(f"suite {f}@{length}: {bad[0].reason}")
-                h = hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
-                suites.append(Suite(f"{f}@{length}", f, length, items, h))
-        return suites
-    families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
-    for fi, (family, templates) in enumerate(families):
-        for length in s.lengths:
-            kw = {"templates": templates} if templates is not None else {}
-            raw = generate_examples(n=s.eval_n, split="heldout", target_tokens=length, count_tokens=count,
-                                    seed=d.seed + 7_000_003 * (fi + 1) + length, n_distractors=tuple(d.n_distractors),
-                                    **kw)
-            items, bad = prepare_examples(raw, tokenizer, prep_cfg)
-            if bad:
-                raise ValueError(f"suite {family}@{length}: {bad[0].reason}")
-            h = hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
-            suites.append(Suite(f"{family}@{length}", family, length, items, h))
-    return suites
-
-
-def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
-                   short: bool = True, task_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
-    """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
-    family's longest suite (C_s does not depend on the length). ``task_names``: the task label(s)
-    each family's rows get (``in_family:counting``, ...; default: the family)."""
-    from .evaluate import evaluate_accuracy
-
-    longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
-    rows = []
-    for suite in suites:
-        contexts = ("long", "short") if short and longest[suite.family] is suite else ("long",)
-        for ctx in contexts:
-            r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
-                                  batch_size=s.batch_size)
-            for task in (task_names or {}).get(suite.family, [suite.family]):
-                rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
-                             "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
-                             "harness": "opsdl", "seconds": round(r.seconds, 1)})
-    return rows
-
-
+# -- evaluation suites: opsdl_core.experiment_suites ----------------------------------------------
 def task_labels(exp: Experiment, run: PlannedRun | None) -> dict[str, list[str]] | None:
     """Curriculum families as in-family or out-of-family tasks: for a trained model by its fold;
     for the base model every label any fold gives the family (its score is the baseline of each)."""
@@ -284,43 +210,6 @@ def task_labels(exp: Experiment, run: PlannedRun | None) -> dict[str, list[str]]
             if label and f"{label}:{f}" not in out.setdefault(f, []):
                 out[f].append(f"{label}:{f}")
     return {f: v for f, v in out.items() if v}
-
-
-def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[dict[str, Any]]:
-    """``experiment.ruler_tasks`` through lm-eval (evals/ruler) on a model folder: rows labelled
-    ``ruler:<task>`` per context length."""
-    s = exp.settings
-    if not s.ruler_tasks:
-        return []
-    from evals.harness import LmEvalSpec, results_file, run as run_lm_eval, score_rows
-
-    spec = LmEvalSpec(model=str(model_dir), tasks=tuple(s.ruler_tasks), batch_size=s.batch_size,
-                      metadata={"max_seq_lengths": list(s.ruler_lengths or s.lengths), "num_samples": s.ruler_n},
-                      num_threads=exp.run.train.num_threads, dtype=exp.run.model.dtype)
-    folder = out / "ruler" / label
-    run_lm_eval(spec, folder, log_path=folder / "lm_eval.log")
-    rows = []
-    for r in score_rows(results_file(folder)):
-        if r["context_length"] and not r["is_group"]:
-            rows.append({"task": f"ruler:{r['task'].removeprefix('opsdl_ruler_')}", "context": "long",
-                         "context_length": r["context_length"], "metric": "accuracy", "value": r["value"],
-                         "n": r["n"], "dataset_digest": r["dataset_digest"], "harness": r["harness"]})
-    return rows
-
-
-def gap_snapshot(model: Any, tokenizer: Any, suite: Suite, exp: Experiment) -> list[dict[str, Any]]:
-    """Sampled answers (the training rollout's temperature) to the first ``diagnostic_prompts``
-    of ``suite``, each token's log-prob under the long prompt (student) and under the short one
-    (the same model reading C_s only): where along the answer the two part."""
-    from .snapshot import rollout_snapshot
-
-    k = exp.settings.diagnostic_prompts
-    if not k:
-        return []
-    rows = rollout_snapshot(model, tokenizer, suite.items[:k], n=exp.settings.diagnostic_samples,
-                            temperature=exp.run.rollout.temperature, top_p=exp.run.rollout.top_p,
-                            max_new_tokens=exp.run.rollout.max_new_tokens, seed=0)
-    return [{k2: v for k2, v in r.items() if k2 != "response_ids"} for r in rows]
 
 
 def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
@@ -459,45 +348,6 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     write_comparison(summary, out)
     log(f"[experiment] done in {summary['wall_seconds']:.0f}s: {out / 'comparison.md'}")
     return summary
-
-
-def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: list[str] | None = None,
-                      lengths: list[int] | None = None, log: Log = print, store: Any = None) -> list[dict[str, Any]]:
-    """Score a model trained elsewhere (e.g. on self-instruct data) on this experiment's suites (or
-    the named families / lengths of them), long context, beside the base model's scores on the
-    same suites when the experiment has them. Rows go to the lineage store under ``label``."""
-    import torch
-
-    from .lineage import LineageStore, content_hash
-    from .models import load_model_and_tokenizer, resolve_model
-
-    s = exp.settings
-    if exp.run.train.num_threads:
-        torch.set_num_threads(exp.run.train.num_threads)
-    model, tok = load_model_and_tokenizer(str(model_dir))
-    model.eval()
-    suites = [x for x in build_suites(exp, tok) if (not families or x.family in families)
-              and (not lengths or x.length in lengths)]
-    if not suites:
-        raise ValueError(f"no suite of experiment {s.name!r} matches families={families} lengths={lengths}")
-    rows = evaluate_model(model, tok, suites, s, short=False)
-    base: dict[tuple[str, int], float] = {}
-    digests = {x.digest for x in suites}
-    for cache in (exp.out_dir / "evals").glob("base-*.json"):  # the base model's scores on the same suites
-        for r in json.loads(cache.read_text())["rows"]:
-            if r["context"] == "long" and r["dataset_digest"] in digests:
-                base[(r["task"].split(":")[-1], int(r["context_length"]))] = r["value"]
-    store = store or LineageStore(s.db)
-    ckpt = f"external:{content_hash(Path(model_dir))}" if Path(model_dir).is_dir() else f"external:{model_dir}"
-    run_id = f"exp-{s.name}-{label}"
-    store.log_run(run_id, experiment=s.name, kind="eval", params={"method": label, "model_dir": str(model_dir)},
-                  base_model=exp.run.model.name, base_model_hash=resolve_model(exp.run.model.name).content_hash)
-    store.log_eval_scores(run_id, ckpt, [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
-    for r in rows:
-        r["base"] = base.get((r["task"], int(r["context_length"])))
-        log(f"[experiment] {label}: {r['task']}@{r['context_length']} {r['value']:.3f} (base "
-            f"{'—' if r['base'] is None else format(r['base'], '.3f')}, n={r['n']})")
-    return rows
 
 
 def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:

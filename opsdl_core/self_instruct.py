@@ -161,13 +161,9 @@ def answer_span(said: str, chunk: str, question: str, *, max_words: int, agree_w
 
 
 def _occurrences(needle: str, text: str) -> int:
-    from .synthetic import _norm
+    from .synthetic import answer_matches
 
-    n = _norm(needle).strip(" .,;:!?\"'")
-    if not n:
-        return 0
-    pat = ("(?<!\\w)" if n[0].isalnum() else "") + re.escape(n) + ("(?!\\w)" if n[-1].isalnum() else "")
-    return len(re.findall(pat, _norm(text)))
+    return len(answer_matches(needle, text))
 
 
 def _long_context(doc: str, span: tuple[int, int], others: Sequence[str], target: int,

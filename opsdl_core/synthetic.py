@@ -173,15 +173,21 @@ def _norm(text: str) -> str:
     return " ".join(text.casefold().split())
 
 
+def answer_matches(answer: str, text: str) -> list[re.Match[str]]:
+    """Every occurrence of ``answer`` in ``text`` under :func:`answer_in_text`'s normalisation
+    (positions are in the normalised text); none for an empty answer."""
+    ans = _norm(answer).strip(_EDGE)
+    if not ans:
+        return []
+    pattern = ("(?<!\\w)" if ans[0].isalnum() else "") + re.escape(ans) + ("(?!\\w)" if ans[-1].isalnum() else "")
+    return list(re.finditer(pattern, _norm(text)))
+
+
 def answer_in_text(answer: str, text: str) -> bool:
     """Normalised containment: case-insensitive, whitespace runs collapsed, punctuation and
     whitespace stripped from the ends of ``answer``; the match must not be glued to other
     letters/digits (``"4821"`` is *not* found in ``"48213"``).  An empty answer is never found."""
-    ans = _norm(answer).strip(_EDGE)
-    if not ans:
-        return False
-    pattern = ("(?<!\\w)" if ans[0].isalnum() else "") + re.escape(ans) + ("(?!\\w)" if ans[-1].isalnum() else "")
-    return re.search(pattern, _norm(text)) is not None
+    return bool(answer_matches(answer, text))
 
 
 def score_answer(answer: str, generated: str, wrong_answers: Iterable[str] = ()) -> float:
@@ -194,12 +200,8 @@ def score_answer(answer: str, generated: str, wrong_answers: Iterable[str] = ())
 
 
 def _first_at(answer: str, text: str) -> int | None:
-    ans = _norm(answer).strip(_EDGE)
-    if not ans:
-        return None
-    pattern = ("(?<!\\w)" if ans[0].isalnum() else "") + re.escape(ans) + ("(?!\\w)" if ans[-1].isalnum() else "")
-    m = re.search(pattern, _norm(text))
-    return m.start() if m else None
+    found = answer_matches(answer, text)
+    return found[0].start() if found else None
 
 
 def score_example(example: Example, generated: str) -> float:
