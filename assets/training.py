@@ -37,6 +37,8 @@ class TrainingConfig(dg.Config):
     top_p: float = Field(default=1.0, description="Nucleus sampling threshold.")
     max_new_tokens: int = Field(default=24, description="Tokens per sample at most.")
     advantage_clip: float | None = Field(default=None, description="Clamp the per-token advantage to [-c, c].")
+    short_anchor: float = Field(default=0.0, description="Retention guard: weight of the same loss on the short "
+                                                          "prompt against the base/ema teacher (0: off).")
     seed: int = Field(default=0, description="Training seed.")
     save_every: int = Field(default=10, description="Checkpoint every N steps (a retried step resumes there).")
     num_threads: int = Field(default=2, description="torch CPU threads of the training process.")
@@ -52,7 +54,7 @@ class TrainingConfig(dg.Config):
             "rollout": {"backend": self.rollout_backend, "samples_per_prompt": self.samples_per_prompt,
                         "temperature": self.temperature,
                         "top_p": self.top_p, "max_new_tokens": self.max_new_tokens},
-            "loss": {"kind": self.loss, "advantage_clip": self.advantage_clip},
+            "loss": {"kind": self.loss, "advantage_clip": self.advantage_clip, "short_anchor": self.short_anchor},
             "lora": {"enabled": self.lora, "r": self.lora_r, "alpha": self.lora_alpha},
             "optim": {"lr": self.lr},
             "train": {"run_dir": run_dir, "steps": self.steps, "prompts_per_step": self.prompts_per_step,

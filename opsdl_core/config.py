@@ -67,8 +67,14 @@ class CurriculumConfig:
     # ascending: short contexts first (with train.prompt_order: sequential, trained in that order)
     length_order: Literal["mixed", "ascending"] = "mixed"
     prose: str = "python-reference"  # natural-prose haystack: built in, or "folder:<path>" of .txt files
+    # distractor facts per training example, [min, max]; default data.n_distractors (which the
+    # evaluation suites keep): fewer makes easier training prompts, whose rollouts are right more often
+    distractors: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
+        _check(self.distractors is None or (len(self.distractors) == 2 and 0 <= self.distractors[0]
+                                            <= self.distractors[1]),
+               "data.curriculum.distractors", "null or [min, max] with 0 <= min <= max", self.distractors)
         for name, weights, known in (("families", self.families, CURRICULUM_FAMILIES),
                                      ("haystacks", self.haystacks, HAYSTACK_KINDS)):
             bad = [k for k in weights if k not in known]
@@ -181,6 +187,10 @@ class LossConfig:
     jsd_beta: float = 0.5
     topk: int = 20
     temperature: float = 1.0
+    # Retention guard: weight of the same loss on the SHORT prompt (student and teacher both read
+    # C_s + Q; the student samples from it). With a base/ema teacher it holds the model's short-context
+    # answers at the teacher's; 0 (default) leaves it out.
+    short_anchor: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
@@ -191,6 +201,7 @@ class LossConfig:
         _check(0 < self.jsd_beta < 1, "loss.jsd_beta", "a float in (0, 1)", self.jsd_beta)
         _check(self.topk >= 1, "loss.topk", "an integer >= 1", self.topk)
         _check(self.temperature > 0, "loss.temperature", "a float > 0", self.temperature)
+        _check(self.short_anchor >= 0, "loss.short_anchor", "a float >= 0", self.short_anchor)
 
 
 @dataclass
@@ -317,6 +328,13 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.short_anchor > 0 and self.train.teacher == "live":
+            raise ConfigError("loss.short_anchor: the retention guard needs train.teacher 'base' or 'ema' (with a "
+                              "live teacher the student and the teacher are the same model on the same short "
+                              f"prompt, so the term is zero); got short_anchor={self.loss.short_anchor} with "
+                              "teacher 'live'")
+
     # -- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -349,8 +367,12 @@ class RunConfig:
         d = self.to_dict()
         if d["data"].get("curriculum") is None:  # runs before the curriculum keep their hashes
             d["data"].pop("curriculum", None)
+        elif d["data"]["curriculum"].get("distractors") is None:
+            d["data"]["curriculum"].pop("distractors")
         if d["train"].get("prompt_order") == "shuffle":
             d["train"].pop("prompt_order")
+        if d["loss"].get("short_anchor") == 0:
+            d["loss"].pop("short_anchor")
         for section, key in _NON_SEMANTIC:
             d.get(section, {}).pop(key, None)
         if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes

@@ -70,10 +70,11 @@ def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Examp
 
         c = cfg.curriculum
         kw = dict(families=dict(c.families), lengths=c.lengths or [cfg.context_tokens], count_tokens=count,
-                  seed=cfg.seed, haystacks=dict(c.haystacks), n_distractors=tuple(cfg.n_distractors), prose=c.prose)
-        train = generate_curriculum(n=cfg.train_size, split="train", length_order=c.length_order, **kw)
-        heldout = generate_curriculum(n=cfg.heldout_size, split="heldout", templates="all", **kw) \
-            if cfg.heldout_size else []
+                  seed=cfg.seed, haystacks=dict(c.haystacks), prose=c.prose)
+        train = generate_curriculum(n=cfg.train_size, split="train", length_order=c.length_order,
+                                    n_distractors=tuple(c.distractors or cfg.n_distractors), **kw)
+        heldout = generate_curriculum(n=cfg.heldout_size, split="heldout", templates="all",
+                                      n_distractors=tuple(cfg.n_distractors), **kw) if cfg.heldout_size else []
         return train, heldout, []
     if cfg.source == "synthetic":
         kw = dict(target_tokens=cfg.context_tokens, count_tokens=count, seed=cfg.seed,

@@ -245,40 +245,56 @@ class OPSDLTrainer:
         t_step = time.perf_counter()
         for micro in range(cfg.train.grad_accum):
             batch = self._batch(micro)
-            # 1. on-policy rollout from the current weights
-            t = time.perf_counter()
             seed = hash_seed(cfg.train.seed, self.step, micro)
-            ro = self.rollout.generate([p.student_ids for p in batch], n=cfg.rollout.samples_per_prompt,
-                                       params=self.sampling, seed=seed)
-            timings["generate_s"] += time.perf_counter() - t
-            full = needs_full_logits(cfg.loss.kind)
-            # 2. the teacher scores exactly the sampled ids under the short-context prompt
-            t = time.perf_counter()
-            with self.teacher.scoring():
-                tch = score_responses(self.unwrapped, prompts=[p.teacher_ids for p in batch], responses=ro.response_ids,
-                                      prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
-                                      temperature=cfg.loss.temperature)
-            timings["teacher_s"] += time.perf_counter() - t
-            # 3. the student, with grad, under the long-context prompt
-            t = time.perf_counter()
             self.model.train()
             with acc.accumulate(self.model):
-                with acc.autocast():
-                    stu = score_responses(self.model, prompts=[p.student_ids for p in batch],
-                                          responses=ro.response_ids, prompt_index=ro.prompt_index, pad_id=self.pad_id,
-                                          return_logits=full, temperature=cfg.loss.temperature)
-                sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
-                out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
-                                   teacher_logprobs=tch.logprobs, student_logits=stu.logits,
-                                   teacher_logits=tch.logits,
-                                   sampler_logprobs=sampler if cfg.loss.is_ratio_clip is not None else None,
-                                   advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
-                                   jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
-                acc.backward(out.loss)
+                ro, tch, stu, out, sampler = self._distill([p.student_ids for p in batch],
+                                                           [p.teacher_ids for p in batch], seed, timings)
+                loss = out.loss
+                if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt
+                    short = [p.teacher_ids for p in batch]
+                    anchor = self._distill(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
+                                           timings)[3]
+                    loss = loss + cfg.loss.short_anchor * anchor.loss
+                    sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(anchor.loss.detach())
+                t = time.perf_counter()
+                acc.backward(loss)
                 timings["student_s"] += time.perf_counter() - t
                 self._optimizer_step(sums, timings)
             self._accumulate(sums, out, stu, tch, ro, batch, sampler)
         return self._finish_step(sums, timings, t_step)
+
+    def _distill(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
+                 timings: dict[str, float]) -> tuple[Any, Any, Any, Any, torch.Tensor]:
+        """Sample from the student's prompts with the current weights, score the same token ids under
+        the teacher's prompts (teacher weights, no grad) and the student's (with grad); the loss."""
+        cfg = self.cfg
+        # 1. on-policy rollout from the current weights
+        t = time.perf_counter()
+        ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed)
+        timings["generate_s"] += time.perf_counter() - t
+        full = needs_full_logits(cfg.loss.kind)
+        # 2. the teacher scores exactly the sampled ids under its prompt
+        t = time.perf_counter()
+        with self.teacher.scoring():
+            tch = score_responses(self.unwrapped, prompts=teacher_prompts, responses=ro.response_ids,
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
+                                  temperature=cfg.loss.temperature)
+        timings["teacher_s"] += time.perf_counter() - t
+        # 3. the student, with grad, under its prompt
+        t = time.perf_counter()
+        with self.accelerator.autocast():
+            stu = score_responses(self.model, prompts=student_prompts, responses=ro.response_ids,
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
+                                  temperature=cfg.loss.temperature)
+        sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
+        out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
+                           teacher_logprobs=tch.logprobs, student_logits=stu.logits, teacher_logits=tch.logits,
+                           sampler_logprobs=sampler if cfg.loss.is_ratio_clip is not None else None,
+                           advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
+                           jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
+        timings["student_s"] += time.perf_counter() - t
+        return ro, tch, stu, out, sampler
 
     def _baseline_step(self) -> dict[str, Any]:
         """Long-SFT or DPO (LongPO form) on the data built in ``setup`` from the initial weights:

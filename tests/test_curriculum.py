@@ -149,6 +149,26 @@ def test_curriculum_config_is_validated_and_keeps_old_hashes():
     assert other.hash() != cur_cfg.hash()
 
 
+def test_training_distractors_are_set_apart_from_the_evaluation_ones():
+    from opsdl_core.prepare import load_raw
+
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [0] * count_words(text)}
+
+    with pytest.raises(ConfigError, match="data.curriculum.distractors"):
+        DataConfig(source="curriculum", curriculum={"distractors": [3, 1]})
+    mix = {"kv_lookup": 1.0, "record_lookup": 1.0, "event_date": 1.0}
+    cfg = DataConfig(source="curriculum", train_size=12, heldout_size=6, context_tokens=600, n_distractors=[6, 9],
+                     curriculum={"families": mix, "haystacks": {"noise": 1.0}, "distractors": [1, 2]})
+    train, held, _ = load_raw(cfg, Tok())
+    assert {e.metadata["n_distractors"] for e in train} <= {1, 2}
+    assert {e.metadata["n_distractors"] for e in held} <= set(range(6, 10)) and len(held) == 6
+    base = RunConfig.from_dict({"data": {"source": "curriculum"}})
+    easy = RunConfig.from_dict({"data": {"source": "curriculum", "curriculum": {"distractors": [1, 2]}}})
+    assert easy.hash() != base.hash()
+
+
 def test_sequential_prompt_order_follows_the_data():
     assert [prompt_order(5, 0, i, "sequential") for i in range(7)] == [0, 1, 2, 3, 4, 0, 1]
     assert sorted(prompt_order(5, 0, i) for i in range(5)) == [0, 1, 2, 3, 4]

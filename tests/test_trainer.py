@@ -153,6 +153,76 @@ def test_every_loss_kind_trains(tmp_path, kind):
     assert any(not torch.equal(init[n], p) for n, p in trainable(tr).items())
 
 
+def _short_kl_to_base(tr, base_model):
+    """Mean full-vocabulary KL(student || base) on the short prompts, at the base's greedy answers."""
+    from opsdl_core.losses import reverse_kl_loss
+
+    items = tr.data.train
+    prompts = [p.teacher_ids for p in items]
+    resp = [[5, 6, 7, 8, 9]] * len(items)
+    kw = dict(prompts=prompts, responses=resp, prompt_index=list(range(len(items))), pad_id=tr.pad_id,
+              return_logits=True)
+    with torch.no_grad():
+        s = score_responses(tr.unwrapped, **kw)
+        b = score_responses(base_model, **kw)
+    return float(reverse_kl_loss(student_logits=s.logits, teacher_logits=b.logits, mask=s.mask).loss)
+
+
+def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_path, monkeypatch):
+    calls = []
+
+    def spy(model, **kw):
+        calls.append(kw)
+        return score_responses(model, **kw)
+
+    monkeypatch.setattr(trainer_mod, "score_responses", spy)
+    cfg = tiny_cfg(tmp_path / "a", loss={"kind": "reverse_kl", "short_anchor": 1.0}, train={"teacher": "base"},
+                   optim={"lr": 5e-2})
+    tr = make_trainer(cfg).setup()
+    item = tr.data.train[tr._batch_indices(0)[0]]
+    m = tr.train_step()
+    # long: teacher on x_S, student on x_L; anchor: teacher and student both on x_S, own samples
+    (t_long, s_long, t_short, s_short) = calls
+    assert s_long["prompts"] == [item.student_ids] and t_long["prompts"] == [item.teacher_ids]
+    assert t_short["prompts"] == s_short["prompts"] == [item.teacher_ids]
+    assert t_short["responses"] == s_short["responses"] != s_long["responses"]
+    # before the first update the student IS the base on the short prompt: the anchor term is 0
+    assert m["short_anchor_loss"] == pytest.approx(0.0, abs=1e-6)
+    monkeypatch.setattr(trainer_mod, "score_responses", score_responses)
+    for _ in range(5):  # the long-context term moves the weights, the short prompt drifts with them
+        m = tr.train_step()
+    assert m["short_anchor_loss"] > 0
+    base_model, _ = build_tiny_model(seed=0)
+    drifted = _short_kl_to_base(tr, base_model)
+    distill = tr._distill
+
+    def anchor_only(student_prompts, teacher_prompts, seed, timings):
+        ro, tch, stu, out, sampler = distill(student_prompts, teacher_prompts, seed, timings)
+        if student_prompts != teacher_prompts:  # the long-context term: weight 0
+            out.loss = out.loss * 0.0
+        return ro, tch, stu, out, sampler
+
+    monkeypatch.setattr(tr, "_distill", anchor_only)
+    kls = [drifted]
+    for _ in range(6):
+        tr.train_step()
+        kls.append(_short_kl_to_base(tr, base_model))
+    # the anchor alone pulls the short-prompt distribution back towards the base, step after step
+    assert all(b < a for a, b in zip(kls, kls[1:])), kls
+    assert kls[-1] < 0.95 * drifted, kls
+
+def test_short_anchor_needs_a_fixed_teacher(tmp_path):
+    from opsdl_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.short_anchor.*teacher 'base' or 'ema'"):
+        tiny_cfg(tmp_path, loss={"short_anchor": 0.5}, train={"teacher": "live"})
+    with pytest.raises(ConfigError, match="loss.short_anchor"):
+        tiny_cfg(tmp_path, loss={"short_anchor": -1.0}, train={"teacher": "base"})
+    assert tiny_cfg(tmp_path, loss={"short_anchor": 0.0}).hash() == tiny_cfg(tmp_path).hash()
+    assert tiny_cfg(tmp_path, loss={"short_anchor": 0.5}, train={"teacher": "base"}).hash() != \
+        tiny_cfg(tmp_path, train={"teacher": "base"}).hash()
+
+
 def test_grad_accum_and_prompt_batches(tmp_path):
     cfg = tiny_cfg(tmp_path, train={"grad_accum": 2, "prompts_per_step": 2, "steps": 1})
     tr = make_trainer(cfg).setup()
