@@ -190,6 +190,22 @@ def test_retention_check_is_exact_at_its_margin():
     assert not within_margin(0.65 - 0.8, 0.10) and not within_margin(-0.1 - 1e-6, 0.10)
 
 
+def test_retention_check_pools_small_suites_unless_asked_per_suite():
+    from assets.checks import retention_verdict
+
+    rows = [{"suite": f"in_family:f{i}@1024", "context": "short", "n": 16, "delta": d}
+            for i, d in enumerate([0.0, 0.0, 0.0, -0.125])] + [{"suite": "x", "context": "long", "n": 16, "delta": -0.9}]
+    pooled = retention_verdict(rows, 0.10)
+    assert pooled["passed"] and pooled["pooled_delta"] == pytest.approx(-0.03125)  # long rows do not count
+    assert pooled["worst_suite"] == "in_family:f3@1024" and pooled["worst_delta"] == -0.125
+    assert not retention_verdict(rows, 0.10, per_suite=True)["passed"]
+    weighted = [{"suite": "big", "context": "short", "n": 90, "delta": -0.2},
+                {"suite": "small", "context": "short", "n": 10, "delta": 0.5}]
+    v = retention_verdict(weighted, 0.10)  # question-weighted: -0.13, not the plain mean +0.15
+    assert not v["passed"] and v["pooled_delta"] == pytest.approx(-0.13)
+    assert not retention_verdict([r for r in rows if r["context"] == "long"], 0.10)["passed"]
+
+
 def test_curriculum_source_mixes_families_and_holds_some_out(pipeline_run, tiny_model_dir):
     import collections
 
