@@ -111,5 +111,6 @@ def short_context_retention(config: RetentionConfig, evaluation: dict[str, Any])
     return dg.AssetCheckResult(passed=passed, severity=dg.AssetCheckSeverity.ERROR,
                                metadata={"margin": config.margin, "per_suite": config.per_suite, **v})
 
+
 ALL_CHECKS = [c_s_in_c_l_within_budget, no_duplicate_prompts, no_eval_overlap, training_loss_finite,
               short_context_retention]

@@ -8,6 +8,10 @@ One step (per micro-batch of prompts, ``grad_accum`` micro-batches per optimizer
     loss = compute_loss(kind, ...)            pointwise reverse KL by default (losses.py)
     backward; clip; AdamW step; schedule; EMA teacher update; engine.update_weights(step)
 
+With ``loss.short_anchor = w > 0`` (the retention guard) the step also samples from x_S and adds
+``w * compute_loss(kind, ...)`` with student AND teacher on x_S: the short-context answers are held at
+the (base or EMA) teacher's while the long-context ones move.
+
 A recipe in the torchtune sense: ``setup()`` → ``train()`` → ``save_final()``, with a
 checkpoint every ``save_every`` steps and exact resume from the last complete one. Built on
 ``accelerate.Accelerator`` (device placement, mixed precision, gradient accumulation), so the

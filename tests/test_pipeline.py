@@ -194,7 +194,8 @@ def test_retention_check_pools_small_suites_unless_asked_per_suite():
     from assets.checks import retention_verdict
 
     rows = [{"suite": f"in_family:f{i}@1024", "context": "short", "n": 16, "delta": d}
-            for i, d in enumerate([0.0, 0.0, 0.0, -0.125])] + [{"suite": "x", "context": "long", "n": 16, "delta": -0.9}]
+            for i, d in enumerate([0.0, 0.0, 0.0, -0.125])]
+    rows.append({"suite": "x", "context": "long", "n": 16, "delta": -0.9})
     pooled = retention_verdict(rows, 0.10)
     assert pooled["passed"] and pooled["pooled_delta"] == pytest.approx(-0.03125)  # long rows do not count
     assert pooled["worst_suite"] == "in_family:f3@1024" and pooled["worst_delta"] == -0.125

@@ -154,7 +154,7 @@ def test_every_loss_kind_trains(tmp_path, kind):
 
 
 def _short_kl_to_base(tr, base_model):
-    """Mean full-vocabulary KL(student || base) on the short prompts, at the base's greedy answers."""
+    """Mean full-vocabulary KL(student || base) on every training item's short prompt, along one fixed response."""
     from opsdl_core.losses import reverse_kl_loss
 
     items = tr.data.train
