@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .models import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, _fix_token_ids
+from .model_cache import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, _fix_token_ids
 
 __all__ = ["build_tiny_model", "save_tiny_model"]
 

@@ -73,7 +73,9 @@ def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
     assert any("step 4/4" in line for line in lines)
 
 
-def test_teacher_scores_exactly_the_students_token_ids(tmp_path, monkeypatch):
+@pytest.fixture
+def scoring_calls(monkeypatch):
+    """Every score_responses call the trainer makes, by its keyword arguments, in order."""
     calls = []
 
     def spy(model, **kw):
@@ -81,6 +83,11 @@ def test_teacher_scores_exactly_the_students_token_ids(tmp_path, monkeypatch):
         return score_responses(model, **kw)
 
     monkeypatch.setattr(trainer_mod, "score_responses", spy)
+    return calls
+
+
+def test_teacher_scores_exactly_the_students_token_ids(tmp_path, scoring_calls):
+    calls = scoring_calls
     tr = make_trainer(tiny_cfg(tmp_path)).setup()
     rollouts = []
     real_generate = tr.rollout.generate
@@ -168,14 +175,8 @@ def _short_kl_to_base(tr, base_model):
     return float(reverse_kl_loss(student_logits=s.logits, teacher_logits=b.logits, mask=s.mask).loss)
 
 
-def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_path, monkeypatch):
-    calls = []
-
-    def spy(model, **kw):
-        calls.append(kw)
-        return score_responses(model, **kw)
-
-    monkeypatch.setattr(trainer_mod, "score_responses", spy)
+def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_path, monkeypatch, scoring_calls):
+    calls = scoring_calls
     cfg = tiny_cfg(tmp_path / "a", loss={"kind": "reverse_kl", "short_anchor": 1.0}, train={"teacher": "base"},
                    optim={"lr": 5e-2})
     tr = make_trainer(cfg).setup()
