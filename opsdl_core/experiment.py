@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
 from .experiment_suites import (Suite, build_suites, curriculum_families, evaluate_external, evaluate_model,
-                                gap_snapshot, ruler_rows)
+                                gap_snapshot, on_eval_device, ruler_rows)
 
 __all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "evaluate_external"]
 
@@ -291,7 +291,7 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
         if rec.get("checkpoint_id") != ckpt_id:
             log(f"[experiment] evaluating {label}")
             t = time.time()
-            model = get_model()
+            model = on_eval_device(get_model())
             model.eval()
             final = len(suites) > 1  # the base and final models; intermediate ones get the curve suite only
             rows = evaluate_model(model, tok, suites, s, short=final, task_names=labels)

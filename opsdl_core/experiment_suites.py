@@ -77,6 +77,14 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     return suites
 
 
+def on_eval_device(model: Any) -> Any:
+    """The model on the GPU when there is one (as the trainer's Accelerator places it), else as it is:
+    greedy generation follows the model's device."""
+    import torch
+
+    return model.to("cuda") if torch.cuda.is_available() else model
+
+
 def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
                    short: bool = True, task_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
     """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
@@ -149,6 +157,7 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
     if exp.run.train.num_threads:
         torch.set_num_threads(exp.run.train.num_threads)
     model, tok = load_model_and_tokenizer(str(model_dir))
+    model = on_eval_device(model)
     model.eval()
     suites = [x for x in build_suites(exp, tok) if (not families or x.family in families)
               and (not lengths or x.length in lengths)]

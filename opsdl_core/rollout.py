@@ -187,7 +187,8 @@ class TransformersRollout:
             raise RuntimeError("this rollout engine was released")
         was_training = self.model.training
         self.model.eval()
-        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        # on the model's device: torch.multinomial refuses a generator of another device
+        gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(int(seed))
         per_chunk = max(1, self.max_batch_size // n)
         out = RolloutBatch([], [], [], [], self.weight_version)
         try:

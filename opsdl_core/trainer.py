@@ -132,6 +132,8 @@ class OPSDLTrainer:
             optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
+            sampler_model.to(self.accelerator.device)
         self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
                                       ema_decay=cfg.train.ema_decay)
         self.pad_id = pad_token_id(self.tokenizer)
