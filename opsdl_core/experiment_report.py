@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .experiment import ExperimentSettings
 
-__all__ = ["summarize", "comparison_markdown", "write_comparison"]
+__all__ = ["summarize", "comparison_markdown", "write_comparison", "paired_summary", "sign_test_p"]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -25,6 +26,7 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
     final_step = {(t["method"], t["seed"]): t["steps"] for t in trained}
     cells: dict[tuple[str, str, str, int], list[float]] = {}
     curve: dict[tuple[str, str, int, int], list[float]] = {}
+    answers: dict[tuple[str, Any, str, str, int], dict[str, bool]] = {}
     for e in evals:
         p = e["params"]
         method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
@@ -32,6 +34,9 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
         for r in e["rows"]:
             if is_final:
                 cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
+                if r.get("answers"):
+                    answers[(method, seed, r["task"], r["context"], int(r["context_length"]))] = {
+                        a["id"]: bool(a["correct"]) for a in r["answers"]}
             if r["context"] == "long":
                 key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
                 curve.setdefault(key, []).append(r["value"])
@@ -75,7 +80,42 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
            "table": table,
            "curves": curves, "trained": trained}
     out["transfer"] = transfer_summary(out)
+    out["paired"] = paired_summary(answers)
     return out
+
+
+def sign_test_p(gained: int, lost: int) -> float:
+    """Exact two-sided sign test: the chance of a split at least this uneven between questions
+    gained and lost if either were equally likely (the changed questions only, as McNemar's test)."""
+    n, k = gained + lost, min(gained, lost)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_summary(answers: dict[tuple[str, Any, str, str, int], dict[str, bool]]) -> list[dict[str, Any]]:
+    """Per trained method, task kind and context: the questions each final model answers that the
+    base model did not (gained) and the reverse (lost), summed over seeds and the kind's tasks, with
+    the sign test's p-value. The same questions are asked of both, so this reads a difference of a
+    few questions better than two accuracies do."""
+    acc: dict[tuple[str, str, int], list[int]] = {}
+    for (method, seed, task, ctx, length), got in answers.items():
+        base = answers.get(("base", None, task, ctx, length))
+        if method == "base" or base is None:
+            continue
+        kind = task.split(":", 1)[0]
+        keys = {(method, task, length), (method, kind, length)}  # the task, and its kind when it has one
+        for key in keys:
+            c = acc.setdefault(key, [0, 0, 0])
+            for qid, ok in got.items():
+                if qid in base:
+                    c[0] += ok and not base[qid]
+                    c[1] += base[qid] and not ok
+                    c[2] += 1
+    rows = [{"method": m, "tasks": t, "context_length": n, "gained": g, "lost": lo, "pairs": pairs,
+             "p_sign": sign_test_p(g, lo)} for (m, t, n), (g, lo, pairs) in acc.items()]
+    return sorted(rows, key=lambda r: (r["method"], r["tasks"] not in KINDS, r["tasks"], r["context_length"]))
 
 
 KINDS = ("in_family", "out_of_family", "ruler")
@@ -126,11 +166,26 @@ def transfer_markdown(summary: dict[str, Any]) -> list[str]:
                     "(per-task spreads in the tables below).", ""]
 
 
+def paired_markdown(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("paired") or []
+    if not rows:
+        return []
+    lines = ["### Questions gained and lost against the base model (paired)", "",
+             "| method | tasks | context | gained | lost | questions × seeds | sign test p |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
+        lines.append(f"| {r['method']} | {r['tasks']} | {ctx} | {r['gained']} | {r['lost']} | {r['pairs']} | "
+                     f"{r['p_sign']:.3f} |")
+    return lines + ["", "Gained: right after training, wrong before; lost: the reverse; summed over seeds (and "
+                    "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
+
+
 def comparison_markdown(summary: dict[str, Any]) -> str:
     lengths = summary["lengths"]
     families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
                       key=lambda f: (f != "in_family", f))
-    lines = transfer_markdown(summary)
+    lines = transfer_markdown(summary) + paired_markdown(summary)
     for fam in families:
         title = {"in_family": "training templates, fresh keys (in-family)",
                  "transfer": "templates never trained on (transfer)"}.get(fam, fam)

@@ -102,7 +102,10 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
             for task in (task_names or {}).get(suite.family, [suite.family]):
                 rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
                              "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
-                             "harness": "opsdl", "seconds": round(r.seconds, 1)})
+                             "harness": "opsdl", "seconds": round(r.seconds, 1),
+                             # per question, for the report's paired comparison and for reading
+                             "answers": [{"id": it.example.id, "output": out, "correct": ok}
+                                         for it, out, ok in zip(suite.items, r.outputs, r.correct)]})
     return rows
 
 

@@ -206,6 +206,15 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     assert kinds[("in_family", 200)]["tasks"] == 2 and kinds[("out_of_family", 200)]["tasks"] == 1
     md = (tmp_path / "out" / "comparison.md").read_text()
     assert "In-family against out-of-family gains" in md and "out_of_family:event_date" in md
+    # the paired rows agree with the accuracies: per task, gained - lost = the change in right answers
+    paired = {(r["tasks"], r["context_length"]): r for r in summary["paired"]}
+    assert set(paired) >= {("out_of_family", 200), ("out_of_family:event_date", 200), ("in_family", 0)}
+    scores = {r["method"]: r["scores"] for r in summary["table"]}
+    for task, n in (("out_of_family:event_date", 3), ("in_family:kv_lookup", 2)):
+        key, p = f"{task}|long|200", paired[(task, 200)]
+        assert p["pairs"] == 2 * n  # every question, for each of the 2 seeds
+        assert p["gained"] - p["lost"] == round(2 * n * (scores["opsdl"][key]["mean"] - scores["base"][key]["mean"]))
+    assert "Questions gained and lost against the base model" in md
     store = LineageStore(db)
     _, rows = store.query("SELECT method, task, count(*), sum(n) FROM v_method_scores WHERE context = 'long' "
                           "GROUP BY ALL ORDER BY ALL")
@@ -233,3 +242,23 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     assert rows[0]["base"] == base_row["mean"] == rows[0]["value"]  # the same model: the same greedy answers
     _, got = store.query("SELECT task, value FROM v_method_scores WHERE method = 'tiny-again'")
     assert got == [("event_date", rows[0]["value"])]
+
+
+def test_paired_summary_counts_questions_gained_and_lost_over_seeds_and_tasks():
+    from opsdl_core.experiment_report import paired_summary, sign_test_p
+
+    T, F = True, False
+    answers = {("base", None, "out_of_family:a", "long", 100): {"q1": T, "q2": F, "q3": F},
+               ("opsdl", 0, "out_of_family:a", "long", 100): {"q1": F, "q2": T, "q3": T},
+               ("opsdl", 1, "out_of_family:a", "long", 100): {"q1": T, "q2": T, "q3": F},
+               ("base", None, "out_of_family:b", "long", 100): {"r1": F, "r2": T},
+               ("opsdl", 0, "out_of_family:b", "long", 100): {"r1": F, "r2": F},
+               ("opsdl", 1, "out_of_family:b", "long", 100): {"r1": T, "r2": T},
+               ("opsdl", 0, "out_of_family:c", "long", 100): {"s1": T}}  # no base answers: left out
+    rows = {(r["method"], r["tasks"], r["context_length"]): (r["gained"], r["lost"], r["pairs"])
+            for r in paired_summary(answers)}
+    assert rows == {("opsdl", "out_of_family:a", 100): (3, 1, 6), ("opsdl", "out_of_family:b", 100): (1, 1, 4),
+                    ("opsdl", "out_of_family", 100): (4, 2, 10)}
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 1) == 1.0
+    assert sign_test_p(5, 0) == sign_test_p(0, 5) == 2 / 32
+    assert abs(sign_test_p(10, 2) - 2 * (1 + 12 + 66) / 4096) < 1e-12
