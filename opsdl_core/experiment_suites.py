@@ -168,11 +168,15 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
         raise ValueError(f"no suite of experiment {s.name!r} matches families={families} lengths={lengths}")
     rows = evaluate_model(model, tok, suites, s, short=False)
     base: dict[tuple[str, int], float] = {}
+    base_answers: dict[tuple[str, int], dict[str, bool]] = {}
     digests = {x.digest for x in suites}
     for cache in (exp.out_dir / "evals").glob("base-*.json"):  # the base model's scores on the same suites
         for r in json.loads(cache.read_text())["rows"]:
             if r["context"] == "long" and r["dataset_digest"] in digests:
-                base[(r["task"].split(":")[-1], int(r["context_length"]))] = r["value"]
+                key = (r["task"].split(":")[-1], int(r["context_length"]))
+                base[key] = r["value"]
+                if r.get("answers"):
+                    base_answers[key] = {a["id"]: bool(a["correct"]) for a in r["answers"]}
     store = store or LineageStore(s.db)
     ckpt = f"external:{content_hash(Path(model_dir))}" if Path(model_dir).is_dir() else f"external:{model_dir}"
     run_id = f"exp-{s.name}-{label}"
@@ -180,7 +184,16 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
                   base_model=exp.run.model.name, base_model_hash=resolve_model(exp.run.model.name).content_hash)
     store.log_eval_scores(run_id, ckpt, [{k: v for k, v in r.items() if k != "seconds"} for r in rows])
     for r in rows:
-        r["base"] = base.get((r["task"], int(r["context_length"])))
+        key = (r["task"], int(r["context_length"]))
+        r["base"] = base.get(key)
+        paired = ""
+        if key in base_answers:  # the same questions: which ones changed
+            was = base_answers[key]
+            both = [(a["correct"], was[a["id"]]) for a in r["answers"] if a["id"] in was]
+            r["paired"] = len(both)
+            r["gained"] = sum(now and not before for now, before in both)
+            r["lost"] = sum(before and not now for now, before in both)
+            paired = f", gained {r['gained']}, lost {r['lost']} of {r['paired']} paired"
         log(f"[experiment] {label}: {r['task']}@{r['context_length']} {r['value']:.3f} (base "
-            f"{'—' if r['base'] is None else format(r['base'], '.3f')}, n={r['n']})")
+            f"{'—' if r['base'] is None else format(r['base'], '.3f')}{paired}, n={r['n']})")
     return rows

@@ -240,6 +240,7 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     base_row = next(r for r in summary["table"] if r["method"] == "base")["scores"]["out_of_family:event_date|long|200"]
     assert [(r["task"], r["context_length"], r["n"]) for r in rows] == [("event_date", 200, 3)]
     assert rows[0]["base"] == base_row["mean"] == rows[0]["value"]  # the same model: the same greedy answers
+    assert (rows[0]["paired"], rows[0]["gained"], rows[0]["lost"]) == (3, 0, 0)  # every question paired
     _, got = store.query("SELECT task, value FROM v_method_scores WHERE method = 'tiny-again'")
     assert got == [("event_date", rows[0]["value"])]
 
