@@ -260,21 +260,30 @@ class LineageStore:
     def log_eval_scores(self, run_id: str, checkpoint_id: str, scores: Iterable[dict[str, Any]],
                         dataset_digest: str | None = None) -> int:
         """``scores``: dicts with task, context, metric, value and optional context_length, n,
-        stderr, harness, task_config_hash, dataset_digest."""
-        rows = []
+        stderr, harness, task_config_hash, dataset_digest, and ``answers`` (one dict per question:
+        ``id``, ``correct`` and optional ``output``; table ``eval_answers``, view ``v_answer_changes``)."""
+        rows, answers = [], []
         for i, s in enumerate(scores):
             for f in ("task", "context", "metric", "value"):
                 if f not in s:
                     raise ValueError(f"eval score #{i}: missing field {f!r}; expected task, context, metric, value")
-            rows.append([run_id, checkpoint_id, s["task"], s["context"], int(s.get("context_length", 0)),
-                         s["metric"], _finite(s["value"]), s.get("n"), s.get("dataset_digest", dataset_digest),
+            key = [run_id, checkpoint_id, s["task"], s["context"], int(s.get("context_length", 0)), s["metric"]]
+            digest = s.get("dataset_digest", dataset_digest)
+            rows.append([*key, _finite(s["value"]), s.get("n"), digest,
                          _finite(s.get("stderr")), s.get("harness"), s.get("task_config_hash")])
+            for j, a in enumerate(s.get("answers") or []):
+                if "id" not in a or not isinstance(a.get("correct"), bool):
+                    raise ValueError(f"eval score #{i} ({s['task']}), answer #{j}: expected an 'id' and a boolean "
+                                     f"'correct', got keys {sorted(a)}")
+                answers.append([*key, str(a["id"]), digest, a.get("output"), a["correct"]])
         with self.transaction() as con:
             if rows:
                 con.executemany(
                     "INSERT OR REPLACE INTO eval_scores (run_id, checkpoint_id, task, context, context_length, "
                     "metric, value, n, dataset_digest, stderr, harness, task_config_hash) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            if answers:
+                con.executemany("INSERT OR REPLACE INTO eval_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", answers)
             con.execute("INSERT OR REPLACE INTO lineage_edges VALUES ('checkpoint', ?, 'run', ?, 'evaluated', ?)",
                         [checkpoint_id, run_id, run_id])
             if dataset_digest:

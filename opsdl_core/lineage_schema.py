@@ -1,7 +1,7 @@
 """The lineage store's DuckDB schema (``opsdl_core.lineage``): its tables (with the ALTERs that
 migrate older files) and the views users query in SQL."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
@@ -105,6 +105,20 @@ ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS token_ids INTEGER[];
 ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS tokens VARCHAR[];
 ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS student_token_logprobs DOUBLE[];
 ALTER TABLE rollout_samples ADD COLUMN IF NOT EXISTS teacher_token_logprobs DOUBLE[];
+-- v3: each question's answer behind a score, where the harness gives them (the experiment's suites)
+CREATE TABLE IF NOT EXISTS eval_answers (
+    run_id          VARCHAR NOT NULL,
+    checkpoint_id   VARCHAR NOT NULL,
+    task            VARCHAR NOT NULL,
+    context         VARCHAR NOT NULL,
+    context_length  BIGINT NOT NULL,
+    metric          VARCHAR NOT NULL,
+    example_id      VARCHAR NOT NULL,
+    dataset_digest  VARCHAR,
+    output          VARCHAR,
+    correct         BOOLEAN NOT NULL,
+    PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric, example_id)
+);
 """
 
 _VIEWS = """
@@ -180,6 +194,24 @@ WITH pairs AS (
 SELECT d.* FROM diffs d
 JOIN (SELECT run_a, run_b FROM diffs GROUP BY run_a, run_b HAVING count(*) = 1) one
   USING (run_a, run_b);
+
+CREATE OR REPLACE VIEW v_answer_changes AS
+WITH a AS (
+    SELECT m.experiment, m.method, m.seed, m.step, e.task, e.context, e.context_length, e.example_id,
+           e.dataset_digest, e.output, e.correct
+    FROM eval_answers e
+    JOIN v_method_scores m ON m.eval_run_id = e.run_id AND m.checkpoint_id = e.checkpoint_id AND m.task = e.task
+     AND m.context = e.context AND m.context_length = e.context_length AND m.metric = e.metric
+)
+SELECT t.experiment, t.method, t.seed, t.step, t.task, t.context, t.context_length, t.example_id,
+       CASE WHEN t.correct AND NOT b.correct THEN 'gained' WHEN b.correct AND NOT t.correct THEN 'lost'
+            ELSE 'same' END AS change,
+       b.correct AS base_correct, t.correct, b.output AS base_output, t.output
+FROM a t
+JOIN a b ON b.method = 'base' AND b.experiment = t.experiment AND b.task = t.task AND b.context = t.context
+ AND b.context_length = t.context_length AND b.example_id = t.example_id
+ AND b.dataset_digest IS NOT DISTINCT FROM t.dataset_digest
+WHERE t.method <> 'base';
 
 CREATE OR REPLACE VIEW v_metric_latest AS
 SELECT run_id, key, arg_max(value, step) AS value, max(step) AS step

@@ -215,6 +215,11 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
         assert p["pairs"] == 2 * n  # every question, for each of the 2 seeds
         assert p["gained"] - p["lost"] == round(2 * n * (scores["opsdl"][key]["mean"] - scores["base"][key]["mean"]))
     assert "Questions gained and lost against the base model" in md
+    _, got = LineageStore(db).query("SELECT change, count(*) FROM v_answer_changes WHERE task = "
+                                    "'out_of_family:event_date' AND context_length = 200 GROUP BY ALL")
+    got = dict(got)  # the same questions, paired in SQL
+    p = paired[("out_of_family:event_date", 200)]
+    assert (got.get("gained", 0), got.get("lost", 0), sum(got.values())) == (p["gained"], p["lost"], p["pairs"])
     store = LineageStore(db)
     _, rows = store.query("SELECT method, task, count(*), sum(n) FROM v_method_scores WHERE context = 'long' "
                           "GROUP BY ALL ORDER BY ALL")

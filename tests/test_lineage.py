@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from opsdl_core.cli import main as cli_main
-from opsdl_core.lineage import LineageStore, content_hash, flatten_params, ingest_training_run
+from opsdl_core.lineage import SCHEMA_VERSION, LineageStore, content_hash, flatten_params, ingest_training_run
 
 
 def _fill(store: LineageStore, run_id: str, lr: str = "0.0001", loss: str = "pointwise") -> None:
@@ -58,7 +58,7 @@ def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
                 "INSERT INTO eval_scores VALUES ('e0', 'c0', 'kv', 'long', 512, 'acc', 0.25, 8, 'd0')")
     con.close()
     store = LineageStore(db)
-    assert store.query("SELECT version FROM schema_info")[1] == [(2,)]
+    assert store.query("SELECT version FROM schema_info")[1] == [(SCHEMA_VERSION,)]
     assert store.query("SELECT value, stderr, harness FROM eval_scores")[1] == [(0.25, None, None)]
     store.log_eval_scores("e1", "c1", [{"task": "ruler", "context": "long", "context_length": 1024, "metric": "acc",
                                         "value": 0.5, "stderr": 0.1, "n": 25, "harness": "lm-eval 0.4.13",
@@ -67,6 +67,31 @@ def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
         (0.1, "lm-eval 0.4.13", "abc")]
     with pytest.raises(ValueError, match="unknown table 'runs; DROP TABLE runs'"):
         store.count("runs; DROP TABLE runs")
+
+
+def test_answers_behind_scores_give_the_questions_gained_and_lost(tmp_path):
+    store = LineageStore(tmp_path / "l.duckdb")
+
+    def score(run_id, method, seed, correct, value=None):
+        store.log_run(run_id, experiment="x", kind="eval", params={"method": method, "seed": seed, "step": 4})
+        answers = [{"id": f"q{i}", "output": f"out{i}-{method}", "correct": c} for i, c in enumerate(correct)]
+        store.log_eval_scores(run_id, f"ckpt-{run_id}", [{"task": "kv", "context": "long", "context_length": 512,
+                                                           "metric": "accuracy", "value": sum(correct) / 3,
+                                                           "dataset_digest": "d1", "answers": answers}])
+
+    score("e-base", "base", None, [True, False, False])
+    score("e-s0", "opsdl", 0, [False, True, True])
+    score("e-s1", "opsdl", 1, [True, True, False])
+    _, rows = store.query("SELECT seed, change, count(*) FROM v_answer_changes GROUP BY ALL ORDER BY ALL")
+    assert rows == [(0, "gained", 2), (0, "lost", 1), (1, "gained", 1), (1, "same", 2)]
+    _, rows = store.query("SELECT base_output, output FROM v_answer_changes WHERE seed = 0 AND example_id = 'q0'")
+    assert rows == [("out0-base", "out0-opsdl")]
+    # a malformed answer is refused, naming the score and the answer, and nothing of that call is stored
+    with pytest.raises(ValueError, match=r"eval score #0 \(kv\), answer #1: expected an 'id' and a boolean"):
+        store.log_eval_scores("e-bad", "c", [{"task": "kv", "context": "long", "metric": "accuracy", "value": 1.0,
+                                              "answers": [{"id": "q0", "correct": True}, {"id": "q1", "correct": 1}]}])
+    assert store.count("eval_scores", "WHERE run_id = 'e-bad'") == 0 == store.count("eval_answers",
+                                                                                     "WHERE run_id = 'e-bad'")
 
 
 def test_per_token_gaps_are_stored_and_averaged_by_position(tmp_path):
