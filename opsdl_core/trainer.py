@@ -256,16 +256,19 @@ class OPSDLTrainer:
             with acc.accumulate(self.model):
                 ro, tch, stu, out, sampler = self._distill([p.student_ids for p in batch],
                                                            [p.teacher_ids for p in batch], seed, timings)
-                loss = out.loss
+                t = time.perf_counter()
+                acc.backward(out.loss)
+                timings["student_s"] += time.perf_counter() - t
                 if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt
+                    # its own backward, after the main one: an EMA teacher's scoring swaps the trainable
+                    # weights in place, which the main term's graph must not see (gradients add up)
                     short = [p.teacher_ids for p in batch]
                     anchor = self._distill(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
                                            timings)[3]
-                    loss = loss + cfg.loss.short_anchor * anchor.loss
+                    t = time.perf_counter()
+                    acc.backward(cfg.loss.short_anchor * anchor.loss)
+                    timings["student_s"] += time.perf_counter() - t
                     sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(anchor.loss.detach())
-                t = time.perf_counter()
-                acc.backward(loss)
-                timings["student_s"] += time.perf_counter() - t
                 self._optimizer_step(sums, timings)
             self._accumulate(sums, out, stu, tch, ro, batch, sampler)
         return self._finish_step(sums, timings, t_step)

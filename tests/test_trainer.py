@@ -212,6 +212,19 @@ def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_pat
     assert all(b < a for a, b in zip(kls, kls[1:])), kls
     assert kls[-1] < 0.95 * drifted, kls
 
+def test_short_anchor_trains_with_an_ema_teacher(tmp_path):
+    """An EMA teacher scores by swapping the trainable weights in place; the anchor's scoring must
+    not touch the weights the long-context term's graph saved (autograd refused the step before)."""
+    cfg = tiny_cfg(tmp_path, loss={"kind": "forward_kl", "short_anchor": 1.0}, train={"teacher": "ema"},
+                   optim={"lr": 5e-2})
+    tr = make_trainer(cfg).setup()
+    before = {n: p.detach().clone() for n, p in tr.unwrapped.named_parameters() if p.requires_grad}
+    for _ in range(3):
+        m = tr.train_step()
+    assert math.isfinite(m["loss"]) and m["short_anchor_loss"] > 0
+    assert any(not torch.equal(before[n], p) for n, p in tr.unwrapped.named_parameters() if p.requires_grad)
+
+
 def test_short_anchor_needs_a_fixed_teacher(tmp_path):
     from opsdl_core.config import ConfigError
 
