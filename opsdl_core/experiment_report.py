@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .experiment import ExperimentSettings
 
-__all__ = ["summarize", "comparison_markdown", "write_comparison", "paired_summary", "sign_test_p"]
+__all__ = ["summarize", "comparison_markdown", "write_comparison", "answer_map", "paired_counts", "paired_summary",
+           "sign_test_p"]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -35,8 +36,7 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
             if is_final:
                 cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
                 if r.get("answers"):
-                    answers[(method, seed, r["task"], r["context"], int(r["context_length"]))] = {
-                        a["id"]: bool(a["correct"]) for a in r["answers"]}
+                    answers[(method, seed, r["task"], r["context"], int(r["context_length"]))] = answer_map(r)
             if r["context"] == "long":
                 key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
                 curve.setdefault(key, []).append(r["value"])
@@ -94,6 +94,18 @@ def sign_test_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def answer_map(row: dict[str, Any]) -> dict[str, bool]:
+    """``{question id: right?}`` of an evaluation row that carries its answers (else empty)."""
+    return {a["id"]: bool(a["correct"]) for a in row.get("answers") or []}
+
+
+def paired_counts(now: dict[str, bool], before: dict[str, bool]) -> tuple[int, int, int]:
+    """Questions right now and wrong before (gained), the reverse (lost), and how many were asked
+    of both (pairs); questions only one side answered are left out."""
+    both = [(ok, before[q]) for q, ok in now.items() if q in before]
+    return (sum(n and not b for n, b in both), sum(b and not n for n, b in both), len(both))
+
+
 def paired_summary(answers: dict[tuple[str, Any, str, str, int], dict[str, bool]]) -> list[dict[str, Any]]:
     """Per trained method, task kind and context: the questions each final model answers that the
     base model did not (gained) and the reverse (lost), summed over seeds and the kind's tasks, with
@@ -106,13 +118,9 @@ def paired_summary(answers: dict[tuple[str, Any, str, str, int], dict[str, bool]
             continue
         kind = task.split(":", 1)[0]
         keys = {(method, task, length), (method, kind, length)}  # the task, and its kind when it has one
+        counts = paired_counts(got, base)
         for key in keys:
-            c = acc.setdefault(key, [0, 0, 0])
-            for qid, ok in got.items():
-                if qid in base:
-                    c[0] += ok and not base[qid]
-                    c[1] += base[qid] and not ok
-                    c[2] += 1
+            acc[key] = [x + y for x, y in zip(acc.get(key, [0, 0, 0]), counts)]
     rows = [{"method": m, "tasks": t, "context_length": n, "gained": g, "lost": lo, "pairs": pairs,
              "p_sign": sign_test_p(g, lo)} for (m, t, n), (g, lo, pairs) in acc.items()]
     return sorted(rows, key=lambda r: (r["method"], r["tasks"] not in KINDS, r["tasks"], r["context_length"]))

@@ -99,13 +99,13 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
         for ctx in contexts:
             r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
                                   batch_size=s.batch_size)
+            # per question, for the report's paired comparison, the lineage store and for reading
+            answers = [{"id": it.example.id, "output": out, "correct": ok}
+                       for it, out, ok in zip(suite.items, r.outputs, r.correct)]
             for task in (task_names or {}).get(suite.family, [suite.family]):
                 rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
                              "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
-                             "harness": "opsdl", "seconds": round(r.seconds, 1),
-                             # per question, for the report's paired comparison and for reading
-                             "answers": [{"id": it.example.id, "output": out, "correct": ok}
-                                         for it, out, ok in zip(suite.items, r.outputs, r.correct)]})
+                             "harness": "opsdl", "seconds": round(r.seconds, 1), "answers": answers})
     return rows
 
 
@@ -153,6 +153,7 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
     same suites when the experiment has them. Rows go to the lineage store under ``label``."""
     import torch
 
+    from .experiment_report import answer_map, paired_counts
     from .lineage import LineageStore, content_hash
     from .models import load_model_and_tokenizer, resolve_model
 
@@ -176,7 +177,7 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
                 key = (r["task"].split(":")[-1], int(r["context_length"]))
                 base[key] = r["value"]
                 if r.get("answers"):
-                    base_answers[key] = {a["id"]: bool(a["correct"]) for a in r["answers"]}
+                    base_answers[key] = answer_map(r)
     store = store or LineageStore(s.db)
     ckpt = f"external:{content_hash(Path(model_dir))}" if Path(model_dir).is_dir() else f"external:{model_dir}"
     run_id = f"exp-{s.name}-{label}"
@@ -188,11 +189,7 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
         r["base"] = base.get(key)
         paired = ""
         if key in base_answers:  # the same questions: which ones changed
-            was = base_answers[key]
-            both = [(a["correct"], was[a["id"]]) for a in r["answers"] if a["id"] in was]
-            r["paired"] = len(both)
-            r["gained"] = sum(now and not before for now, before in both)
-            r["lost"] = sum(before and not now for now, before in both)
+            r["gained"], r["lost"], r["paired"] = paired_counts(answer_map(r), base_answers[key])
             paired = f", gained {r['gained']}, lost {r['lost']} of {r['paired']} paired"
         log(f"[experiment] {label}: {r['task']}@{r['context_length']} {r['value']:.3f} (base "
             f"{'—' if r['base'] is None else format(r['base'], '.3f')}{paired}, n={r['n']})")

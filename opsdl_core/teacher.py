@@ -33,7 +33,11 @@ class TeacherWeights:
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
-        """Inside this block the model carries the teacher's weights (and no grad is recorded)."""
+        """Inside this block the model carries the teacher's weights (and no grad is recorded).
+
+        An EMA teacher swaps the trainable weights in place and restores them on exit; autograd
+        counts that as a change, so a student graph built before the block cannot be backpropagated
+        after it: backward it first (as the trainer does before the retention anchor's pass)."""
         with torch.no_grad():
             if self.kind == "live":
                 yield
