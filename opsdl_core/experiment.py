@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
-from .experiment_suites import (Suite, build_suites, curriculum_families, evaluate_external, evaluate_model,
-                                gap_snapshot, on_eval_device, ruler_rows)
+from .experiment_suites import (Suite, build_suites, classify_errors, curriculum_families, evaluate_external,
+                                evaluate_model, gap_snapshot, on_eval_device, ruler_rows)
 
 __all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "evaluate_external"]
 
@@ -301,6 +301,8 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                    "snapshot": gap_snapshot(model, tok, curve_suites[0], exp) if final else [],
                    "seconds": round(time.time() - t, 1)}
             cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(rec, indent=1))
+        elif classify_errors(rec["rows"], suites):  # stored before answers had error kinds
             cache.write_text(json.dumps(rec, indent=1))
         run_id = f"exp-{s.name}-{label}-{suites_digest}"
         store.log_run(run_id, experiment=s.name, kind="eval", params={**params, "suites": suites_digest},

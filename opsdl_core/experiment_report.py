@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .experiment import ExperimentSettings
 
 __all__ = ["summarize", "comparison_markdown", "write_comparison", "answer_map", "paired_counts", "paired_summary",
-           "sign_test_p"]
+           "sign_test_p", "error_summary"]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
@@ -28,6 +28,7 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
     cells: dict[tuple[str, str, str, int], list[float]] = {}
     curve: dict[tuple[str, str, int, int], list[float]] = {}
     answers: dict[tuple[str, Any, str, str, int], dict[str, bool]] = {}
+    errors: dict[tuple[str, str, str, int], list[int]] = {}
     for e in evals:
         p = e["params"]
         method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
@@ -37,6 +38,7 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
                 cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
                 if r.get("answers"):
                     answers[(method, seed, r["task"], r["context"], int(r["context_length"]))] = answer_map(r)
+                    _count_errors(errors, (method, r["task"], r["context"], int(r["context_length"])), r["answers"])
             if r["context"] == "long":
                 key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
                 curve.setdefault(key, []).append(r["value"])
@@ -81,7 +83,31 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
            "curves": curves, "trained": trained}
     out["transfer"] = transfer_summary(out)
     out["paired"] = paired_summary(answers)
+    out["errors"] = error_summary(errors, methods)
     return out
+
+
+def _count_errors(acc: dict[tuple[str, str, str, int], list[int]], key: tuple[str, str, str, int],
+                  answers: list[dict[str, Any]]) -> None:
+    """Add one evaluation's wrong answers by kind (summed over seeds, for the task and its kind):
+    [wrong, distractor, other]; answers stored before error kinds existed count as wrong only."""
+    wrong = [a for a in answers if not a["correct"]]
+    counts = (len(wrong), sum(a.get("error") == "distractor" for a in wrong),
+              sum(a.get("error") == "other" for a in wrong))
+    method, task, ctx, length = key
+    for k in {key, (method, task.split(":", 1)[0], ctx, length)}:
+        acc[k] = [x + y for x, y in zip(acc.get(k, [0, 0, 0]), counts)]
+
+
+def error_summary(errors: dict[tuple[str, str, str, int], list[int]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per task (and task kind) and context: each method's wrong answers, summed over seeds, split
+    into those naming a distractor's value (the wrong fact found) and the others (no fact of the
+    context: usually an invented value). Training that trades the first for the second has not
+    taught the model where to look."""
+    cells = sorted({(t, c, n) for (_, t, c, n) in errors}, key=lambda k: (k[0] not in KINDS, k[0], k[2]))
+    return [{"tasks": t, "context_length": n if c == "long" else 0,
+             "by_method": {m: dict(zip(("wrong", "distractor", "other"), errors[(m, t, c, n)]))
+                           for m in methods if (m, t, c, n) in errors}} for t, c, n in cells]
 
 
 def sign_test_p(gained: int, lost: int) -> float:
@@ -189,11 +215,34 @@ def paired_markdown(summary: dict[str, Any]) -> list[str]:
                     "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
 
 
+def _error_cell(c: dict[str, int] | None) -> str:
+    if not c:
+        return "—"
+    rest = c["wrong"] - c["distractor"] - c["other"]  # answers stored without their kind
+    return f"{c['wrong']} ({c['distractor']} / {c['other']}" + (f" / {rest} unclassified)" if rest else ")")
+
+
+def errors_markdown(summary: dict[str, Any]) -> list[str]:
+    rows = summary.get("errors") or []
+    methods = [m for m in summary["methods"] if any(m in r["by_method"] for r in rows)]
+    if not rows or not methods:
+        return []
+    lines = ["### Wrong answers: a distractor's value or something else", "",
+             "| tasks | context | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
+    for r in rows:
+        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
+        cells = [_error_cell(r["by_method"].get(m)) for m in methods]
+        lines.append(f"| {r['tasks']} | {ctx} | " + " | ".join(cells) + " |")
+    return lines + ["", "Wrong answers summed over seeds (and the tasks of a kind): in brackets, those naming a "
+                    "distractor's value (another record's, the count one off, the other option) / those naming "
+                    "none (mostly values found nowhere in the context).", ""]
+
+
 def comparison_markdown(summary: dict[str, Any]) -> str:
     lengths = summary["lengths"]
     families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
                       key=lambda f: (f != "in_family", f))
-    lines = transfer_markdown(summary) + paired_markdown(summary)
+    lines = transfer_markdown(summary) + paired_markdown(summary) + errors_markdown(summary)
     for fam in families:
         title = {"in_family": "training templates, fresh keys (in-family)",
                  "transfer": "templates never trained on (transfer)"}.get(fam, fam)

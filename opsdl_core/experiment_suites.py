@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from .experiment import Experiment, ExperimentSettings
 
-__all__ = ["Suite", "build_suites", "curriculum_families", "evaluate_model", "ruler_rows", "gap_snapshot",
-           "evaluate_external"]
+__all__ = ["Suite", "build_suites", "curriculum_families", "evaluate_model", "classify_errors", "ruler_rows",
+           "gap_snapshot", "evaluate_external"]
 
 Log = Callable[[str], None]
 
@@ -91,6 +91,7 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
     family's longest suite (C_s does not depend on the length). ``task_names``: the task label(s)
     each family's rows get (``in_family:counting``, ...; default: the family)."""
     from .evaluate import evaluate_accuracy
+    from .synthetic import error_kind
 
     longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
     rows = []
@@ -99,14 +100,30 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
         for ctx in contexts:
             r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
                                   batch_size=s.batch_size)
-            # per question, for the report's paired comparison, the lineage store and for reading
-            answers = [{"id": it.example.id, "output": out, "correct": ok}
+            # per question, for the report's paired comparison and error kinds, the lineage store and for reading
+            answers = [{"id": it.example.id, "output": out, "correct": ok, "error": error_kind(it.example, out, ok)}
                        for it, out, ok in zip(suite.items, r.outputs, r.correct)]
             for task in (task_names or {}).get(suite.family, [suite.family]):
                 rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
                              "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
                              "harness": "opsdl", "seconds": round(r.seconds, 1), "answers": answers})
     return rows
+
+
+def classify_errors(rows: list[dict[str, Any]], suites: list[Suite]) -> bool:
+    """Give every stored wrong answer its error kind (``synthetic.error_kind``) where it has none, as
+    evaluations written before error kinds existed; the questions are found by id in ``suites``.
+    Returns whether anything was added."""
+    from .synthetic import error_kind
+
+    examples = {it.example.id: it.example for x in suites for it in x.items}
+    added = False
+    for r in rows:
+        for a in r.get("answers") or []:
+            if "error" not in a and a["id"] in examples:
+                a["error"] = error_kind(examples[a["id"]], a.get("output") or "", bool(a["correct"]))
+                added = True
+    return added
 
 
 def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[dict[str, Any]]:
@@ -191,6 +208,8 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
         if key in base_answers:  # the same questions: which ones changed
             r["gained"], r["lost"], r["paired"] = paired_counts(answer_map(r), base_answers[key])
             paired = f", gained {r['gained']}, lost {r['lost']} of {r['paired']} paired"
+        wrong = [a["error"] for a in r["answers"] if not a["correct"]]
         log(f"[experiment] {label}: {r['task']}@{r['context_length']} {r['value']:.3f} (base "
-            f"{'—' if r['base'] is None else format(r['base'], '.3f')}{paired}, n={r['n']})")
+            f"{'—' if r['base'] is None else format(r['base'], '.3f')}{paired}, n={r['n']}; wrong: "
+            f"{wrong.count('distractor')} name a distractor's value, {wrong.count('other')} other)")
     return rows

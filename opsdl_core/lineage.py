@@ -39,6 +39,7 @@ import duckdb
 from filelock import FileLock
 
 from .lineage_schema import _TABLES, _VIEWS, SCHEMA_VERSION
+from .synthetic import ERROR_KINDS
 
 __all__ = [
     "LineageStore",
@@ -261,7 +262,8 @@ class LineageStore:
                         dataset_digest: str | None = None) -> int:
         """``scores``: dicts with task, context, metric, value and optional context_length, n,
         stderr, harness, task_config_hash, dataset_digest, and ``answers`` (one dict per question:
-        ``id``, ``correct`` and optional ``output``; table ``eval_answers``, view ``v_answer_changes``)."""
+        ``id``, ``correct`` and optional ``output`` and ``error``, a wrong answer's kind as
+        ``synthetic.error_kind`` gives it; table ``eval_answers``, view ``v_answer_changes``)."""
         rows, answers = [], []
         for i, s in enumerate(scores):
             for f in ("task", "context", "metric", "value"):
@@ -275,7 +277,11 @@ class LineageStore:
                 if "id" not in a or not isinstance(a.get("correct"), bool):
                     raise ValueError(f"eval score #{i} ({s['task']}), answer #{j}: expected an 'id' and a boolean "
                                      f"'correct', got keys {sorted(a)}")
-                answers.append([*key, str(a["id"]), digest, a.get("output"), a["correct"]])
+                err = a.get("error")
+                if err is not None and (a["correct"] or err not in ERROR_KINDS):
+                    raise ValueError(f"eval score #{i} ({s['task']}), answer #{j} ({a['id']}): 'error' {err!r}: "
+                                     f"expected null for a right answer, else one of {list(ERROR_KINDS)}")
+                answers.append([*key, str(a["id"]), digest, a.get("output"), a["correct"], err])
         with self.transaction() as con:
             if rows:
                 con.executemany(
@@ -283,7 +289,9 @@ class LineageStore:
                     "metric, value, n, dataset_digest, stderr, harness, task_config_hash) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if answers:
-                con.executemany("INSERT OR REPLACE INTO eval_answers VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", answers)
+                con.executemany("INSERT OR REPLACE INTO eval_answers (run_id, checkpoint_id, task, context, "
+                                "context_length, metric, example_id, dataset_digest, output, correct, error) "
+                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", answers)
             con.execute("INSERT OR REPLACE INTO lineage_edges VALUES ('checkpoint', ?, 'run', ?, 'evaluated', ?)",
                         [checkpoint_id, run_id, run_id])
             if dataset_digest:

@@ -1,7 +1,7 @@
 """The lineage store's DuckDB schema (``opsdl_core.lineage``): its tables (with the ALTERs that
 migrate older files) and the views users query in SQL."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
@@ -119,6 +119,8 @@ CREATE TABLE IF NOT EXISTS eval_answers (
     correct         BOOLEAN NOT NULL,
     PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric, example_id)
 );
+-- v4: how a wrong answer went wrong ('distractor': it names another fact's value; 'other'; NULL: right or unknown)
+ALTER TABLE eval_answers ADD COLUMN IF NOT EXISTS error VARCHAR;
 """
 
 _VIEWS = """
@@ -198,7 +200,7 @@ JOIN (SELECT run_a, run_b FROM diffs GROUP BY run_a, run_b HAVING count(*) = 1) 
 CREATE OR REPLACE VIEW v_answer_changes AS
 WITH a AS (
     SELECT m.experiment, m.method, m.seed, m.step, e.task, e.context, e.context_length, e.example_id,
-           e.dataset_digest, e.output, e.correct
+           e.dataset_digest, e.output, e.correct, e.error
     FROM eval_answers e
     JOIN v_method_scores m ON m.eval_run_id = e.run_id AND m.checkpoint_id = e.checkpoint_id AND m.task = e.task
      AND m.context = e.context AND m.context_length = e.context_length AND m.metric = e.metric
@@ -206,7 +208,7 @@ WITH a AS (
 SELECT t.experiment, t.method, t.seed, t.step, t.task, t.context, t.context_length, t.example_id,
        CASE WHEN t.correct AND NOT b.correct THEN 'gained' WHEN b.correct AND NOT t.correct THEN 'lost'
             ELSE 'same' END AS change,
-       b.correct AS base_correct, t.correct, b.output AS base_output, t.output
+       b.correct AS base_correct, t.correct, b.output AS base_output, t.output, b.error AS base_error, t.error
 FROM a t
 JOIN a b ON b.method = 'base' AND b.experiment = t.experiment AND b.task = t.task AND b.context = t.context
  AND b.context_length = t.context_length AND b.example_id = t.example_id

@@ -29,6 +29,8 @@ from typing import Iterable, Literal
 from opsdl_core.data import Example
 
 __all__ = [
+    "ERROR_KINDS",
+    "error_kind",
     "Template",
     "TRAIN_TEMPLATES",
     "HELDOUT_TEMPLATES",
@@ -221,6 +223,20 @@ def score_example(example: Example, generated: str) -> float:
         if score_answer(ans, generated, wrong):
             return 1.0
     return 0.0
+
+
+ERROR_KINDS = ("distractor", "other")
+
+
+def error_kind(example: Example, generated: str, correct: bool) -> str | None:
+    """How a wrong answer went wrong: ``"distractor"`` when it names one of the example's listed
+    wrong answers (``distractor_answers``: another record's value, for a count the count one off,
+    for a comparison the other option): the model found a fact, the wrong one; ``"other"`` when it
+    names none of them (on lookups mostly a value found nowhere in the context); ``None`` when right."""
+    if correct:
+        return None
+    wrong = (example.metadata or {}).get("distractor_answers", ())
+    return "distractor" if any(answer_in_text(w, generated) for w in wrong) else "other"
 
 
 # --------------------------------------------------------------------------- generation

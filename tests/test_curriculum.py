@@ -87,6 +87,17 @@ def test_the_checker_fails_when_c_s_does_not_determine_the_answer():
     assert cur.answer_from_short_context(other) != look.answer
 
 
+@pytest.mark.parametrize("family", cur.family_names())
+def test_wrong_answers_are_told_apart_by_whether_they_name_a_distractor(family):
+    from opsdl_core.synthetic import error_kind, score_example
+
+    ex = gen(family, "heldout", n=1, n_distractors=(2, 3))[0]
+    other = ex.metadata["distractor_answers"][0]
+    assert error_kind(ex, f"It is {ex.answer}.", bool(score_example(ex, f"It is {ex.answer}."))) is None
+    assert not score_example(ex, f"It is {other}.") and error_kind(ex, f"It is {other}.", False) == "distractor"
+    assert error_kind(ex, "It is nowhere to be found.", False) == "other"
+
+
 def test_mixture_matches_its_weights_lengths_and_haystacks():
     weights = {"kv_lookup": 3.0, "counting": 1.0, "comparison": 0.0, "event_date": 2.0}
     assert cur.allocate(13, weights) == {"kv_lookup": 7, "counting": 2, "comparison": 0, "event_date": 4}

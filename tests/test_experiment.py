@@ -215,6 +215,23 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
         assert p["pairs"] == 2 * n  # every question, for each of the 2 seeds
         assert p["gained"] - p["lost"] == round(2 * n * (scores["opsdl"][key]["mean"] - scores["base"][key]["mean"]))
     assert "Questions gained and lost against the base model" in md
+    assert "Wrong answers: a distractor's value or something else" in md
+    # every stored answer carries its error kind; one stored without them gets the same kinds back
+    import json
+
+    from opsdl_core.experiment_suites import build_suites, classify_errors
+    from opsdl_core.models import load_model_and_tokenizer as _load
+
+    rec = json.loads(next((tmp_path / "out" / "evals").glob("base-*.json")).read_text())
+    got = [a for r in rec["rows"] for a in r.get("answers") or []]
+    assert got and all((a["error"] is None) == a["correct"] for a in got)
+    assert {a["error"] for a in got} <= {None, "distractor", "other"}
+    stripped = json.loads(json.dumps(rec["rows"]))
+    for r in stripped:
+        for a in r.get("answers") or []:
+            del a["error"]
+    assert classify_errors(stripped, build_suites(load_experiment(cfg), _load(str(tiny_model_dir))[1]))
+    assert stripped == rec["rows"] and not classify_errors(stripped, [])
     _, got = LineageStore(db).query("SELECT change, count(*) FROM v_answer_changes WHERE task = "
                                     "'out_of_family:event_date' AND context_length = 200 GROUP BY ALL")
     got = dict(got)  # the same questions, paired in SQL
@@ -268,3 +285,30 @@ def test_paired_summary_counts_questions_gained_and_lost_over_seeds_and_tasks():
     assert sign_test_p(0, 0) == 1.0 and sign_test_p(1, 1) == 1.0
     assert sign_test_p(5, 0) == sign_test_p(0, 5) == 2 / 32
     assert abs(sign_test_p(10, 2) - 2 * (1 + 12 + 66) / 4096) < 1e-12
+
+
+def test_error_summary_splits_wrong_answers_by_kind_over_seeds_and_tasks():
+    from opsdl_core.experiment_report import errors_markdown, summarize
+
+    def ans(*kinds):  # None: right
+        return [{"id": f"q{i}", "output": "", "correct": k is None, **({"error": k} if k != "old" else {})}
+                for i, k in enumerate(kinds)]
+
+    def ev(method, seed, rows):
+        return {"params": {"method": method, "seed": seed, "step": 4 if seed is not None else 0}, "rows": [
+            {"task": t, "context": "long", "context_length": 100, "value": 0.0, "answers": a} for t, a in rows]}
+
+    D, O = "distractor", "other"
+    evals = [ev("base", None, [("out_of_family:a", ans(D, D, None)), ("out_of_family:b", ans(D, O))]),
+             ev("opsdl", 0, [("out_of_family:a", ans(O, None, O)), ("out_of_family:b", ans(None, "old"))]),
+             ev("opsdl", 1, [("out_of_family:a", ans(O, D, None)), ("out_of_family:b", ans(None, None))])]
+    trained = [{"method": "opsdl", "seed": s, "steps": 4, "prompts": 4, "train_seconds": 1.0} for s in (0, 1)]
+    settings = type("S", (), {"methods": ["opsdl"], "lengths": [100], "seeds": [0, 1], "curve_at": 100})()
+    summary = summarize(evals, trained, settings)
+    rows = {r["tasks"]: r["by_method"] for r in summary["errors"]}
+    assert rows["out_of_family:a"] == {"base": {"wrong": 2, "distractor": 2, "other": 0},
+                                       "opsdl": {"wrong": 4, "distractor": 1, "other": 3}}
+    assert rows["out_of_family"]["opsdl"] == {"wrong": 5, "distractor": 1, "other": 3}  # one stored without a kind
+    assert rows["out_of_family"]["base"] == {"wrong": 4, "distractor": 3, "other": 1}
+    md = "\n".join(errors_markdown(summary))
+    assert "| out_of_family | 100 | 4 (3 / 1) | 5 (1 / 3 / 1 unclassified) |" in md

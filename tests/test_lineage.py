@@ -69,12 +69,32 @@ def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
         store.count("runs; DROP TABLE runs")
 
 
+def test_a_schema_v3_file_gets_error_kinds_with_its_answers_kept(tmp_path):
+    db = tmp_path / "v3.duckdb"
+    con = duckdb.connect(str(db))
+    con.execute("CREATE TABLE schema_info (version INTEGER NOT NULL); INSERT INTO schema_info VALUES (3);"
+                "CREATE TABLE eval_answers (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
+                "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
+                "example_id VARCHAR NOT NULL, dataset_digest VARCHAR, output VARCHAR, correct BOOLEAN NOT NULL, "
+                "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric, example_id));"
+                "INSERT INTO eval_answers VALUES ('e0', 'c0', 'kv', 'long', 512, 'accuracy', 'q0', 'd0', 'x', false)")
+    con.close()
+    store = LineageStore(db)
+    assert store.query("SELECT version FROM schema_info")[1] == [(SCHEMA_VERSION,)]
+    assert store.query("SELECT example_id, output, correct, error FROM eval_answers")[1] == [("q0", "x", False, None)]
+    store.log_eval_scores("e1", "c1", [{"task": "kv", "context": "long", "context_length": 512, "metric": "accuracy",
+                                        "value": 0.0, "answers": [{"id": "q0", "correct": False,
+                                                                   "error": "distractor"}]}])
+    assert store.query("SELECT error FROM eval_answers WHERE run_id = 'e1'")[1] == [("distractor",)]
+
+
 def test_answers_behind_scores_give_the_questions_gained_and_lost(tmp_path):
     store = LineageStore(tmp_path / "l.duckdb")
 
     def score(run_id, method, seed, correct, value=None):
         store.log_run(run_id, experiment="x", kind="eval", params={"method": method, "seed": seed, "step": 4})
-        answers = [{"id": f"q{i}", "output": f"out{i}-{method}", "correct": c} for i, c in enumerate(correct)]
+        answers = [{"id": f"q{i}", "output": f"out{i}-{method}", "correct": c, "error": None if c else "other"}
+                   for i, c in enumerate(correct)]
         store.log_eval_scores(run_id, f"ckpt-{run_id}", [{"task": "kv", "context": "long", "context_length": 512,
                                                            "metric": "accuracy", "value": sum(correct) / 3,
                                                            "dataset_digest": "d1", "answers": answers}])
@@ -86,6 +106,13 @@ def test_answers_behind_scores_give_the_questions_gained_and_lost(tmp_path):
     assert rows == [(0, "gained", 2), (0, "lost", 1), (1, "gained", 1), (1, "same", 2)]
     _, rows = store.query("SELECT base_output, output FROM v_answer_changes WHERE seed = 0 AND example_id = 'q0'")
     assert rows == [("out0-base", "out0-opsdl")]
+    _, rows = store.query("SELECT base_error, error FROM v_answer_changes WHERE seed = 0 ORDER BY example_id")
+    assert rows == [(None, "other"), ("other", None), ("other", None)]
+    # an error kind on a right answer, or an unknown kind, is refused like a malformed answer
+    for bad in ({"id": "q0", "correct": True, "error": "other"}, {"id": "q0", "correct": False, "error": "typo"}):
+        with pytest.raises(ValueError, match=r"answer #0 \(q0\): 'error'"):
+            store.log_eval_scores("e-bad", "c", [{"task": "kv", "context": "long", "metric": "accuracy",
+                                                  "value": 0.0, "answers": [bad]}])
     # a malformed answer is refused, naming the score and the answer, and nothing of that call is stored
     with pytest.raises(ValueError, match=r"eval score #0 \(kv\), answer #1: expected an 'id' and a boolean"):
         store.log_eval_scores("e-bad", "c", [{"task": "kv", "context": "long", "metric": "accuracy", "value": 1.0,
