@@ -28,7 +28,7 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
     cells: dict[tuple[str, str, str, int], list[float]] = {}
     curve: dict[tuple[str, str, int, int], list[float]] = {}
     answers: dict[tuple[str, Any, str, str, int], dict[str, bool]] = {}
-    errors: dict[tuple[str, str, str, int], list[int]] = {}
+    errors: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for e in evals:
         p = e["params"]
         method, seed, step = p["method"], p.get("seed"), int(p.get("step") or 0)
@@ -38,7 +38,8 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
                 cells.setdefault((method, r["task"], r["context"], int(r["context_length"])), []).append(r["value"])
                 if r.get("answers"):
                     answers[(method, seed, r["task"], r["context"], int(r["context_length"]))] = answer_map(r)
-                    _count_errors(errors, (method, r["task"], r["context"], int(r["context_length"])), r["answers"])
+                    _count_errors(errors, (method, r["task"], r["context"], int(r["context_length"])), seed,
+                                  r["answers"])
             if r["context"] == "long":
                 key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
                 curve.setdefault(key, []).append(r["value"])
@@ -87,27 +88,35 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
     return out
 
 
-def _count_errors(acc: dict[tuple[str, str, str, int], list[int]], key: tuple[str, str, str, int],
+def _count_errors(acc: dict[tuple[str, str, str, int], dict[str, Any]], key: tuple[str, str, str, int], seed: Any,
                   answers: list[dict[str, Any]]) -> None:
-    """Add one evaluation's wrong answers by kind (summed over seeds, for the task and its kind):
-    [wrong, distractor, other]; answers stored before error kinds existed count as wrong only."""
+    """Add one evaluation's wrong answers by kind (for the task and its kind); answers stored before
+    error kinds existed count as wrong only."""
     wrong = [a for a in answers if not a["correct"]]
-    counts = (len(wrong), sum(a.get("error") == "distractor" for a in wrong),
-              sum(a.get("error") == "other" for a in wrong))
     method, task, ctx, length = key
     for k in {key, (method, task.split(":", 1)[0], ctx, length)}:
-        acc[k] = [x + y for x, y in zip(acc.get(k, [0, 0, 0]), counts)]
+        c = acc.setdefault(k, {"wrong": 0, "distractor": 0, "other": 0, "seeds": set()})
+        c["wrong"] += len(wrong)
+        c["distractor"] += sum(a.get("error") == "distractor" for a in wrong)
+        c["other"] += sum(a.get("error") == "other" for a in wrong)
+        c["seeds"].add(seed)
 
 
-def error_summary(errors: dict[tuple[str, str, str, int], list[int]], methods: list[str]) -> list[dict[str, Any]]:
-    """Per task (and task kind) and context: each method's wrong answers, summed over seeds, split
-    into those naming a distractor's value (the wrong fact found) and the others (no fact of the
-    context: usually an invented value). Training that trades the first for the second has not
-    taught the model where to look."""
+def error_summary(errors: dict[tuple[str, str, str, int], dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per task (and task kind) and context: each method's wrong answers per model (the mean over
+    its seeds), split into those naming a distractor's value (the wrong fact found) and the others
+    (no fact of the context: usually an invented value). Training that trades the first for the
+    second has taught the model to avoid the wrong fact, not where the right one is."""
     cells = sorted({(t, c, n) for (_, t, c, n) in errors}, key=lambda k: (k[0] not in KINDS, k[0], k[2]))
-    return [{"tasks": t, "context_length": n if c == "long" else 0,
-             "by_method": {m: dict(zip(("wrong", "distractor", "other"), errors[(m, t, c, n)]))
-                           for m in methods if (m, t, c, n) in errors}} for t, c, n in cells]
+    out = []
+    for t, c, n in cells:
+        by = {}
+        for m in methods:
+            if (e := errors.get((m, t, c, n))) is not None:
+                by[m] = {k: e[k] / len(e["seeds"]) for k in ("wrong", "distractor", "other")} | {
+                    "seeds": len(e["seeds"])}
+        out.append({"tasks": t, "context_length": n if c == "long" else 0, "by_method": by})
+    return out
 
 
 def sign_test_p(gained: int, lost: int) -> float:
@@ -215,11 +224,15 @@ def paired_markdown(summary: dict[str, Any]) -> list[str]:
                     "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
 
 
-def _error_cell(c: dict[str, int] | None) -> str:
+def _error_cell(c: dict[str, float] | None) -> str:
     if not c:
         return "—"
+
+    def f(x: float) -> str:
+        return f"{x:.0f}" if x == round(x) else f"{x:.1f}"
+
     rest = c["wrong"] - c["distractor"] - c["other"]  # answers stored without their kind
-    return f"{c['wrong']} ({c['distractor']} / {c['other']}" + (f" / {rest} unclassified)" if rest else ")")
+    return f"{f(c['wrong'])} ({f(c['distractor'])} / {f(c['other'])}" + (f" / {f(rest)} unclassified)" if rest else ")")
 
 
 def errors_markdown(summary: dict[str, Any]) -> list[str]:
@@ -233,9 +246,9 @@ def errors_markdown(summary: dict[str, Any]) -> list[str]:
         ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
         cells = [_error_cell(r["by_method"].get(m)) for m in methods]
         lines.append(f"| {r['tasks']} | {ctx} | " + " | ".join(cells) + " |")
-    return lines + ["", "Wrong answers summed over seeds (and the tasks of a kind): in brackets, those naming a "
-                    "distractor's value (another record's, the count one off, the other option) / those naming "
-                    "none (mostly values found nowhere in the context).", ""]
+    return lines + ["", "Wrong answers per model (mean over seeds; summed over the tasks of a kind): in brackets, "
+                    "those naming a distractor's value (another record's, the count one off, the other option) / "
+                    "those naming none (mostly values found nowhere in the context).", ""]
 
 
 def comparison_markdown(summary: dict[str, Any]) -> str:

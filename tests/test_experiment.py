@@ -306,9 +306,10 @@ def test_error_summary_splits_wrong_answers_by_kind_over_seeds_and_tasks():
     settings = type("S", (), {"methods": ["opsdl"], "lengths": [100], "seeds": [0, 1], "curve_at": 100})()
     summary = summarize(evals, trained, settings)
     rows = {r["tasks"]: r["by_method"] for r in summary["errors"]}
-    assert rows["out_of_family:a"] == {"base": {"wrong": 2, "distractor": 2, "other": 0},
-                                       "opsdl": {"wrong": 4, "distractor": 1, "other": 3}}
-    assert rows["out_of_family"]["opsdl"] == {"wrong": 5, "distractor": 1, "other": 3}  # one stored without a kind
-    assert rows["out_of_family"]["base"] == {"wrong": 4, "distractor": 3, "other": 1}
-    md = "\n".join(errors_markdown(summary))
-    assert "| out_of_family | 100 | 4 (3 / 1) | 5 (1 / 3 / 1 unclassified) |" in md
+    # per model: the base once, the trained method the mean over its 2 seeds
+    assert rows["out_of_family:a"] == {"base": {"wrong": 2, "distractor": 2, "other": 0, "seeds": 1},
+                                       "opsdl": {"wrong": 2, "distractor": 0.5, "other": 1.5, "seeds": 2}}
+    assert rows["out_of_family"]["opsdl"] == {"wrong": 2.5, "distractor": 0.5, "other": 1.5, "seeds": 2}
+    assert rows["out_of_family"]["base"] == {"wrong": 4, "distractor": 3, "other": 1, "seeds": 1}
+    md = "\n".join(errors_markdown(summary))  # one answer stored without its kind: unclassified
+    assert "| out_of_family | 100 | 4 (3 / 1) | 2.5 (0.5 / 1.5 / 0.5 unclassified) |" in md
