@@ -41,8 +41,22 @@ from .prepare import Prepared, PreparedData
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
 from .scoring import score_responses
-from .synthetic import score_example
+from .synthetic import error_kind, score_example
 from .teacher import TeacherWeights
+
+
+def rollout_judgement(examples: list[Any], texts: list[str]) -> dict[str, float]:
+    """Of the sampled answers to examples with a reference: the share right (``rollout_accuracy``)
+    and, where the examples list their distractors' values, the share naming one of them instead
+    (``rollout_distractor_rate``): a run whose accuracy stays flat while this falls is trading
+    wrong facts for invented ones, not learning where to look."""
+    judged = [(e, t, bool(score_example(e, t))) for e, t in zip(examples, texts) if e.answer is not None]
+    if not judged:
+        return {}
+    out = {"rollout_accuracy": sum(ok for _, _, ok in judged) / len(judged)}
+    if any("distractor_answers" in (e.metadata or {}) for e, _, _ in judged):
+        out["rollout_distractor_rate"] = sum(error_kind(e, t, ok) == "distractor" for e, t, ok in judged) / len(judged)
+    return out
 
 
 @dataclass
@@ -363,8 +377,7 @@ class OPSDLTrainer:
         lens = [len(r) for r in ro.response_ids]
         exs = [batch[g].example for g in ro.prompt_index]
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ro.response_ids]
-        scored = [score_example(e, t)
-                  for e, t in zip(exs, texts) if e.answer is not None]
+        judged = rollout_judgement(exs, texts)
         vals = {
             "loss": float(out.loss.detach()),
             "advantage_mean": float(((tch.logprobs - stu.logprobs.detach()) * mask).sum() / ntok),
@@ -374,8 +387,7 @@ class OPSDLTrainer:
             "sampler_logprob_absdiff": float(((stu.logprobs.detach() - sampler).abs() * mask).sum() / ntok),
             **{f"loss_{k}": v for k, v in out.metrics.items() if k != "tokens"},
         }
-        if scored:
-            vals["rollout_accuracy"] = sum(scored) / len(scored)
+        vals.update(judged)
         limit = self.cfg.rollout.max_logprob_diff
         if limit is not None and vals["sampler_logprob_absdiff"] > limit:
             raise RuntimeError(

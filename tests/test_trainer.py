@@ -64,6 +64,7 @@ def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
         assert all(m[k] >= 0 for k in ("generate_s", "teacher_s", "student_s", "optim_s", "step_s"))
         # transformers backend shares the trainer's weights: sampler and trainer agree
         assert m["sampler_logprob_absdiff"] < 1e-3
+        assert 0.0 <= m["rollout_distractor_rate"] <= 1.0 - m["rollout_accuracy"]
     assert [r["step"] for r in read_jsonl(tmp_path / "run" / "checkpoints.jsonl")] == [2, 4]
     final = tmp_path / "run" / "final"
     assert (final / "adapter" / "adapter_config.json").is_file()
@@ -71,6 +72,21 @@ def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["config_hash"] == cfg.hash() and results["data_digest"]
     assert any("step 4/4" in line for line in lines)
+
+
+def test_rollout_judgement_tells_a_distractor_from_an_invented_answer():
+    from opsdl_core.curriculum import generate_family
+    from opsdl_core.data import Example
+    from opsdl_core.trainer import rollout_judgement
+
+    ex = generate_family("event_date", n=1, split="train", target_tokens=300, count_tokens=lambda t: len(t.split()),
+                         seed=0, n_distractors=(2, 3))[0]
+    wrong = ex.metadata["distractor_answers"][0]
+    texts = [f"It opens on {ex.answer}.", f"It opens on {wrong}.", "It opens on 2022-01-01.", "No idea."]
+    assert rollout_judgement([ex] * 4, texts) == {"rollout_accuracy": 0.25, "rollout_distractor_rate": 0.25}
+    bare = Example(id="b", long_context="x", short_context="x", question="q", answer=ex.answer)
+    assert rollout_judgement([bare], [ex.answer]) == {"rollout_accuracy": 1.0}  # no distractors listed
+    assert rollout_judgement([Example(id="n", long_context="x", short_context="x", question="q")], ["a"]) == {}
 
 
 @pytest.fixture
