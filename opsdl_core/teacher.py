@@ -7,8 +7,10 @@ The teacher is the same network as the student, given the short context. Its wei
   model, no copy); with full fine-tuning a snapshot of the initial weights is swapped in;
 * ``ema``: an exponential moving average of the trainable weights, swapped in for scoring.
 
-Swapping copies only the *trainable* tensors (the adapter under LoRA), in place, and
-restores them afterwards, so the student's optimizer state is untouched.
+Swapping points every module slot that holds a *trainable* tensor (the adapter under LoRA; tied
+weights in each of their slots) at the teacher's tensor for the block and back afterwards. The
+student's Parameter objects are never written, so its optimizer state and any autograd graph
+built before the block (the long-context term when the retention anchor scores next) stay valid.
 """
 
 from __future__ import annotations
@@ -33,11 +35,7 @@ class TeacherWeights:
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
-        """Inside this block the model carries the teacher's weights (and no grad is recorded).
-
-        An EMA teacher swaps the trainable weights in place and restores them on exit; autograd
-        counts that as a change, so a student graph built before the block cannot be backpropagated
-        after it: backward it first (as the trainer does before the retention anchor's pass)."""
+        """Inside this block the model carries the teacher's weights (and no grad is recorded)."""
         with torch.no_grad():
             if self.kind == "live":
                 yield
@@ -45,15 +43,23 @@ class TeacherWeights:
                 with self.model.disable_adapter():
                     yield
             else:
-                params = dict(self._trainable())
-                saved = {n: params[n].detach().clone() for n in self.shadow}
-                for n, s in self.shadow.items():
-                    params[n].copy_(s)
-                try:
+                with self._swapped():
                     yield
-                finally:
-                    for n, s in saved.items():
-                        params[n].copy_(s)
+
+    @contextlib.contextmanager
+    def _swapped(self) -> Iterator[None]:
+        # one stand-in per parameter, shared by all its slots, so tied weights stay tied
+        teacher = {id(p): torch.nn.Parameter(self.shadow[n], requires_grad=False)
+                   for n, p in self._trainable() if n in self.shadow}
+        slots = [(m, k, p) for m in self.model.modules() for k, p in m._parameters.items()
+                 if p is not None and id(p) in teacher]
+        try:
+            for m, k, p in slots:
+                m._parameters[k] = teacher[id(p)]
+            yield
+        finally:
+            for m, k, p in slots:
+                m._parameters[k] = p
 
     @torch.no_grad()
     def update(self) -> None:

@@ -274,8 +274,8 @@ class OPSDLTrainer:
                 acc.backward(out.loss)
                 timings["student_s"] += time.perf_counter() - t
                 if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt
-                    # its own backward, after the main one: an EMA teacher's scoring swaps the trainable
-                    # weights in place, which the main term's graph must not see (gradients add up)
+                    # its own backward, after the main one's: the main graph is freed before the anchor's
+                    # passes (gradients add up to those of the summed loss)
                     short = [p.teacher_ids for p in batch]
                     anchor = self._distill(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
                                            timings)[3]

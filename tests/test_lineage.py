@@ -47,18 +47,26 @@ def test_schema_upserts_and_views(tmp_path):
     assert store.query("SELECT value FROM v_metric_latest WHERE key = 'loss'")[1] == [(0.25,)]
 
 
-def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
-    db = tmp_path / "v1.duckdb"
-    con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE schema_info (version INTEGER NOT NULL); INSERT INTO schema_info VALUES (1);"
-                "CREATE TABLE eval_scores (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
-                "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
-                "value DOUBLE, n BIGINT, dataset_digest VARCHAR, "
-                "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric));"
-                "INSERT INTO eval_scores VALUES ('e0', 'c0', 'kv', 'long', 512, 'acc', 0.25, 8, 'd0')")
+def _old_schema_store(path, version: int, ddl: str) -> LineageStore:
+    """A file written by an older opsdl (its schema version and tables, by ``ddl``), opened now:
+    migrated to the current version."""
+    con = duckdb.connect(str(path))
+    con.execute(f"CREATE TABLE schema_info (version INTEGER NOT NULL); INSERT INTO schema_info VALUES ({version});"
+                + ddl)
     con.close()
-    store = LineageStore(db)
+    store = LineageStore(path)
     assert store.query("SELECT version FROM schema_info")[1] == [(SCHEMA_VERSION,)]
+    return store
+
+
+def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
+    store = _old_schema_store(
+        tmp_path / "v1.duckdb", 1,
+        "CREATE TABLE eval_scores (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
+        "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
+        "value DOUBLE, n BIGINT, dataset_digest VARCHAR, "
+        "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric));"
+        "INSERT INTO eval_scores VALUES ('e0', 'c0', 'kv', 'long', 512, 'acc', 0.25, 8, 'd0')")
     assert store.query("SELECT value, stderr, harness FROM eval_scores")[1] == [(0.25, None, None)]
     store.log_eval_scores("e1", "c1", [{"task": "ruler", "context": "long", "context_length": 1024, "metric": "acc",
                                         "value": 0.5, "stderr": 0.1, "n": 25, "harness": "lm-eval 0.4.13",
@@ -70,17 +78,13 @@ def test_a_schema_v1_file_is_migrated_with_its_rows_kept(tmp_path):
 
 
 def test_a_schema_v3_file_gets_error_kinds_with_its_answers_kept(tmp_path):
-    db = tmp_path / "v3.duckdb"
-    con = duckdb.connect(str(db))
-    con.execute("CREATE TABLE schema_info (version INTEGER NOT NULL); INSERT INTO schema_info VALUES (3);"
-                "CREATE TABLE eval_answers (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
-                "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
-                "example_id VARCHAR NOT NULL, dataset_digest VARCHAR, output VARCHAR, correct BOOLEAN NOT NULL, "
-                "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric, example_id));"
-                "INSERT INTO eval_answers VALUES ('e0', 'c0', 'kv', 'long', 512, 'accuracy', 'q0', 'd0', 'x', false)")
-    con.close()
-    store = LineageStore(db)
-    assert store.query("SELECT version FROM schema_info")[1] == [(SCHEMA_VERSION,)]
+    store = _old_schema_store(
+        tmp_path / "v3.duckdb", 3,
+        "CREATE TABLE eval_answers (run_id VARCHAR NOT NULL, checkpoint_id VARCHAR NOT NULL, task VARCHAR "
+        "NOT NULL, context VARCHAR NOT NULL, context_length BIGINT NOT NULL, metric VARCHAR NOT NULL, "
+        "example_id VARCHAR NOT NULL, dataset_digest VARCHAR, output VARCHAR, correct BOOLEAN NOT NULL, "
+        "PRIMARY KEY (run_id, checkpoint_id, task, context, context_length, metric, example_id));"
+        "INSERT INTO eval_answers VALUES ('e0', 'c0', 'kv', 'long', 512, 'accuracy', 'q0', 'd0', 'x', false)")
     assert store.query("SELECT example_id, output, correct, error FROM eval_answers")[1] == [("q0", "x", False, None)]
     store.log_eval_scores("e1", "c1", [{"task": "kv", "context": "long", "context_length": 512, "metric": "accuracy",
                                         "value": 0.0, "answers": [{"id": "q0", "correct": False,

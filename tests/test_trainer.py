@@ -160,9 +160,37 @@ def test_full_finetuning_with_frozen_base_teacher(tmp_path):
     tr.train_step()
     moved = trainable(tr)
     assert any(not torch.equal(init[n], moved[n]) for n in init)
+    item, resp = tr.data.train[0], [[5, 6, 7, 8]]
+
+    def lp(model):
+        return score_responses(model, prompts=[item.teacher_ids], responses=resp, prompt_index=[0],
+                               pad_id=tr.pad_id).logprobs
+
     with tr.teacher.scoring():
         assert all(torch.equal(p, init[n]) for n, p in tr.unwrapped.named_parameters())
+        teacher = lp(tr.unwrapped)
     assert all(torch.equal(p, moved[n]) for n, p in tr.unwrapped.named_parameters())
+    with torch.no_grad():  # the whole initial network, tied weights included, scores as the teacher
+        torch.testing.assert_close(teacher, lp(build_tiny_model(seed=0)[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_ema_scoring_leaves_a_student_graph_built_before_it_usable(tmp_path):
+    """The retention anchor scores with the teacher after the long-context term's forward pass:
+    the teacher's weights must not be written into the student's (an in-place swap made this
+    backward fail)."""
+    tr = make_trainer(tiny_cfg(tmp_path, train={"teacher": "ema"}, optim={"lr": 5e-2})).setup()
+    tr.train_step()  # the EMA now differs from the live weights
+    item, resp = tr.data.train[0], [[5, 6, 7, 8]]
+    student = score_responses(tr.unwrapped, prompts=[item.student_ids], responses=resp, prompt_index=[0],
+                              pad_id=tr.pad_id).logprobs
+    with tr.teacher.scoring():
+        teacher = score_responses(tr.unwrapped, prompts=[item.student_ids], responses=resp, prompt_index=[0],
+                                  pad_id=tr.pad_id).logprobs
+    assert not torch.allclose(teacher, student.detach(), atol=1e-6)
+    tr.unwrapped.zero_grad()
+    student.sum().backward()
+    grads = [p.grad for p in tr.unwrapped.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
 
 @pytest.mark.parametrize("kind", ["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"])
@@ -229,8 +257,8 @@ def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_pat
     assert kls[-1] < 0.95 * drifted, kls
 
 def test_short_anchor_trains_with_an_ema_teacher(tmp_path):
-    """An EMA teacher scores by swapping the trainable weights in place; the anchor's scoring must
-    not touch the weights the long-context term's graph saved (autograd refused the step before)."""
+    """The retention guard with an EMA teacher: the anchor's teacher pass comes after the long-context
+    term's (autograd refused this step while the EMA was copied into the weights in place)."""
     cfg = tiny_cfg(tmp_path, loss={"kind": "forward_kl", "short_anchor": 1.0}, train={"teacher": "ema"},
                    optim={"lr": 5e-2})
     tr = make_trainer(cfg).setup()
