@@ -44,6 +44,8 @@ class ModelConfig:
     name: str = EMBEDDED_DEFAULT_MODEL  # embedded default, a local folder, or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # never on unless the user opts in
+    # "sdpa": torch SDPA, grouped-query attention without copying K/V (opsdl_core.attention);
+    # "sdpa_stock": transformers' own SDPA function; or any name transformers accepts ("eager", ...)
     attn_implementation: str = "sdpa"
     cache_dir: Optional[str] = None  # where the embedded default is converted; default ~/.cache/opsdl
 
@@ -142,8 +144,18 @@ class VLLMConfig:
     in_process: bool = False  # the engine in the trainer's process (weights handed over in memory)
     tensor_parallel_size: int = 1
     model_dir: Optional[str] = None  # the folder the engine starts from (default: the model's own folder)
+    # tokens one engine step may compute (a prompt is never split over steps); null: max(8192, max_model_len)
+    max_num_batched_tokens: Optional[int] = None
+    # CPU build: cores the engine's threads use; null: every core this process may run on (vLLM's own
+    # default keeps one core per worker for its scheduler). VLLM_CPU_OMP_THREADS_BIND, if set, wins.
+    cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
+        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,
+               "rollout.vllm.max_num_batched_tokens", f"null or an integer >= max_model_len ({self.max_model_len}): "
+               "a prompt is prefilled in one engine step", self.max_num_batched_tokens)
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "rollout.vllm.cpu_threads", "null or an integer >= 1",
+               self.cpu_threads)
         _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", "an integer >= 16", self.max_model_len)
         _check(self.kv_cache_gib >= 0, "rollout.vllm.kv_cache_gib", "a number >= 0", self.kv_cache_gib)
         _check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "a float in (0, 1]",
@@ -380,7 +392,8 @@ class RunConfig:
         if d["rollout"]["backend"] != "vllm":  # the engine's settings matter only when it samples
             d["rollout"].pop("vllm")
         else:
-            for key in ("kv_cache_gib", "gpu_memory_utilization", "in_process", "model_dir", "max_model_len"):
+            for key in ("kv_cache_gib", "gpu_memory_utilization", "in_process", "model_dir", "max_model_len",
+                        "max_num_batched_tokens", "cpu_threads"):
                 d["rollout"]["vllm"].pop(key)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

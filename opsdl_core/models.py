@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import use_gqa_attention
 from .model_cache import (  # noqa: F401  re-exported: these names lived here first
     CHATML_TEMPLATE, EMBEDDED_DEFAULT, ENDOFTEXT, IM_END, IM_START, PROVENANCE_FILE, ChecksumMismatchError,
     _weight_files, convert_gguf_to_folder, default_cache_dir, ensure_embedded_default, folder_content_hash,
@@ -131,11 +132,14 @@ def _check_hub_available(repo_id: str) -> None:
 
 
 def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: torch.dtype = torch.float32,
-                             trust_remote_code: bool = False, cache_dir: Path | str | None = None):
+                             trust_remote_code: bool = False, cache_dir: Path | str | None = None,
+                             attn_implementation: str = "sdpa"):
     """Load ``(model, tokenizer)`` for a spec or a :class:`ResolvedModel`.
 
     ``trust_remote_code`` is passed through as given (False unless asked). A missing pad token is set
-    to the eos token; the model is returned in eval mode.
+    to the eos token; the model is returned in eval mode. With ``attn_implementation="sdpa"`` a
+    grouped-query-attention model gets :mod:`opsdl_core.attention`'s SDPA function (no K/V copy per
+    layer on the CPU; the same results); ``"sdpa_stock"`` keeps transformers' own.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -144,7 +148,11 @@ def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: to
     if resolved.kind == "hub":
         _check_hub_available(resolved.path)
     tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code)
+    impl = "sdpa" if attn_implementation == "sdpa_stock" else attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=impl)
+    if attn_implementation == "sdpa":
+        use_gqa_attention(model)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     gen = getattr(model, "generation_config", None)

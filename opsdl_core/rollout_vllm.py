@@ -64,6 +64,25 @@ class WeightSync:
         return len(weights)
 
 
+def cpu_thread_binding(settings: VLLMConfig) -> str:
+    """The cores vLLM's CPU worker threads are bound to: ``VLLM_CPU_OMP_THREADS_BIND`` when set, else
+    (set here) every core this process may use, or the first ``rollout.vllm.cpu_threads`` of them,
+    split evenly over tensor-parallel ranks. vLLM's own default ("auto") keeps one core per worker for
+    its scheduler process: on a 2-core machine the model ran on one core while the other idled."""
+    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if settings.cpu_threads:
+        cores = cores[: settings.cpu_threads]
+    ranks = settings.tensor_parallel_size
+    per = max(1, len(cores) // ranks)
+    groups = [cores[r * per:(r + 1) * per] or cores[-1:] for r in range(ranks)]
+    binding = "|".join(",".join(map(str, g)) for g in groups)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    return binding
+
+
 def _reprocess_lm_heads(model: Any) -> None:
     """Redo the LM head's load-time processing. With tied embeddings the head loads no weight of its
     own (the embedding's is shared), so vLLM's reload skips it, and the CPU build keeps the packed
@@ -95,6 +114,7 @@ class VLLMRollout:
         self.sync_seconds: list[float] = []
         if s.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.cpu_binding = cpu_thread_binding(s) if not torch.cuda.is_available() else None
         kw: dict[str, Any] = {}
         if s.kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
@@ -104,12 +124,19 @@ class VLLMRollout:
         self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=s.dtype or dtype,
                             max_model_len=s.max_model_len, enable_prefix_caching=s.enable_prefix_caching,
                             enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
+                            # no chunked prefill: vLLM rewinds a seeded request's generator when a step holds
+                            # only part of its prompt, which the CPU generator cannot do ("CPU Generator does
+                            # not use offset": 8 prompts x 1,075 tokens x 4 samples crashed the engine). A
+                            # prompt now waits for a step with room for all of it.
+                            enable_chunked_prefill=False,
+                            max_num_batched_tokens=s.max_num_batched_tokens or max(8192, s.max_model_len),
                             seed=seed, worker_extension_cls=f"{__name__}.WeightSync", **kw)
         self.start_seconds = time.perf_counter() - t
         self._sync_dir = Path(sync_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
         if log:
             log(f"[opsdl] vLLM {vllm.__version__} engine on {self.model_dir} started in {self.start_seconds:.1f}s "
-                f"({'in process' if s.in_process else 'own process'}, max_model_len={s.max_model_len})")
+                f"({'in process' if s.in_process else 'own process'}, max_model_len={s.max_model_len}"
+                + (f", CPU threads on cores {self.cpu_binding}" if self.cpu_binding else "") + ")")
 
     # -- RolloutEngine -------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, n: int, params: SamplingParams, seed: int) -> RolloutBatch:
@@ -123,9 +150,13 @@ class VLLMRollout:
             i = too_long[0]
             raise ValueError(f"prompt {i} has {len(prompts[i])} tokens; with max_new_tokens={params.max_new_tokens} "
                              f"it exceeds rollout.vllm.max_model_len={self.settings.max_model_len}")
+        # A seed per request: the samples do not depend on how the engine batches the requests (the
+        # worker's default generator would be drawn for whatever rows a step holds, and requests reach the
+        # engine one by one). Seeded requests need chunked prefill off (see the engine's start).
         sps = [vllm.SamplingParams(n=n, temperature=params.temperature, top_p=params.top_p,
                                    max_tokens=params.max_new_tokens, stop_token_ids=list(params.stop_token_ids),
-                                   logprobs=0, seed=(int(seed) * 1_000_003 + i) % 2**62, detokenize=False)
+                                   logprobs=0, seed=(int(seed) * 1_000_003 + i) % 2**62 if params.temperature > 0
+                                   else None, detokenize=False)
                for i in range(len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], sps, use_tqdm=False)
         batch = RolloutBatch([], [], [], [], self.weight_version)

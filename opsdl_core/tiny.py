@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .attention import use_gqa_attention
+
 from .model_cache import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, _fix_token_ids
 
 __all__ = ["build_tiny_model", "save_tiny_model"]
@@ -123,6 +125,7 @@ def build_tiny_model(*, seed: int = 0, vocab_corpus: str | None = None, hidden_s
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.to(torch.float32)
+    use_gqa_attention(model)  # as load_model_and_tokenizer does: tests run the attention every load uses
     _fix_token_ids(model, tokenizer)
     model.eval()
     return model, tokenizer

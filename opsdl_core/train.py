@@ -49,7 +49,8 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
         log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
         model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
                                                     trust_remote_code=cfg.model.trust_remote_code,
-                                                    cache_dir=cfg.model.cache_dir)
+                                                    cache_dir=cfg.model.cache_dir,
+                                                    attn_implementation=cfg.model.attn_implementation)
         lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
     else:
         model, tokenizer = model_and_tokenizer

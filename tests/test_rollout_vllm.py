@@ -174,3 +174,49 @@ def test_gpu_smoke_script_runs_its_steps_on_the_cpu_build(tmp_path):
     assert fig["device"] == "cpu" and len(fig["steps"]) == 2
     for s in fig["steps"]:
         assert s["sampler_logprob_absdiff"] < TOL and s["rollout_tok_per_s"] > 0 and s["sync_s"] > 0
+
+
+def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(tiny_model_dir):
+    """Per-request seeds crashed the CPU engine as soon as chunked prefill split a prompt over two engine
+    steps ("CPU Generator does not use offset"; 8 x 1,075-token prompts x 4 samples in the main job's
+    model). Here 16 prompts x 3 samples need ~8x the engine's 512-token step budget: with chunked
+    prefill (vLLM's default) some prompt is always split."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    prompts = [p * 3 for p in _prompts(tok, 4)] * 4
+    assert sum(map(len, prompts)) * 3 > 8 * 512 and max(map(len, prompts)) + 6 <= 512
+    cfg = VLLMConfig(max_model_len=512, kv_cache_gib=0.25, max_num_batched_tokens=512)
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    eng = VLLMRollout(tiny_model_dir, cfg, seed=0)
+    try:
+        assert eng.cpu_binding == os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        first = eng.generate(prompts, n=3, params=params, seed=11)
+        again = eng.generate(prompts, n=3, params=params, seed=11)
+        other = eng.generate(prompts, n=3, params=params, seed=12)
+    finally:
+        eng.release()
+    assert len(first) == 48 and first.prompt_index == [i // 3 for i in range(48)]
+    assert again.response_ids == first.response_ids
+    assert other.response_ids != first.response_ids
+    fresh = VLLMRollout(tiny_model_dir, cfg, seed=0)  # a resumed run starts a new engine
+    try:
+        assert fresh.generate(prompts, n=3, params=params, seed=11).response_ids == first.response_ids
+    finally:
+        fresh.release()
+
+
+def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch):
+    from opsdl_core.rollout_vllm import cpu_thread_binding
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_thread_binding(VLLMConfig()) == "0,1,2,3"
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert cpu_thread_binding(VLLMConfig(tensor_parallel_size=2)) == "0,1|2,3"
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    assert cpu_thread_binding(VLLMConfig(cpu_threads=1)) == "0"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
+    assert cpu_thread_binding(VLLMConfig()) == "1", "the user's binding is kept"
