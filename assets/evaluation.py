@@ -11,8 +11,11 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.config import DataConfig
-from opsdl_core.evaluate import evaluate_accuracy
+from opsdl_core.evaluate import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_backend
+from opsdl_core.experiment_report import paired_counts, sign_test_p
+from opsdl_core.models import load_tokenizer
 from opsdl_core.prepare import prepare_examples
+from opsdl_core.synthetic import error_kind
 
 from .curation import md_table, read_examples
 from .long_context import long_context_section
@@ -20,11 +23,17 @@ from .plots import accuracy_bars_png, png_markdown
 from .resources import HEAVY, OpsdlResource
 
 GROUP = "evaluation"
+# gained / lost: questions the trained model answers that the base did not, and the reverse (the same
+# questions asked of both); sign_p: the exact two-sided sign test on those counts
+TABLE_COLUMNS = ["suite", "context", "n", "before", "after", "delta", "gained", "lost", "sign_p"]
 
 
 class EvaluationConfig(dg.Config):
     max_new_tokens: int = Field(default=32, description="Greedy tokens per answer.")
-    batch_size: int = Field(default=8, description="Prompts per generation batch.")
+    batch_size: int = Field(default=8, description="Prompts per generation batch (transformers backend).")
+    backend: str = Field(default="auto", description=f"Greedy generation: one of {EVAL_BACKENDS}. auto: vLLM when "
+                         "installed (one engine per model, every question submitted at once), else transformers.")
+    kv_cache_gib: float = Field(default=2.0, description="vLLM backend: KV cache size (CPU RAM on the CPU build).")
     reuse_base_scores: bool = Field(default=True, description="Reuse the base model's scores on the same suite "
                                                               "and settings from the lineage store.")
 
@@ -36,19 +45,27 @@ def _suite_contexts(name: str) -> tuple[str, ...]:
 
 
 def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: EvaluationConfig,
-                log) -> list[dict[str, Any]]:
-    out = []
+                log, model_dir: str | None = None) -> list[dict[str, Any]]:
+    """Every suite in each of its contexts, all questions generated together (one vLLM engine)."""
+    jobs, suites = [], {}
     for name, suite in eval_sets["suites"].items():
         prepared, bad = prepare_examples(read_examples(suite["path"]), tokenizer, DataConfig(teacher_context="oracle"))
         if bad:
             raise dg.Failure(f"eval suite {name}: {len(bad)} examples without a usable C_s, e.g. {bad[0].reason}")
-        for ctx in _suite_contexts(name):
-            r = evaluate_accuracy(model, tokenizer, prepared, context=ctx, max_new_tokens=config.max_new_tokens,
-                                  batch_size=config.batch_size)
-            log(f"{name} {ctx}: accuracy {r.accuracy:.3f} (n={r.n}, {r.seconds:.0f}s)")
-            out.append({"task": name.split("@")[0], "suite": name, "context": ctx,
-                        "context_length": suite["context_length"], "metric": "accuracy", "value": r.accuracy,
-                        "n": r.n, "dataset_digest": suite["digest"]})
+        suites[name] = suite
+        jobs += [EvalJob((name, ctx), prepared, ctx) for ctx in _suite_contexts(name)]
+    job_items = {job.key: job.items for job in jobs}
+    results = evaluate_jobs(model, tokenizer, jobs, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
+                            backend=config.backend, model_dir=model_dir, kv_cache_gib=config.kv_cache_gib, log=log)
+    out = []
+    for (name, ctx), r in results.items():
+        suite = suites[name]
+        log(f"{name} {ctx}: accuracy {r.accuracy:.3f} (n={r.n}, {r.seconds:.0f}s, {r.backend})")
+        out.append({"task": name.split("@")[0], "suite": name, "context": ctx,
+                    "context_length": suite["context_length"], "metric": "accuracy", "value": r.accuracy,
+                    "n": r.n, "dataset_digest": suite["digest"],
+                    "answers": [{"id": it.example.id, "output": o, "correct": ok, "error": error_kind(it.example, o, ok)}
+                                for it, o, ok in zip(job_items[(name, ctx)], r.outputs, r.correct)]})
     return out
 
 
@@ -72,12 +89,27 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
                                      "FROM eval_scores WHERE run_id = ? ORDER BY task, context", [run_id])
             if rows:
                 names = {s["digest"]: n for n, s in eval_sets["suites"].items()}
-                scores[which] = [{**dict(zip(cols, r)), "suite": names.get(r[6], r[0])} for r in rows]
+                _, got = store.query("SELECT task, context, context_length, example_id, correct FROM eval_answers "
+                                     "WHERE run_id = ?", [run_id])
+                answers: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+                for task, ctx, length, qid, ok in got:
+                    answers.setdefault((task, ctx, length), []).append({"id": qid, "correct": bool(ok)})
+                scores[which] = [{**dict(zip(cols, r)), "suite": names.get(r[6], r[0]),
+                                  "answers": answers.get((r[0], r[1], r[2]), [])} for r in rows]
                 context.log.info(f"base-model scores reused from lineage run {run_id}")
                 continue
         started = time.time()
-        model, tokenizer = opsdl.load_model(path)
-        scores[which] = _eval_model(model, tokenizer, eval_sets, config, context.log.info)
+        folder = path or opsdl.model_path()
+        try:
+            backend = resolve_backend(config.backend, folder)
+        except ValueError as e:
+            raise dg.Failure(f"evaluation config: {e}") from None
+        if backend == "vllm":  # the engine loads the weights itself
+            model, tokenizer = None, load_tokenizer(folder)
+        else:
+            model, tokenizer = opsdl.load_model(path)
+        scores[which] = _eval_model(model, tokenizer, eval_sets, config.model_copy(update={"backend": backend}),
+                                    context.log.info, model_dir=folder)
         del model
         store.log_run(run_id, kind="eval", params={"eval": config.model_dump(), "checkpoint": ckpt},
                       dagster_run_id=context.run.run_id, asset_key="evaluation", base_model=opsdl_model["base_model"],
@@ -88,13 +120,18 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
     rows = []
     for b in scores["base"]:
         a = next(x for x in scores["opsdl"] if x["suite"] == b["suite"] and x["context"] == b["context"])
+        gained, lost, pairs = paired_counts({q["id"]: q["correct"] for q in a["answers"]},
+                                            {q["id"]: q["correct"] for q in b.get("answers") or []})
         rows.append({"suite": b["suite"], "context": b["context"], "n": b["n"], "before": b["value"],
-                     "after": a["value"], "delta": a["value"] - b["value"]})
+                     "after": a["value"], "delta": a["value"] - b["value"],
+                     **({"gained": gained, "lost": lost, "sign_p": round(sign_test_p(gained, lost), 4)} if pairs
+                        else {"gained": None, "lost": None, "sign_p": None})})
     png = accuracy_bars_png(rows, opsdl.artifacts("evaluation") / f"accuracy-{tag}-{opsdl_model['config_hash']}.png")
     context.add_output_metadata({
-        "scores": dg.MetadataValue.md(md_table(rows, ["suite", "context", "n", "before", "after", "delta"])),
+        "scores": dg.MetadataValue.md(md_table(rows, TABLE_COLUMNS)),
         "plot": dg.MetadataValue.md(png_markdown(png, "accuracy before/after")),
         **{f"{r['suite']}/{r['context']}/after": r["after"] for r in rows},
+        **{f"{r['suite']}/{r['context']}/sign_p": r["sign_p"] for r in rows if r["sign_p"] is not None},
     })
     return {"rows": rows, "plot": str(png), "checkpoint_id": opsdl_model["checkpoint_id"], "base_checkpoint": base_ckpt}
 
@@ -105,7 +142,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
 def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: dict[str, Any],
            long_context_eval: dict[str, Any], opsdl_model: dict[str, Any], base_rollouts: dict[str, Any],
            curated_prompts: dict[str, Any], teacher_contexts: dict[str, Any]) -> dict[str, Any]:
-    table = md_table(evaluation["rows"], ["suite", "context", "n", "before", "after", "delta"])
+    table = md_table(evaluation["rows"], TABLE_COLUMNS)
     curves = Path(opsdl_model.get("curves") or  # outputs stored before "curves" was passed along
                   opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png")
     lines = [
@@ -120,7 +157,9 @@ def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: 
         f"- training run: `{opsdl_model['run_id']}`, {opsdl_model['steps']} steps, checkpoint "
         f"`{(opsdl_model['checkpoint_id'] or '')[:16]}`",
         f"- model folder: `{opsdl_model['model_dir']}`", "",
-        "## Greedy accuracy, base → OPSDL", "", table, "",
+        "## Greedy accuracy, base → OPSDL", "",
+        "gained / lost: questions the OPSDL model answers right that the base model got wrong, and the reverse "
+        "(the same questions); sign_p: the exact two-sided sign test on them.", "", table, "",
         f"![accuracy]({Path(evaluation['plot']).name})", "",
         *long_context_section(long_context_eval),
         "## Training curves", "", f"![curves]({curves.name})", "",

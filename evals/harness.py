@@ -140,6 +140,10 @@ def run(spec: LmEvalSpec, output: str | Path, *, log_path: str | Path | None = N
         env.update(OMP_NUM_THREADS=str(spec.num_threads), OMP_WAIT_POLICY="PASSIVE")
     if spec.backend == "vllm":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.vllm_kv_cache_gib))
+        if not _cuda():  # the engine's threads on every core (vLLM keeps one for its scheduler by default)
+            from opsdl_core.rollout_vllm import cpu_binding_env
+
+            env.update(cpu_binding_env(cpu_threads=spec.num_threads, environ=env))
     before = set(output.rglob("results_*.json"))
     with open(log_path, "w") as fh:
         proc = subprocess.run(spec.command(output), cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,

@@ -62,6 +62,9 @@ class ExperimentSettings:
     curve_length: Optional[int] = None  # intermediate checkpoints: in-family at this length only (default: longest)
     max_new_tokens: int = 32
     batch_size: int = 8
+    # greedy evaluation of the base and final models: "auto" (vLLM when installed), "vllm", "transformers";
+    # intermediate checkpoints (no model folder) always use transformers
+    eval_backend: str = "auto"
     # diagnostics: sampled answers of the base and every final model on the first prompts of the
     # curve-length suite, each token scored with the long and with the short prompt (0: none)
     diagnostic_prompts: int = 4
@@ -100,6 +103,10 @@ class ExperimentSettings:
         _check(not bad, "experiment.heldout_families", f"names among {list(CURRICULUM_FAMILIES)}", bad)
         _check(self.eval_haystack in HAYSTACK_KINDS, "experiment.eval_haystack", f"one of {HAYSTACK_KINDS}",
                self.eval_haystack)
+        from .evaluate import EVAL_BACKENDS
+
+        _check(self.eval_backend in EVAL_BACKENDS, "experiment.eval_backend", f"one of {EVAL_BACKENDS}",
+               self.eval_backend)
         _check(self.ruler_n >= 1, "experiment.ruler_n", "an integer >= 1", self.ruler_n)
         _check(self.in_family_n is None or self.in_family_n >= 1, "experiment.in_family_n", "null or an integer >= 1",
                self.in_family_n)
@@ -294,7 +301,7 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
             model = on_eval_device(get_model())
             model.eval()
             final = len(suites) > 1  # the base and final models; intermediate ones get the curve suite only
-            rows = evaluate_model(model, tok, suites, s, short=final, task_names=labels)
+            rows = evaluate_model(model, tok, suites, s, short=final, task_names=labels, model_dir=model_dir)
             if final and model_dir:
                 rows += ruler_rows(model_dir, exp, out, label)
             rec = {"checkpoint_id": ckpt_id, "params": params, "rows": rows,

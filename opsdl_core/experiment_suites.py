@@ -86,27 +86,30 @@ def on_eval_device(model: Any) -> Any:
 
 
 def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
-                   short: bool = True, task_names: dict[str, list[str]] | None = None) -> list[dict[str, Any]]:
+                   short: bool = True, task_names: dict[str, list[str]] | None = None,
+                   model_dir: str | None = None) -> list[dict[str, Any]]:
     """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
     family's longest suite (C_s does not depend on the length). ``task_names``: the task label(s)
-    each family's rows get (``in_family:counting``, ...; default: the family)."""
-    from .evaluate import evaluate_accuracy
+    each family's rows get (``in_family:counting``, ...; default: the family). All questions are
+    generated together (``experiment.eval_backend``; vLLM needs ``model_dir``)."""
+    from .evaluate import EvalJob, evaluate_jobs
     from .synthetic import error_kind
 
     longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
+    jobs = [EvalJob((i, ctx), suite.items, ctx) for i, suite in enumerate(suites)
+            for ctx in (("long", "short") if short and longest[suite.family] is suite else ("long",))]
+    results = evaluate_jobs(model, tokenizer, jobs, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
+                            backend=s.eval_backend if model_dir else "transformers", model_dir=model_dir)
     rows = []
-    for suite in suites:
-        contexts = ("long", "short") if short and longest[suite.family] is suite else ("long",)
-        for ctx in contexts:
-            r = evaluate_accuracy(model, tokenizer, suite.items, context=ctx, max_new_tokens=s.max_new_tokens,
-                                  batch_size=s.batch_size)
-            # per question, for the report's paired comparison and error kinds, the lineage store and for reading
-            answers = [{"id": it.example.id, "output": out, "correct": ok, "error": error_kind(it.example, out, ok)}
-                       for it, out, ok in zip(suite.items, r.outputs, r.correct)]
-            for task in (task_names or {}).get(suite.family, [suite.family]):
-                rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
-                             "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
-                             "harness": "opsdl", "seconds": round(r.seconds, 1), "answers": answers})
+    for (i, ctx), r in results.items():
+        suite = suites[i]
+        # per question, for the report's paired comparison and error kinds, the lineage store and for reading
+        answers = [{"id": it.example.id, "output": out, "correct": ok, "error": error_kind(it.example, out, ok)}
+                   for it, out, ok in zip(suite.items, r.outputs, r.correct)]
+        for task in (task_names or {}).get(suite.family, [suite.family]):
+            rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
+                         "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,
+                         "harness": "opsdl", "seconds": round(r.seconds, 1), "answers": answers})
     return rows
 
 
@@ -184,7 +187,7 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
               and (not lengths or x.length in lengths)]
     if not suites:
         raise ValueError(f"no suite of experiment {s.name!r} matches families={families} lengths={lengths}")
-    rows = evaluate_model(model, tok, suites, s, short=False)
+    rows = evaluate_model(model, tok, suites, s, short=False, model_dir=str(model_dir))
     base: dict[tuple[str, int], float] = {}
     base_answers: dict[tuple[str, int], dict[str, bool]] = {}
     digests = {x.digest for x in suites}

@@ -39,6 +39,7 @@ __all__ = [
     "convert_gguf_to_folder",
     "resolve_model",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "folder_content_hash",
 ]
 
@@ -131,6 +132,21 @@ def _check_hub_available(repo_id: str) -> None:
         )
 
 
+def load_tokenizer(spec_or_resolved: str | ResolvedModel, *, trust_remote_code: bool = False,
+                   cache_dir: Path | str | None = None):
+    """The tokenizer of a model spec (a missing pad token set to the eos token), without its weights."""
+    from transformers import AutoTokenizer
+
+    resolved = (spec_or_resolved if isinstance(spec_or_resolved, ResolvedModel)
+                else resolve_model(spec_or_resolved, cache_dir=cache_dir))
+    if resolved.kind == "hub":
+        _check_hub_available(resolved.path)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: torch.dtype = torch.float32,
                              trust_remote_code: bool = False, cache_dir: Path | str | None = None,
                              attn_implementation: str = "sdpa"):
@@ -141,20 +157,18 @@ def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: to
     grouped-query-attention model gets :mod:`opsdl_core.attention`'s SDPA function (no K/V copy per
     layer on the CPU; the same results); ``"sdpa_stock"`` keeps transformers' own.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     resolved = (spec_or_resolved if isinstance(spec_or_resolved, ResolvedModel)
                 else resolve_model(spec_or_resolved, cache_dir=cache_dir))
     if resolved.kind == "hub":
         _check_hub_available(resolved.path)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(resolved, trust_remote_code=trust_remote_code)
     impl = "sdpa" if attn_implementation == "sdpa_stock" else attn_implementation
     model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                  attn_implementation=impl)
     if attn_implementation == "sdpa":
         use_gqa_attention(model)
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -37,7 +37,7 @@ import torch
 from .config import VLLMConfig
 from .rollout import RolloutBatch, SamplingParams
 
-__all__ = ["VLLMRollout", "WeightSync", "vllm_available"]
+__all__ = ["VLLMRollout", "WeightSync", "vllm_available", "cpu_binding_env", "cpu_thread_binding"]
 
 
 def vllm_available() -> bool:
@@ -64,23 +64,32 @@ class WeightSync:
         return len(weights)
 
 
-def cpu_thread_binding(settings: VLLMConfig) -> str:
-    """The cores vLLM's CPU worker threads are bound to: ``VLLM_CPU_OMP_THREADS_BIND`` when set, else
-    (set here) every core this process may use, or the first ``rollout.vllm.cpu_threads`` of them,
-    split evenly over tensor-parallel ranks. vLLM's own default ("auto") keeps one core per worker for
-    its scheduler process: on a 2-core machine the model ran on one core while the other idled."""
-    if "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
-        return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+def cpu_binding_env(*, cpu_threads: int | None = None, tensor_parallel_size: int = 1,
+                    environ: Any = None) -> dict[str, str]:
+    """The environment that binds vLLM's CPU worker threads to every core this process may use (or the
+    first ``cpu_threads`` of them), split evenly over tensor-parallel ranks; empty when
+    ``VLLM_CPU_OMP_THREADS_BIND`` is set already (the user's binding wins). vLLM's own default ("auto")
+    keeps one core per worker for its scheduler process: on a 2-core machine the model ran on one core
+    while the other idled."""
+    environ = os.environ if environ is None else environ
+    if "VLLM_CPU_OMP_THREADS_BIND" in environ:
+        return {}
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    if settings.cpu_threads:
-        cores = cores[: settings.cpu_threads]
-    ranks = settings.tensor_parallel_size
-    per = max(1, len(cores) // ranks)
-    groups = [cores[r * per:(r + 1) * per] or cores[-1:] for r in range(ranks)]
-    binding = "|".join(",".join(map(str, g)) for g in groups)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    return binding
+    if cpu_threads:
+        cores = cores[:cpu_threads]
+    per = max(1, len(cores) // tensor_parallel_size)
+    groups = [cores[r * per:(r + 1) * per] or cores[-1:] for r in range(tensor_parallel_size)]
+    out = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups)}
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in environ:
+        out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    return out
+
+
+def cpu_thread_binding(settings: VLLMConfig) -> str:
+    """Apply :func:`cpu_binding_env` for an engine of ``settings`` to this process; the binding in effect."""
+    os.environ.update(cpu_binding_env(cpu_threads=settings.cpu_threads,
+                                      tensor_parallel_size=settings.tensor_parallel_size))
+    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def _reprocess_lm_heads(model: Any) -> None:

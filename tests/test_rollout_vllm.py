@@ -176,6 +176,7 @@ def test_gpu_smoke_script_runs_its_steps_on_the_cpu_build(tmp_path):
         assert s["sampler_logprob_absdiff"] < TOL and s["rollout_tok_per_s"] > 0 and s["sync_s"] > 0
 
 
+@pytest.mark.slow
 def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(tiny_model_dir):
     """Per-request seeds crashed the CPU engine as soon as chunked prefill split a prompt over two engine
     steps ("CPU Generator does not use offset"; 8 x 1,075-token prompts x 4 samples in the main job's
