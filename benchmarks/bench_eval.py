@@ -12,6 +12,10 @@ interleaved rounds (A B C D, A B C D) in this one process so that a busy machine
   opsdl-hf    ``evaluate_jobs(backend="transformers")``: the KV-cache decoder, batches of ``--batch-size``
   raw-vllm    ``vllm.LLM(model).generate(prompts)`` with vLLM's own defaults (its CPU thread binding too)
   hf-generate ``model.generate`` on left-padded batches of ``--batch-size`` (stock attention)
+  opsdl-hf-stock   opsdl-hf with transformers' own SDPA function (K/V expanded per layer: the peer of
+              opsdl_core.attention's GQA function)
+  opsdl-vllm-bf16  opsdl-vllm with a bfloat16 engine (AMX / AVX512-BF16 matmuls where the CPU has them);
+              its FLOP-limit ratio is against the bf16 matmul peak, and its answers can differ from fp32's
 
 Printed per contender: seconds per question (engine start apart for the vLLM ones), the ratio to
 opsdl-vllm, whether its answers equal opsdl-hf's, and the ratio of its time to the FLOP limit:
@@ -29,40 +33,7 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-CONTENDERS = ("opsdl-vllm", "opsdl-hf", "raw-vllm", "hf-generate")
-
-
-def matmul_peak(threads: int, dtype: str = "float32") -> float:
-    """FLOP/s of a 2048^3 matmul, best of 5 (after 2 warm-up calls)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
-    b = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * 2048 ** 3 / best
-
-
-def question_flops(config, prompt_len: int, new_tokens: int) -> float:
-    """Forward FLOPs of one greedy answer: 2 * (matmul weights) per token for the layers, attention
-    scores and values (causal: ~T^2/2 per layer for the prompt), the LM head at generated positions only."""
-    h, L = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
-    d = getattr(config, "head_dim", None) or h // heads
-    inter = config.intermediate_size
-    per_token = 2 * L * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter)
-    head = 2 * h * config.vocab_size
-    T = prompt_len
-    attn_prefill = 2 * 2 * L * heads * d * T * T / 2
-    attn_decode = 2 * 2 * L * heads * d * (T + new_tokens / 2) * new_tokens
-    return per_token * (T + new_tokens) + attn_prefill + attn_decode + head * new_tokens
+CONTENDERS = ("opsdl-vllm", "opsdl-hf", "raw-vllm", "hf-generate", "opsdl-vllm-bf16", "opsdl-hf-stock")
 
 
 def main() -> int:
@@ -75,10 +46,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
-    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    ap.add_argument("--contenders", nargs="+", default=list(CONTENDERS[:4]), choices=CONTENDERS)
     args = ap.parse_args()
 
     import torch
+    from flops import matmul_peak, question_flops
 
     from opsdl_core.config import RunConfig
     from opsdl_core.evaluate import EvalJob, evaluate_jobs
@@ -95,13 +67,16 @@ def main() -> int:
     items = prepare_data(cfg.data, tok).in_template
     prompts = [p.student_ids for p in items]
     jobs = [EvalJob("q", items, "long")]
+    stock_sdpa = load_model_and_tokenizer(resolved, attn_implementation="sdpa_stock")[0] \
+        if "opsdl-hf-stock" in args.contenders else None
     mean_len = statistics.mean(map(len, prompts))
     stops = list(stop_token_ids(tok, model.config))
     peak = matmul_peak(args.threads)
+    peak_bf16 = matmul_peak(args.threads, "bfloat16")
     print(f"model {args.model} ({resolved.path}); {len(prompts)} questions, prompts {min(map(len, prompts))}-"
           f"{max(map(len, prompts))} tokens (mean {mean_len:.0f}); <= {args.new_tokens} new tokens, greedy; "
           f"torch threads {args.threads}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak / 1e9:.0f} GFLOP/s")
+    print(f"matmul peak (2048^3, {args.threads} threads): fp32 {peak / 1e9:.0f} GFLOP/s, bf16 {peak_bf16 / 1e9:.0f} GFLOP/s")
 
     answers: dict[str, list[list[int]]] = {}
     times: dict[str, list[float]] = {c: [] for c in args.contenders}
@@ -111,11 +86,13 @@ def main() -> int:
     def run(name: str) -> None:
         t = time.perf_counter()
         start = 0.0
-        if name in ("opsdl-vllm", "opsdl-hf"):
+        if name.startswith("opsdl-"):
             log_lines: list[str] = []
-            r = evaluate_jobs(model if name == "opsdl-hf" else None, tok, jobs, max_new_tokens=args.new_tokens,
-                              batch_size=args.batch_size, backend="vllm" if name == "opsdl-vllm" else "transformers",
-                              model_dir=resolved.path, kv_cache_gib=args.kv_cache_gib, log=log_lines.append)
+            hf_model = model if name == "opsdl-hf" else stock_sdpa if name == "opsdl-hf-stock" else None
+            r = evaluate_jobs(hf_model, tok, jobs, max_new_tokens=args.new_tokens,
+                              batch_size=args.batch_size, backend="vllm" if hf_model is None else "transformers",
+                              model_dir=resolved.path, kv_cache_gib=args.kv_cache_gib, log=log_lines.append,
+                              engine_dtype="bfloat16" if name.endswith("bf16") else None)
             out = [tok.encode(o, add_special_tokens=False) for o in r["q"].outputs]
             for line in log_lines:
                 if "started in" in line:
@@ -167,9 +144,10 @@ def main() -> int:
             run(name)
 
     gen = statistics.mean(new_tokens.values()) / len(prompts)
-    limit = sum(question_flops(model.config, len(p), gen) for p in prompts) / peak
-    print(f"FLOP limit at that peak: {limit:.1f} s ({limit / len(prompts):.2f} s per question; "
-          f"~{gen:.1f} new tokens per answer)")
+    flops = sum(question_flops(model.config, len(p), gen) for p in prompts)
+    limit, limit_bf16 = flops / peak, flops / peak_bf16
+    print(f"FLOPs {flops / 1e12:.2f} T (~{gen:.1f} new tokens per answer); limit at the fp32 peak {limit:.1f} s "
+          f"({limit / len(prompts):.2f} s per question), at the bf16 peak {limit_bf16:.1f} s")
     ref_name = "opsdl-vllm" if "opsdl-vllm" in times else args.contenders[0]
     ref = statistics.median(times[ref_name])
     print(f"| contender | s / question (median of {args.rounds}) | engine start s | / {ref_name} | / FLOP limit "
@@ -179,8 +157,9 @@ def main() -> int:
         med = statistics.median(times[name])
         same = "—" if "opsdl-hf" not in answers else \
             f"{sum(a == b for a, b in zip(answers[name], answers['opsdl-hf']))}/{len(prompts)}"
+        lim = limit_bf16 if name.endswith("bf16") else limit
         print(f"| {name} | {med / len(prompts):.2f} | {statistics.mean(starts[name]):.1f} | {med / ref:.2f} | "
-              f"{med / limit:.2f} | {same} |")
+              f"{med / lim:.2f} | {same} |")
     return 0
 
 

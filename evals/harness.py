@@ -49,7 +49,7 @@ class LmEvalSpec:
     include_path: str = str(TASKS_ROOT)  # lm-eval takes one folder (searched recursively)
     apply_chat_template: bool = True
     limit: int | None = None
-    batch_size: int = 1
+    batch_size: int | str | None = None  # None: "auto" for vllm (every request at once), 1 for hf
     dtype: str = "float32"
     num_threads: int | None = None  # OMP/torch threads of the lm-eval process (None: inherit)
     vllm_kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE for the CPU build
@@ -67,15 +67,21 @@ class LmEvalSpec:
         if self.peft:
             args.append(f"peft={self.peft}")
         if self.backend == "vllm":
+            args.append("enforce_eager=True")  # no torch.compile: ~100 s of a CPU engine's start otherwise
             lengths = self.metadata.get("max_seq_lengths") or []
             if lengths:  # RULER: the longest prompt plus the chat template and the answer; else the model's own
                 args.append(f"max_model_len={max(lengths) + 512}")
         return ",".join(args)
 
+    def effective_batch_size(self) -> int | str:
+        if self.batch_size is not None:
+            return self.batch_size
+        return "auto" if self.backend == "vllm" else 1
+
     def command(self, output: Path) -> list[str]:
         entry = "evals.lm_eval_vllm" if self.backend == "vllm" else "lm_eval"  # see evals/lm_eval_vllm.py
         cmd = [sys.executable, "-m", entry, "--model", self.backend, "--model_args", self.model_args(),
-               "--tasks", ",".join(self.tasks), "--batch_size", str(self.batch_size), "--log_samples",
+               "--tasks", ",".join(self.tasks), "--batch_size", str(self.effective_batch_size()), "--log_samples",
                "--output_path", str(output)]
         if self.backend == "hf":
             cmd += ["--device", "cpu"] if not _cuda() else []
@@ -267,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--metadata", default="{}", help="JSON passed to the tasks (e.g. max_seq_lengths, num_samples)")
     r.add_argument("--limit", type=int)
     r.add_argument("--no-chat-template", action="store_true")
-    r.add_argument("--batch-size", type=int, default=1, help="lm-eval's --batch_size (greedy outputs are the same; "
+    r.add_argument("--batch-size", default=None, help="lm-eval's --batch_size (default: auto for vllm, 1 for hf; greedy outputs are the same; "
                    "8 decodes ~1.3x faster on a 2-core CPU)")
     r.add_argument("--threads", type=int, help="torch/OpenMP threads of the lm-eval process (OMP_WAIT_POLICY=PASSIVE)")
     r.add_argument("--out", type=Path, required=True)

@@ -86,9 +86,11 @@ def engine_supports(model_dir: str | Path) -> bool:
 
 def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    backend: str = "transformers", model_dir: str | Path | None = None, batch_size: int = 8,
-                   kv_cache_gib: float = 2.0, log: Callable[[str], None] | None = None,
+                   kv_cache_gib: float = 2.0, engine_dtype: str | None = None,
+                   log: Callable[[str], None] | None = None,
                    progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
-    """Greedy answer token ids (stop token included when it stopped) for every prompt, in order."""
+    """Greedy answer token ids (stop token included when it stopped) for every prompt, in order.
+    ``engine_dtype``: the vLLM engine's dtype (default: the model's, float32 for the embedded one)."""
     config = getattr(model, "config", None)
     if config is None and model_dir is not None:  # the engine path needs no model in this process
         from transformers import AutoConfig
@@ -102,10 +104,11 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
         from .config import VLLMConfig
         from .rollout_vllm import VLLMRollout
 
-        dtype = str(getattr(model, "dtype", None) or getattr(config, "dtype", None) or "float32").replace("torch.", "")
+        dtype = engine_dtype or str(getattr(model, "dtype", None) or getattr(config, "dtype", None)
+                                    or "float32").replace("torch.", "")
         longest = max(map(len, prompts)) + max_new_tokens
         settings = VLLMConfig(max_model_len=max(16, -(-longest // 256) * 256), kv_cache_gib=kv_cache_gib)
-        engine = VLLMRollout(str(model_dir), settings, dtype=dtype, log=log)
+        engine = VLLMRollout(str(model_dir), settings, dtype=dtype, log=log, greedy_only=True)
         try:
             batch = engine.generate(prompts, n=1, params=params, seed=0)
         finally:
@@ -130,7 +133,8 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
 
 def evaluate_jobs(model: Any, tokenizer: Any, jobs: Sequence[EvalJob], *, max_new_tokens: int = 24,
                   batch_size: int = 8, backend: str = "transformers", model_dir: str | Path | None = None,
-                  kv_cache_gib: float = 2.0, log: Callable[[str], None] | None = None,
+                  kv_cache_gib: float = 2.0, engine_dtype: str | None = None,
+                  log: Callable[[str], None] | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict[Hashable, EvalResult]:
     """Greedy answers for every item of every job, generated together; a question is right when its
     reference answer occurs in the output (``synthetic.score_example``). Returns ``{job.key: result}``."""
@@ -147,8 +151,8 @@ def evaluate_jobs(model: Any, tokenizer: Any, jobs: Sequence[EvalJob], *, max_ne
     flat = [ids for ps in prompts for ids in ps]
     t0 = time.perf_counter()
     answers = greedy_answers(model, tokenizer, flat, max_new_tokens=max_new_tokens, backend=which,
-                             model_dir=model_dir, batch_size=batch_size, kv_cache_gib=kv_cache_gib, log=log,
-                             progress=progress)
+                             model_dir=model_dir, batch_size=batch_size, kv_cache_gib=kv_cache_gib,
+                             engine_dtype=engine_dtype, log=log, progress=progress)
     seconds = time.perf_counter() - t0
     total_tokens = sum(map(len, flat)) or 1
     out: dict[Hashable, EvalResult] = {}

@@ -108,7 +108,7 @@ class VLLMRollout:
     """``RolloutEngine`` on a vLLM engine loaded from ``model_dir`` (a transformers folder)."""
 
     def __init__(self, model_dir: str | Path, settings: VLLMConfig = VLLMConfig(), *, dtype: str = "float32",
-                 seed: int = 0, sync_dir: str | None = None, log: Any = None):
+                 seed: int = 0, sync_dir: str | None = None, log: Any = None, greedy_only: bool = False):
         try:
             import vllm
         except Exception as e:  # noqa: BLE001 - the import error's own text says what is missing
@@ -120,26 +120,40 @@ class VLLMRollout:
         self.model_dir = str(model_dir)
         self.weight_version = 0
         self.broken: str | None = None
+        self.greedy_only = greedy_only
         self.sync_seconds: list[float] = []
         if s.in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        self.cpu_binding = cpu_thread_binding(s) if not torch.cuda.is_available() else None
+        binding_env = {} if torch.cuda.is_available() else cpu_binding_env(
+            cpu_threads=s.cpu_threads, tensor_parallel_size=s.tensor_parallel_size)
+        self.cpu_binding = None if torch.cuda.is_available() else \
+            binding_env.get("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
         kw: dict[str, Any] = {}
         if s.kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         else:
             kw["gpu_memory_utilization"] = s.gpu_memory_utilization
         t = time.perf_counter()
-        self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=s.dtype or dtype,
-                            max_model_len=s.max_model_len, enable_prefix_caching=s.enable_prefix_caching,
-                            enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
-                            # no chunked prefill: vLLM rewinds a seeded request's generator when a step holds
-                            # only part of its prompt, which the CPU generator cannot do ("CPU Generator does
-                            # not use offset": 8 prompts x 1,075 tokens x 4 samples crashed the engine). A
-                            # prompt now waits for a step with room for all of it.
-                            enable_chunked_prefill=False,
-                            max_num_batched_tokens=s.max_num_batched_tokens or max(8192, s.max_model_len),
-                            seed=seed, worker_extension_cls=f"{__name__}.WeightSync", **kw)
+        saved = {k: os.environ.get(k) for k in binding_env}
+        os.environ.update(binding_env)  # read while the engine's processes start; put back afterwards
+        try:
+            self.llm = vllm.LLM(model=self.model_dir, tokenizer=self.model_dir, dtype=s.dtype or dtype,
+                                max_model_len=s.max_model_len, enable_prefix_caching=s.enable_prefix_caching,
+                                enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
+                                # no chunked prefill: vLLM rewinds a seeded request's generator when a step holds
+                                # only part of its prompt, which the CPU generator cannot do ("CPU Generator does
+                                # not use offset": 8 prompts x 1,075 tokens x 4 samples crashed the engine). A
+                                # prompt now waits for a step with room for all of it. An engine that only
+                                # decodes greedily (evaluation: no generators) keeps vLLM's default.
+                                enable_chunked_prefill=greedy_only,
+                                max_num_batched_tokens=s.max_num_batched_tokens or max(8192, s.max_model_len),
+                                seed=seed, worker_extension_cls=f"{__name__}.WeightSync", **kw)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         self.start_seconds = time.perf_counter() - t
         self._sync_dir = Path(sync_dir or ("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir()))
         if log:
@@ -154,6 +168,9 @@ class VLLMRollout:
         self._check()
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if self.greedy_only and params.temperature > 0:
+            raise ValueError("this vLLM engine was started greedy_only (chunked prefill on): seeded sampling needs "
+                             "an engine started without it")
         too_long = [i for i, p in enumerate(prompts) if len(p) + params.max_new_tokens > self.settings.max_model_len]
         if too_long:
             i = too_long[0]

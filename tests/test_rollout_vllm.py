@@ -191,7 +191,10 @@ def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(
     params = SamplingParams(temperature=1.0, max_new_tokens=6)
     eng = VLLMRollout(tiny_model_dir, cfg, seed=0)
     try:
-        assert eng.cpu_binding == os.environ["VLLM_CPU_OMP_THREADS_BIND"]
+        if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # the default: every core, none kept back
+            assert eng.cpu_binding == ",".join(map(str, sorted(os.sched_getaffinity(0))))
+        assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ or eng.cpu_binding == os.environ[
+            "VLLM_CPU_OMP_THREADS_BIND"], "the binding is set for the engine's start only"
         first = eng.generate(prompts, n=3, params=params, seed=11)
         again = eng.generate(prompts, n=3, params=params, seed=11)
         other = eng.generate(prompts, n=3, params=params, seed=12)
@@ -208,7 +211,7 @@ def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(
 
 
 def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch):
-    from opsdl_core.rollout_vllm import cpu_thread_binding
+    from opsdl_core.rollout_vllm import cpu_binding_env, cpu_thread_binding
 
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
@@ -221,3 +224,5 @@ def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch)
     assert cpu_thread_binding(VLLMConfig(cpu_threads=1)) == "0"
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
     assert cpu_thread_binding(VLLMConfig()) == "1", "the user's binding is kept"
+    assert cpu_binding_env(environ={"VLLM_CPU_OMP_THREADS_BIND": "0"}) == {}
+    assert cpu_binding_env(environ={}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

@@ -1,0 +1,53 @@
+"""FLOP counts and a matmul peak, shared by the benchmarks (``bench_eval.py``, ``bench_vs_trl.py``)."""
+
+from __future__ import annotations
+
+import time
+
+
+def matmul_peak(threads: int, dtype: str = "float32") -> float:
+    """FLOP/s of a 2048^3 matmul on ``threads`` torch threads, best of 5 (after 2 warm-up calls)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
+    b = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * 2048 ** 3 / best
+
+
+def forward_flops(config, new_tokens: int, context: int, *, head_tokens: int | None = None) -> float:
+    """Forward FLOPs of ``new_tokens`` tokens run on top of ``context`` cached tokens: 2 * (matmul weights)
+    per token in the layers, causal attention to the context and among themselves, and the LM head at
+    ``head_tokens`` positions (default: every new token)."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    d = getattr(config, "head_dim", None) or h // heads
+    inter = config.intermediate_size
+    per_token = 2 * L * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter)
+    attn = 2 * 2 * L * heads * d * new_tokens * (context + new_tokens / 2)
+    head = 2 * h * config.vocab_size * (new_tokens if head_tokens is None else head_tokens)
+    return per_token * new_tokens + attn + head
+
+
+def question_flops(config, prompt_len: int, new_tokens: float) -> float:
+    """One greedy answer: the prompt prefilled (the head at its last position), then ``new_tokens`` decoded."""
+    return forward_flops(config, prompt_len, 0, head_tokens=1) + forward_flops(config, int(round(new_tokens)), prompt_len)
+
+
+def distill_step_flops(config, *, long_prompt: int, short_prompt: int, samples: int, response: float) -> float:
+    """One on-policy step as opsdl computes it: the rollout (prefill once, ``samples`` answers decoded), the
+    teacher on the short prompt, the student on the long one (prompt encoded once, answers on top), and the
+    student's backward (~1x its forward for activations; the LoRA weight gradients are negligible)."""
+    r = int(round(response))
+    rollout = forward_flops(config, long_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, long_prompt)
+    teacher = forward_flops(config, short_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, short_prompt)
+    student = forward_flops(config, long_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, long_prompt)
+    return rollout + teacher + 2 * student
