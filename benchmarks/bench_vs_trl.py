@@ -7,7 +7,8 @@ same batch, in fresh processes, interleaved (opsdl, TRL, opsdl, TRL, ...).
 The shape is the main job's: the embedded SmolLM2-135M-Instruct, LoRA r=16 (alpha 32, all linear
 layers), 1 prompt x 4 samples at temperature 0.7, ~1,075-token long prompt (access-code needle
 among distractor records), <= 24 new tokens, frozen-base teacher reading chat(C_s + Q), the
-sampled-token (point-wise reverse-KL) loss, float32, lr 1e-4. TRL is set to the same: its defaults
+sampled-token (point-wise reverse-KL) loss, float32, lr 1e-4. TRL's model loads with transformers'
+own SDPA attention, as its users get it (``--trl-attention opsdl`` gives it opsdl's GQA function). TRL is set to the same: its defaults
 ``bf16=True``, ``gradient_checkpointing=True`` and ``max_prompt_length=512`` (which keeps only the
 *last* 512 prompt tokens, i.e. cuts the long context) are overridden, and its teacher prompt, which
 by its template must contain the student prompt (``{prompt}``), is replaced by a small builder that
@@ -88,7 +89,9 @@ def child_trl(args) -> dict:
     from opsdl_core.prompts import user_message
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer(args.model)
+    # TRL as its users run it: transformers' own SDPA (--trl-attention opsdl gives it opsdl's GQA function)
+    model, tok = load_model_and_tokenizer(args.model, attn_implementation="sdpa" if args.trl_attention == "opsdl"
+                                          else "sdpa_stock")
     _, data = _data(args, tok)
     rows = [{"prompt": [{"role": "user", "content": user_message(p.example.long_context, p.example.question)}],
              "privileged_context": user_message(p.teacher_context.text, p.example.question)} for p in data.train]
@@ -158,6 +161,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=4, help="steps per process; the first is a warm-up")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--trl-attention", choices=["stock", "opsdl"], default="stock",
+                    help="TRL's model attention: transformers' SDPA (stock) or opsdl_core.attention's")
     ap.add_argument("--child", choices=["opsdl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
