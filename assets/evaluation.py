@@ -43,6 +43,13 @@ class EvaluationConfig(dg.Config):
                                                               "and settings from the lineage store.")
 
 
+def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows for the Markdown table: the sign test's p written so that a small one does not read 0.000."""
+    def p(v: Any) -> Any:
+        return "" if v is None else "< 0.001" if v < 0.001 else f"{v:.3f}"
+    return [{**r, "sign_p": p(r.get("sign_p"))} for r in rows]
+
+
 def _suite_contexts(name: str) -> tuple[str, ...]:
     # Short-context (C_s only) accuracy on the held-out templates measures retention of the
     # short-context skill; the in-template suite is only asked with the long context.
@@ -138,7 +145,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
                         else {"gained": None, "lost": None, "sign_p": None})})
     png = accuracy_bars_png(rows, opsdl.artifacts("evaluation") / f"accuracy-{tag}-{opsdl_model['config_hash']}.png")
     context.add_output_metadata({
-        "scores": dg.MetadataValue.md(md_table(rows, TABLE_COLUMNS)),
+        "scores": dg.MetadataValue.md(md_table(table_rows(rows), TABLE_COLUMNS)),
         "plot": dg.MetadataValue.md(png_markdown(png, "accuracy before/after")),
         **{f"{r['suite']}/{r['context']}/after": r["after"] for r in rows},
         **{f"{r['suite']}/{r['context']}/sign_p": r["sign_p"] for r in rows if r["sign_p"] is not None},
@@ -152,7 +159,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
 def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: dict[str, Any],
            long_context_eval: dict[str, Any], opsdl_model: dict[str, Any], base_rollouts: dict[str, Any],
            curated_prompts: dict[str, Any], teacher_contexts: dict[str, Any]) -> dict[str, Any]:
-    table = md_table(evaluation["rows"], TABLE_COLUMNS)
+    table = md_table(table_rows(evaluation["rows"]), TABLE_COLUMNS)
     curves = Path(opsdl_model.get("curves") or  # outputs stored before "curves" was passed along
                   opsdl.artifacts("opsdl_model") / f"curves-{opsdl_model['config_hash']}.png")
     lines = [

@@ -233,3 +233,11 @@ def test_curriculum_source_mixes_families_and_holds_some_out(pipeline_run, tiny_
     with pytest.raises(dg.Failure, match="data.curriculum.families"):
         _materialize(home, tiny_model_dir, instance, run_config=bad,
                      selection=["eval_sets", "curated_prompts", "quarantined_rows"])
+
+
+def test_report_table_writes_small_sign_test_p_values_readably():
+    from assets.evaluation import table_rows
+
+    rows = [{"suite": "a", "sign_p": 0.0004}, {"suite": "b", "sign_p": 0.0223}, {"suite": "c", "sign_p": None}]
+    assert [r["sign_p"] for r in table_rows(rows)] == ["< 0.001", "0.022", ""]
+    assert rows[0]["sign_p"] == 0.0004, "the stored rows keep the number"
