@@ -73,13 +73,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state in types ``torch.load(weights_only=True)`` reads back (tensors, ints, floats,
+    tuples): nothing a run folder holds is unpickled as arbitrary objects on resume."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "gauss": float(gauss)},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -148,8 +155,9 @@ def load_checkpoint(path: Path, *, model: Any, optimizer: Any, scheduler: Any) -
     """Restore weights, optimizer, scheduler and RNG; returns (state.json, teacher state)."""
     path = Path(path)
     load_trainable(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    # weights_only: a crafted pickle in a run folder is refused, never executed
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     teacher = load_file(str(path / "teacher.safetensors")) if (path / "teacher.safetensors").exists() else {}
     return json.loads((path / "state.json").read_text()), teacher
