@@ -16,7 +16,6 @@ from opsdl_core.evaluate import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_b
 from opsdl_core.experiment_report import paired_counts, sign_test_p
 from opsdl_core.models import load_tokenizer
 from opsdl_core.prepare import prepare_examples
-from opsdl_core.synthetic import error_kind
 
 from .curation import md_table, read_examples
 from .long_context import long_context_section
@@ -59,26 +58,23 @@ def _suite_contexts(name: str) -> tuple[str, ...]:
 def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: EvaluationConfig,
                 log, model_dir: str | None = None) -> list[dict[str, Any]]:
     """Every suite in each of its contexts, all questions generated together (one vLLM engine)."""
-    jobs, suites = [], {}
+    jobs = []
     for name, suite in eval_sets["suites"].items():
         prepared, bad = prepare_examples(read_examples(suite["path"]), tokenizer, DataConfig(teacher_context="oracle"))
         if bad:
             raise dg.Failure(f"eval suite {name}: {len(bad)} examples without a usable C_s, e.g. {bad[0].reason}")
-        suites[name] = suite
         jobs += [EvalJob((name, ctx), prepared, ctx) for ctx in _suite_contexts(name)]
-    job_items = {job.key: job.items for job in jobs}
     results = evaluate_jobs(model, tokenizer, jobs, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                             backend=config.backend, model_dir=model_dir, kv_cache_gib=config.kv_cache_gib,
                             engine_dtype=config.dtype, log=log)
     out = []
-    for (name, ctx), r in results.items():
-        suite = suites[name]
+    for job in jobs:
+        (name, ctx), r = job.key, results[job.key]
+        suite = eval_sets["suites"][name]
         log(f"{name} {ctx}: accuracy {r.accuracy:.3f} (n={r.n}, {r.seconds:.0f}s, {r.backend})")
         out.append({"task": name.split("@")[0], "suite": name, "context": ctx,
                     "context_length": suite["context_length"], "metric": "accuracy", "value": r.accuracy,
-                    "n": r.n, "dataset_digest": suite["digest"],
-                    "answers": [{"id": it.example.id, "output": o, "correct": ok, "error": error_kind(it.example, o, ok)}
-                                for it, o, ok in zip(job_items[(name, ctx)], r.outputs, r.correct)]})
+                    "n": r.n, "dataset_digest": suite["digest"], "answers": r.answer_rows(job.items)})
     return out
 
 

@@ -28,12 +28,9 @@ def default_home() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model: str, cache_dir: str | None) -> Any:
-    from transformers import AutoTokenizer
+    from opsdl_core.models import load_tokenizer
 
-    from opsdl_core.models import resolve_model
-
-    resolved = resolve_model(model, cache_dir=cache_dir)
-    return AutoTokenizer.from_pretrained(resolved.path)
+    return load_tokenizer(model, cache_dir=cache_dir)
 
 
 class OpsdlResource(dg.ConfigurableResource):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Literal, Sequence
 from .prepare import Prepared
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import SamplingParams, TransformersRollout
-from .synthetic import score_example
+from .synthetic import error_kind, score_example
 
 EVAL_BACKENDS = ("auto", "transformers", "vllm")
 
@@ -36,6 +36,12 @@ class EvalResult:
     mean_prompt_tokens: float = 0.0
     seconds: float = 0.0  # this job's share of the generation time (by prompt tokens) when jobs ran together
     backend: str = "transformers"
+
+    def answer_rows(self, items: Sequence[Prepared]) -> list[dict[str, Any]]:
+        """One dict per question (``id``, ``output``, ``correct``, ``error``: a wrong answer's
+        ``synthetic.error_kind``): what the lineage store's ``eval_answers`` and the paired counts take."""
+        return [{"id": it.example.id, "output": out, "correct": ok, "error": error_kind(it.example, out, ok)}
+                for it, out, ok in zip(items, self.outputs, self.correct)]
 
     def summary(self) -> dict[str, Any]:
         return {"context": self.context, "accuracy": self.accuracy, "n": self.n,
@@ -53,13 +59,13 @@ def resolve_backend(backend: str, model_dir: str | Path | None) -> str:
     """``auto`` → ``vllm`` when vLLM imports and the model has a folder the engine can start from."""
     if backend not in EVAL_BACKENDS:
         raise ValueError(f"evaluation backend must be one of {EVAL_BACKENDS}, got {backend!r}")
-    if backend == "vllm" and not (model_dir and (Path(model_dir) / "config.json").is_file()):
+    has_folder = bool(model_dir) and (Path(model_dir) / "config.json").is_file()
+    if backend == "vllm" and not has_folder:
         raise ValueError(f"evaluation backend 'vllm' needs the model's folder (config.json); got {model_dir!r}")
     if backend != "auto":
         return backend
     from .rollout_vllm import vllm_available
 
-    has_folder = bool(model_dir) and (Path(model_dir) / "config.json").is_file()
     return "vllm" if has_folder and vllm_available() and engine_supports(model_dir) else "transformers"
 
 

@@ -93,7 +93,6 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
     each family's rows get (``in_family:counting``, ...; default: the family). All questions are
     generated together (``experiment.eval_backend``; vLLM needs ``model_dir``)."""
     from .evaluate import EvalJob, evaluate_jobs
-    from .synthetic import error_kind
 
     longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
     jobs = [EvalJob((i, ctx), suite.items, ctx) for i, suite in enumerate(suites)
@@ -103,9 +102,7 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
     rows = []
     for (i, ctx), r in results.items():
         suite = suites[i]
-        # per question, for the report's paired comparison and error kinds, the lineage store and for reading
-        answers = [{"id": it.example.id, "output": out, "correct": ok, "error": error_kind(it.example, out, ok)}
-                   for it, out, ok in zip(suite.items, r.outputs, r.correct)]
+        answers = r.answer_rows(suite.items)  # per question: the report's paired counts, error kinds, lineage
         for task in (task_names or {}).get(suite.family, [suite.family]):
             rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
                          "metric": "accuracy", "value": r.accuracy, "n": r.n, "dataset_digest": suite.digest,

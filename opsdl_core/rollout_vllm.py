@@ -37,7 +37,7 @@ import torch
 from .config import VLLMConfig
 from .rollout import RolloutBatch, SamplingParams
 
-__all__ = ["VLLMRollout", "WeightSync", "vllm_available", "cpu_binding_env", "cpu_thread_binding"]
+__all__ = ["VLLMRollout", "WeightSync", "vllm_available", "cpu_binding_env"]
 
 
 def vllm_available() -> bool:
@@ -83,13 +83,6 @@ def cpu_binding_env(*, cpu_threads: int | None = None, tensor_parallel_size: int
     if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in environ:
         out["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
     return out
-
-
-def cpu_thread_binding(settings: VLLMConfig) -> str:
-    """Apply :func:`cpu_binding_env` for an engine of ``settings`` to this process; the binding in effect."""
-    os.environ.update(cpu_binding_env(cpu_threads=settings.cpu_threads,
-                                      tensor_parallel_size=settings.tensor_parallel_size))
-    return os.environ["VLLM_CPU_OMP_THREADS_BIND"]
 
 
 def _reprocess_lm_heads(model: Any) -> None:

@@ -211,18 +211,11 @@ def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(
 
 
 def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch):
-    from opsdl_core.rollout_vllm import cpu_binding_env, cpu_thread_binding
+    from opsdl_core.rollout_vllm import cpu_binding_env
 
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert cpu_thread_binding(VLLMConfig()) == "0,1,2,3"
-    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
-    assert cpu_thread_binding(VLLMConfig(tensor_parallel_size=2)) == "0,1|2,3"
-    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
-    assert cpu_thread_binding(VLLMConfig(cpu_threads=1)) == "0"
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1")
-    assert cpu_thread_binding(VLLMConfig()) == "1", "the user's binding is kept"
-    assert cpu_binding_env(environ={"VLLM_CPU_OMP_THREADS_BIND": "0"}) == {}
     assert cpu_binding_env(environ={}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_binding_env(tensor_parallel_size=2, environ={})["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
+    assert cpu_binding_env(cpu_threads=1, environ={})["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert cpu_binding_env(environ={"VLLM_CPU_OMP_THREADS_BIND": "1"}) == {}, "the user's binding is kept"
+    assert cpu_binding_env(environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3"}
