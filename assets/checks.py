@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.curation import ngrams
+from opsdl_core.curation import FOREIGN_SUITE, ngrams
 from opsdl_core.teacher_context import SEPARATOR, TeacherContext, TeacherContextError, check_teacher_context
 
 from .curation import read_examples
@@ -90,21 +90,29 @@ def within_margin(delta: float, margin: float) -> bool:
 
 def retention_verdict(rows: list[dict[str, Any]], margin: float, per_suite: bool = False) -> dict[str, Any]:
     """Short-context rows (``suite``, ``n``, ``delta``) -> passed, the pooled (question-weighted) delta
-    and the worst suite. ``per_suite`` judges the worst suite, otherwise the pooled delta."""
+    and the worst suite. ``per_suite`` judges the worst suite, otherwise the pooled delta of the
+    template suites; the foreign-format suite (formats the training never uses, where damage shows)
+    is always judged on its own as well."""
     short = [r for r in rows if r["context"] == "short"]
     if not short:
         return {"passed": False, "n_suites": 0, "pooled_delta": float("nan"),
                 "worst_suite": "none (no short-context suite)", "worst_delta": float("nan")}
     worst = min(short, key=lambda r: r["delta"])
-    pooled = sum(r["n"] * r["delta"] for r in short) / sum(r["n"] for r in short)
-    judged = worst["delta"] if per_suite else pooled
-    return {"passed": within_margin(judged, margin), "n_suites": len(short), "pooled_delta": pooled,
-            "worst_suite": worst["suite"], "worst_delta": worst["delta"]}
+    templated = [r for r in short if r["suite"] != FOREIGN_SUITE] or short
+    pooled = sum(r["n"] * r["delta"] for r in templated) / sum(r["n"] for r in templated)
+    judged = [worst["delta"] if per_suite else pooled]
+    foreign = next((r for r in short if r["suite"] == FOREIGN_SUITE), None)
+    out = {"n_suites": len(short), "pooled_delta": pooled, "worst_suite": worst["suite"], "worst_delta": worst["delta"]}
+    if foreign is not None:
+        judged.append(foreign["delta"])
+        out["foreign_delta"] = foreign["delta"]
+    return {"passed": all(within_margin(d, margin) for d in judged), **out}
 
 
 @dg.asset_check(asset=evaluation, blocking=True,
                 description="Short-context (C_s only) accuracy of the OPSDL model is not below the base model's "
-                            "by more than the margin (the suites pooled, or each suite).")
+                            "by more than the margin: the template suites pooled (or each suite), and the "
+                            "foreign-format suite on its own.")
 def short_context_retention(config: RetentionConfig, evaluation: dict[str, Any]) -> dg.AssetCheckResult:
     v = retention_verdict(evaluation["rows"], config.margin, config.per_suite)
     passed = v.pop("passed")

@@ -30,6 +30,9 @@ class EvalSetsConfig(dg.Config):
                                                         "(replaces the needle-template suites).")
     heldout_families: list[str] = Field(default=[], description="Curriculum families never trained on: one "
                                                                 "out-of-family suite each (transfer).")
+    foreign_n: int = Field(default=140, description="Short-context questions in formats the training never uses "
+                                                    "(suite foreign@0, asked with C_s only: retention that can see "
+                                                    "damage); 0: none.")
 
 
 class CurationConfig(dg.Config):
@@ -94,7 +97,7 @@ def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: 
     suites = eval_suites(count_tokens=count, lengths=config.lengths, n=config.n, seed=config.seed,
                          in_template_n=config.in_template_n, n_distractors=tuple(config.n_distractors),
                          train_templates=config.templates or None, families=config.families,
-                         heldout_families=config.heldout_families)
+                         heldout_families=config.heldout_families, foreign_n=config.foreign_n)
     out_dir = opsdl.artifacts("eval_sets")
     store = opsdl.store()
     result: dict[str, Any] = {"suites": {}}

@@ -12,6 +12,7 @@ import torch
 from pydantic import Field
 
 from opsdl_core.config import DataConfig
+from opsdl_core.curation import FOREIGN_SUITE
 from opsdl_core.evaluate import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_backend
 from opsdl_core.experiment_report import paired_counts, sign_test_p
 from opsdl_core.models import load_tokenizer
@@ -52,6 +53,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _suite_contexts(name: str) -> tuple[str, ...]:
     # Short-context (C_s only) accuracy on the held-out templates measures retention of the
     # short-context skill; the in-template suite is only asked with the long context.
+    if name == FOREIGN_SUITE:  # formats the training never uses: short-context retention only
+        return ("short",)
     return ("long", "short") if name.startswith(("kv_heldout", "out_of_family:", "in_family:")) else ("long",)
 
 

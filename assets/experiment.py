@@ -21,9 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 class ExperimentConfig(dg.Config):
     config_path: str = Field(default="configs/experiment.yaml", description="Experiment YAML (sections "
-                             "'experiment' and 'run'), relative to the project root or absolute.")
-    methods: Optional[list[str]] = Field(default=None, description="Methods to train (opsdl, sft, dpo); "
-                                         "default: the file's.")
+                             "'experiment' and 'run'), relative to the project root or absolute; "
+                             "configs/ablation.yaml and configs/controls.yaml compare OPSDL settings.")
+    methods: Optional[list[str]] = Field(default=None, description="Methods to train (opsdl, sft, dpo, or names "
+                                         "of the file's experiment.variants); default: the file's.")
     seeds: Optional[list[int]] = Field(default=None, description="Training seeds; default: the file's.")
     lengths: Optional[list[int]] = Field(default=None, description="Evaluation context lengths (tokens).")
     steps: Optional[int] = Field(default=None, description="Optimizer steps per training run.")

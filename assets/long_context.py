@@ -2,6 +2,7 @@
 
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
         LmEvalSpec(model="-", **spec_args)  # validates the backend and the task list
     except ValueError as e:
         raise dg.Failure(f"long_context_eval config: {e}") from None
+    from evals.ruler.documents import lm_eval_essay_tasks
+
+    if lm_eval_essay_tasks(config.tasks) and "essays_path" not in extra and not os.environ.get("OPSDL_RULER_ESSAYS"):
+        from opsdl_core.essays import ensure_essays  # Paul Graham's essays, fetched once into the cache
+
+        spec_args["metadata"]["essays_path"] = str(ensure_essays(progress=context.log.info))
     store = opsdl.store()
     out_root = opsdl.artifacts("long_context_eval")
     base_ckpt = f"base:{opsdl_model['base_model_hash'] or opsdl_model['base_model']}"

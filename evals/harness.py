@@ -146,6 +146,8 @@ def run(spec: LmEvalSpec, output: str | Path, *, log_path: str | Path | None = N
         env.update(OMP_NUM_THREADS=str(spec.num_threads), OMP_WAIT_POLICY="PASSIVE")
     if spec.backend == "vllm":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.vllm_kv_cache_gib))
+        # the engine in lm-eval's own process: ~20 s less to start than spawning its engine process
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         if not _cuda():  # the engine's threads on every core (vLLM keeps one for its scheduler by default)
             from opsdl_core.rollout_vllm import cpu_binding_env
 

@@ -24,6 +24,12 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 
 LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
+# controls of the distillation signal (``loss.control``): where does a gain come from?
+#   none                the method: the teacher reads C_s + Q
+#   long_prompt         no information: the teacher reads the student's long prompt (C_L + Q)
+#   other_context       wrong information: the teacher reads ANOTHER training example's C_s + this Q
+#   constant_advantage  no teacher: A_t = -loss.control_advantage on every sampled token (pointwise)
+CONTROL_KINDS = ("none", "long_prompt", "other_context", "constant_advantage")
 TEACHER_KINDS = ("live", "base", "ema")
 TEACHER_CONTEXT_STRATEGIES = ("oracle", "window", "bm25")
 
@@ -203,9 +209,17 @@ class LossConfig:
     # C_s + Q; the student samples from it). With a base/ema teacher it holds the model's short-context
     # answers at the teacher's; 0 (default) leaves it out.
     short_anchor: float = 0.0
+    # a control experiment instead of the method (CONTROL_KINDS above; docs/results/ablation.md)
+    control: Literal["none", "long_prompt", "other_context", "constant_advantage"] = "none"
+    control_advantage: float = 1.0  # constant_advantage: A_t = -c on every sampled token
 
     def __post_init__(self) -> None:
         _check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
+        _check(self.control in CONTROL_KINDS, "loss.control", f"one of {CONTROL_KINDS}", self.control)
+        _check(self.control_advantage > 0, "loss.control_advantage", "a float > 0", self.control_advantage)
+        _check(self.control != "constant_advantage" or self.kind == "pointwise", "loss.control",
+               "'constant_advantage' with loss.kind 'pointwise' (the other kinds have no per-token advantage to "
+               f"replace; got kind {self.kind!r})", self.control)
         _check(self.advantage_clip is None or self.advantage_clip > 0, "loss.advantage_clip", "null or > 0",
                self.advantage_clip)
         _check(self.is_ratio_clip is None or self.is_ratio_clip >= 1, "loss.is_ratio_clip", "null or >= 1",
@@ -341,6 +355,9 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
+        if self.loss.control != "none" and self.method.kind != "opsdl":
+            raise ConfigError(f"loss.control: {self.loss.control!r} is a control of OPSDL's teacher signal; "
+                              f"method.kind {self.method.kind!r} has no teacher (use control 'none')")
         if self.loss.short_anchor > 0 and self.train.teacher == "live":
             raise ConfigError("loss.short_anchor: the retention guard needs train.teacher 'base' or 'ema' (with a "
                               "live teacher the student and the teacher are the same model on the same short "
@@ -385,6 +402,10 @@ class RunConfig:
             d["train"].pop("prompt_order")
         if d["loss"].get("short_anchor") == 0:
             d["loss"].pop("short_anchor")
+        if d["loss"].get("control") == "none":  # runs before the controls keep their hashes
+            d["loss"].pop("control")
+        if d["loss"].get("control") != "constant_advantage":
+            d["loss"].pop("control_advantage", None)
         for section, key in _NON_SEMANTIC:
             d.get(section, {}).pop(key, None)
         if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes

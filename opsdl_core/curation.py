@@ -99,14 +99,34 @@ def _templates(names: Sequence[str] | None) -> tuple:
 def eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n: int, seed: int,
                 n_distractors: tuple[int, int] = (4, 12), in_template_n: int = 0,
                 train_templates: Sequence[str] | None = None, families: Sequence[str] = (),
-                heldout_families: Sequence[str] = (), haystack: str = "noise") -> dict[str, list[Example]]:
+                heldout_families: Sequence[str] = (), haystack: str = "noise",
+                foreign_n: int = 0) -> dict[str, list[Example]]:
     """The synthetic evaluation suites: held-out templates at each context length
     (``kv_heldout@{L}``) and, when ``in_template_n``, fresh keys of the training templates
     (``kv_in_template@{L}``).  Seeds are offset from training's, so the streams are disjoint.
 
     With curriculum ``families`` (trained) and ``heldout_families`` (never trained): one suite per
     family and length, ``in_family:{family}@{L}`` and ``out_of_family:{family}@{L}``, ``n``
-    questions each, held-out names, every template of the family."""
+    questions each, held-out names, every template of the family.
+
+    ``foreign_n``: also ``foreign@0``, short-context questions in formats the training never uses
+    (``opsdl_core.foreign``; asked with C_s only)."""
+    out = _eval_suites(count_tokens=count_tokens, lengths=lengths, n=n, seed=seed, n_distractors=n_distractors,
+                       in_template_n=in_template_n, train_templates=train_templates, families=families,
+                       heldout_families=heldout_families, haystack=haystack)
+    if foreign_n:
+        from .foreign import generate_foreign
+
+        out[FOREIGN_SUITE] = generate_foreign(foreign_n, seed=seed)
+    return out
+
+
+FOREIGN_SUITE = "foreign@0"  # its name among the evaluation suites (context length 0: C_s only)
+
+
+def _eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n: int, seed: int,
+                 n_distractors: tuple[int, int], in_template_n: int, train_templates: Sequence[str] | None,
+                 families: Sequence[str], heldout_families: Sequence[str], haystack: str) -> dict[str, list[Example]]:
     if families or heldout_families:
         from .curriculum import generate_family
 

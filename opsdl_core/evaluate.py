@@ -113,7 +113,10 @@ def greedy_answers(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]],
         dtype = engine_dtype or str(getattr(model, "dtype", None) or getattr(config, "dtype", None)
                                     or "float32").replace("torch.", "")
         longest = max(map(len, prompts)) + max_new_tokens
-        settings = VLLMConfig(max_model_len=max(16, -(-longest // 256) * 256), kv_cache_gib=kv_cache_gib)
+        # in this process: no engine process to spawn and import (12 s against 34 s to start on this 2-core
+        # machine, the same answers; nothing to sync, so nothing the own-process engine would add)
+        settings = VLLMConfig(max_model_len=max(16, -(-longest // 256) * 256), kv_cache_gib=kv_cache_gib,
+                              in_process=True)
         engine = VLLMRollout(str(model_dir), settings, dtype=dtype, log=log, greedy_only=True)
         try:
             batch = engine.generate(prompts, n=1, params=params, seed=0)

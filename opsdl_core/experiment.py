@@ -31,20 +31,25 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
 from .experiment_suites import (Suite, build_suites, classify_errors, curriculum_families, evaluate_external,
-                                evaluate_model, gap_snapshot, on_eval_device, ruler_rows)
+                                evaluate_model, gap_snapshot, on_eval_device, ruler_rows, suite_passes)
 
 __all__ = ["ExperimentSettings", "Experiment", "load_experiment", "run_experiment", "plan_runs", "evaluate_external"]
 
 Log = Callable[[str], None]
+VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,63}")
+# the train fields a variant may change (the seed, run folder, prompt order and steps stay the experiment's)
+_VARIANT_TRAIN = frozenset({"teacher", "ema_decay", "grad_accum", "prompts_per_step", "mixed_precision"})
 
 
 @dataclass
@@ -53,7 +58,13 @@ class ExperimentSettings:
 
     name: str = "headline"
     out_dir: str = "var/experiments/headline"
+    # each entry a method kind (opsdl, sft, dpo) or the name of one of ``variants``
     methods: list[str] = field(default_factory=lambda: ["opsdl", "sft", "dpo"])
+    # named settings compared like methods (an ablation): name -> overrides of the ``run`` section,
+    # e.g. {topk100: {loss: {kind: topk_reverse_kl, topk: 100}}, lr3e-4: {optim: {lr: 3.0e-4}}};
+    # ``method.kind`` is opsdl unless the overrides set it. Every variant of a seed sees the same
+    # prompts in the same order (the data section cannot be overridden).
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     lengths: list[int] = field(default_factory=lambda: [512, 1024, 1536])  # evaluation context tokens
     eval_n: int = 30  # questions per suite and length
@@ -77,6 +88,8 @@ class ExperimentSettings:
     protocol: str = "split"
     eval_haystack: str = "noise"  # haystack of the curriculum evaluation suites
     in_family_n: Optional[int] = None  # questions per trained family and length (default: eval_n)
+    # short-context retention in formats the training never uses (opsdl_core.foreign), C_s only; 0: off
+    foreign_n: int = 140
     # RULER tasks (lm-eval, evals/ruler) run on the base and every final model, e.g.
     # [opsdl_ruler_vt, opsdl_ruler_niah_single_1]; at ruler_lengths (default: lengths), ruler_n each
     ruler_tasks: list[str] = field(default_factory=list)
@@ -84,8 +97,19 @@ class ExperimentSettings:
     ruler_lengths: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
-        _check(bool(self.methods) and all(m in METHOD_KINDS for m in self.methods), "experiment.methods",
-               f"a non-empty list of {METHOD_KINDS}", self.methods)
+        _check(bool(self.methods) and all(m in METHOD_KINDS or m in self.variants for m in self.methods),
+               "experiment.methods", f"a non-empty list of {METHOD_KINDS} or names of experiment.variants "
+               f"{sorted(self.variants)}", self.methods)
+        for name, over in self.variants.items():
+            _check(VARIANT_NAME.fullmatch(name) is not None and name not in METHOD_KINDS and name != "base",
+                   f"experiment.variants.{name}", "a name of letters, digits and . _ = + - (not a method kind "
+                   "or 'base')", name)
+            _check(isinstance(over, dict) and "data" not in over
+                   and set((over.get("train") or {}) if isinstance(over.get("train") or {}, dict) else {"?"})
+                   <= _VARIANT_TRAIN,
+                   f"experiment.variants.{name}", "overrides of the run section without 'data' (every variant "
+                   f"trains on the same prompts) and without train fields other than {sorted(_VARIANT_TRAIN)}",
+                   over)
         _check(len(set(self.methods)) == len(self.methods), "experiment.methods", "no repeats", self.methods)
         _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "experiment.seeds",
                "a non-empty list of distinct integers", self.seeds)
@@ -108,6 +132,7 @@ class ExperimentSettings:
         _check(self.eval_backend in EVAL_BACKENDS, "experiment.eval_backend", f"one of {EVAL_BACKENDS}",
                self.eval_backend)
         _check(self.ruler_n >= 1, "experiment.ruler_n", "an integer >= 1", self.ruler_n)
+        _check(self.foreign_n >= 0, "experiment.foreign_n", "an integer >= 0", self.foreign_n)
         _check(self.in_family_n is None or self.in_family_n >= 1, "experiment.in_family_n", "null or an integer >= 1",
                self.in_family_n)
 
@@ -183,8 +208,10 @@ def plan_runs(exp: Experiment) -> list[PlannedRun]:
         for seed in s.seeds:
             for method in s.methods:
                 run = PlannedRun(method, seed, exp.run, fold)
-                over: dict[str, Any] = {"method": {"kind": method},
-                                        "train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / run.label)}}
+                variant = copy.deepcopy(s.variants.get(method) or {})
+                over: dict[str, Any] = _deep_merge(
+                    {"method": {"kind": method if method in METHOD_KINDS else "opsdl"}}, variant)
+                over = _deep_merge(over, {"train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / run.label)}})
                 if fold:
                     mix = dict(exp.run.data.curriculum.families)
                     over["data"] = {"curriculum": {"families": {f: (0.0 if f in fold else w) for f, w in mix.items()}}}
@@ -194,7 +221,13 @@ def plan_runs(exp: Experiment) -> list[PlannedRun]:
                 if s.eval_every:
                     over["train"].update(save_every=s.eval_every,
                                          keep_checkpoints=exp.run.train.steps // s.eval_every + 1)
-                out.append(PlannedRun(method, seed, RunConfig.from_dict(_deep_merge(base, over)), fold))
+                try:
+                    cfg = RunConfig.from_dict(_deep_merge(base, over))
+                except ConfigError as e:
+                    if method not in s.variants:
+                        raise
+                    raise ConfigError(f"experiment.variants.{method}: {e}") from None
+                out.append(PlannedRun(method, seed, cfg, fold))
     return out
 
 
@@ -292,25 +325,36 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
 
     def evaluate(label: str, ckpt_id: str, params: dict[str, Any], get_model: Callable[[], Any],
                  suites: list[Suite] = suites, labels: dict[str, list[str]] | None = None,
-                 model_dir: str | None = None) -> None:
-        cache = out / "evals" / f"{label}-{suites_digest}.json"
-        rec = json.loads(cache.read_text()) if cache.exists() else {}
-        if rec.get("checkpoint_id") != ckpt_id:
-            log(f"[experiment] evaluating {label}")
+                 model_dir: str | None = None, final: bool = True) -> None:
+        """``final``: the base and final models (every suite, C_s passes, RULER, the gap snapshot);
+        intermediate checkpoints get the long-context curve suite only. One record per model: the
+        suite passes it lacks (a suite added to the experiment later, e.g. the foreign-format one)
+        are evaluated and added; what it has is kept."""
+        rec = _load_eval_record(out / "evals", label, ckpt_id)
+        done = {(r["dataset_digest"], r["context"]) for r in rec["rows"] if r.get("harness") == "opsdl"}
+        missing = [job for job in suite_passes(suites, short=final) if (job[0].digest, job[1]) not in done]
+        want_ruler = final and bool(model_dir) and bool(s.ruler_tasks) and not any(
+            r["task"].startswith("ruler:") for r in rec["rows"])
+        want_snapshot = final and s.diagnostic_prompts > 0 and not rec["snapshot"]
+        if missing or want_ruler or want_snapshot:
+            log(f"[experiment] evaluating {label}" + (
+                f" on {', '.join(f'{x.name}/{ctx}' for x, ctx in missing)}" if done and missing else ""))
             t = time.time()
             model = on_eval_device(get_model())
             model.eval()
-            final = len(suites) > 1  # the base and final models; intermediate ones get the curve suite only
-            rows = evaluate_model(model, tok, suites, s, short=final, task_names=labels, model_dir=model_dir)
-            if final and model_dir:
-                rows += ruler_rows(model_dir, exp, out, label)
-            rec = {"checkpoint_id": ckpt_id, "params": params, "rows": rows,
-                   "snapshot": gap_snapshot(model, tok, curve_suites[0], exp) if final else [],
-                   "seconds": round(time.time() - t, 1)}
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(rec, indent=1))
+            if missing:
+                rec["rows"] += evaluate_model(model, tok, [x for x, _ in missing], s, passes=missing,
+                                              task_names=labels, model_dir=model_dir)
+            if want_ruler:
+                rec["rows"] += ruler_rows(model_dir, exp, out, label)
+            if want_snapshot:
+                rec["snapshot"] = gap_snapshot(model, tok, curve_suites[0], exp)
+            rec.update(params=params, seconds=round(rec.get("seconds", 0.0) + time.time() - t, 1))
+            _save_eval_record(out / "evals", label, rec)
         elif classify_errors(rec["rows"], suites):  # stored before answers had error kinds
-            cache.write_text(json.dumps(rec, indent=1))
+            _save_eval_record(out / "evals", label, rec)
+        wanted = {x.digest for x in suites}  # rows of suites the experiment no longer has stay out of its report
+        rec = {**rec, "rows": [r for r in rec["rows"] if r["dataset_digest"] in wanted or r["task"].startswith("ruler:")]}
         run_id = f"exp-{s.name}-{label}-{suites_digest}"
         store.log_run(run_id, experiment=s.name, kind="eval", params={**params, "suites": suites_digest},
                       duration_s=rec["seconds"], base_model=exp.run.model.name, base_model_hash=resolved.content_hash)
@@ -340,7 +384,8 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                     continue  # the final model stands for the last step
                 evaluate(f"{run.label}-step{step}", content_hash(path),
                          {**common, "step": step, "prompts_seen": prompts_seen(run.cfg, step)},
-                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites, labels=labels)
+                         lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites, labels=labels,
+                         final=False)
         steps = int(results.get("steps") or run.cfg.train.steps)
         final_dir = rd / "final" / "model"
         evaluate(run.label, ids["final"].get("merged") or content_hash(final_dir),
@@ -357,6 +402,26 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     write_comparison(summary, out)
     log(f"[experiment] done in {summary['wall_seconds']:.0f}s: {out / 'comparison.md'}")
     return summary
+
+
+def _load_eval_record(folder: Path, label: str, ckpt_id: str) -> dict[str, Any]:
+    """The stored evaluation of ``label`` if it is of checkpoint ``ckpt_id`` (else an empty record);
+    a record of the earlier layout (one file per suite set, ``label-<digest>.json``) is taken over."""
+    path = folder / f"{label}.json"
+    candidates = [path] if path.exists() else sorted(folder.glob(f"{glob_escape(label)}-*.json"))
+    for c in candidates:
+        rec = json.loads(c.read_text())
+        if rec.get("checkpoint_id") == ckpt_id and isinstance(rec.get("rows"), list):
+            rec.setdefault("snapshot", [])
+            return rec
+    return {"checkpoint_id": ckpt_id, "rows": [], "snapshot": []}
+
+
+def _save_eval_record(folder: Path, label: str, rec: dict[str, Any]) -> None:
+    from .checkpoint import atomic_write_text
+
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / f"{label}.json", json.dumps(rec, indent=1))
 
 
 def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:

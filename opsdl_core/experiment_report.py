@@ -119,6 +119,11 @@ def error_summary(errors: dict[tuple[str, str, str, int], dict[str, Any]], metho
     return out
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table: three decimals, and a small one as ``< 0.001`` (never ``0.000``)."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def sign_test_p(gained: int, lost: int) -> float:
     """Exact two-sided sign test: the chance of a split at least this uneven between questions
     gained and lost if either were equally likely (the changed questions only, as McNemar's test)."""
@@ -219,7 +224,7 @@ def paired_markdown(summary: dict[str, Any]) -> list[str]:
     for r in rows:
         ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
         lines.append(f"| {r['method']} | {r['tasks']} | {ctx} | {r['gained']} | {r['lost']} | {r['pairs']} | "
-                     f"{r['p_sign']:.3f} |")
+                     f"{format_p(r['p_sign'])} |")
     return lines + ["", "Gained: right after training, wrong before; lost: the reverse; summed over seeds (and "
                     "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
 
@@ -258,11 +263,13 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     lines = transfer_markdown(summary) + paired_markdown(summary) + errors_markdown(summary)
     for fam in families:
         title = {"in_family": "training templates, fresh keys (in-family)",
-                 "transfer": "templates never trained on (transfer)"}.get(fam, fam)
+                 "transfer": "templates never trained on (transfer)",
+                 "foreign": "short-context questions in formats never trained on (foreign; C_s only)"}.get(fam, fam)
         fam_lengths = sorted({int(k.split("|")[2]) for r in summary["table"] for k in r["scores"]
-                              if k.startswith(f"{fam}|long|")}) or lengths
-        lines += [f"### Long-context accuracy: {title}", "",
-                  "| method | " + " | ".join(f"{n} tokens" for n in fam_lengths) + " | C_s only | prompts | train s |",
+                              if k.startswith(f"{fam}|long|")}) or ([] if fam == "foreign" else lengths)
+        lines += [f"### {'Accuracy' if fam == 'foreign' else 'Long-context accuracy'}: {title}", "",
+                  "| " + " | ".join(["method", *(f"{n} tokens" for n in fam_lengths), "C_s only", "prompts",
+                                     "train s"]) + " |",
                   "|---|" + "---:|" * (len(fam_lengths) + 3)]
         for r in summary["table"]:
             sc = r["scores"]

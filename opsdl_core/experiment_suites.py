@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from .experiment import Experiment, ExperimentSettings
 
 __all__ = ["Suite", "build_suites", "curriculum_families", "evaluate_model", "classify_errors", "ruler_rows",
-           "gap_snapshot", "evaluate_external"]
+           "gap_snapshot", "evaluate_external", "suite_passes", "FOREIGN"]
 
 Log = Callable[[str], None]
+FOREIGN = "foreign"  # the family of the foreign-format retention suite (opsdl_core.foreign), C_s only
 
 
 @dataclass
@@ -53,7 +54,7 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     d, s = exp.run.data, exp.settings
     count = token_counter(tokenizer)
     prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=d.short_budget_tokens)
-    suites = []
+    suites: list[Suite] = []
     if d.source == "curriculum":  # one suite per family and length: held-out names, every template
         from .curriculum import generate_family
 
@@ -65,7 +66,7 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
                                       n_distractors=tuple(d.n_distractors), templates="all",
                                       prose=d.curriculum.prose)
                 suites.append(_suite(f, length, raw, tokenizer, prep_cfg))
-        return suites
+        return suites + foreign_suite(exp, tokenizer)
     families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
     for fi, (family, templates) in enumerate(families):
         for length in s.lengths:
@@ -74,7 +75,19 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
                                     seed=d.seed + 7_000_003 * (fi + 1) + length, n_distractors=tuple(d.n_distractors),
                                     **kw)
             suites.append(_suite(family, length, raw, tokenizer, prep_cfg))
-    return suites
+    return suites + foreign_suite(exp, tokenizer)
+
+
+def foreign_suite(exp: Experiment, tokenizer: Any) -> list[Suite]:
+    """The foreign-format retention suite (``experiment.foreign_n`` questions; none at 0)."""
+    from .config import DataConfig
+    from .foreign import generate_foreign
+
+    n = exp.settings.foreign_n
+    if not n:
+        return []
+    prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=exp.run.data.short_budget_tokens)
+    return [_suite(FOREIGN, 0, generate_foreign(n, seed=exp.run.data.seed), tokenizer, prep_cfg)]
 
 
 def on_eval_device(model: Any) -> Any:
@@ -85,23 +98,35 @@ def on_eval_device(model: Any) -> Any:
     return model.to("cuda") if torch.cuda.is_available() else model
 
 
+def suite_passes(suites: list[Suite], *, short: bool = True) -> list[tuple[Suite, str]]:
+    """The (suite, context) passes of an evaluation: every suite with the long context, and
+    (``short``) with C_s only on each family's longest suite (C_s does not depend on the length);
+    the foreign-format suite (``family == "foreign"``) with C_s only, and only when ``short``."""
+    longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
+    out = []
+    for x in suites:
+        if x.family == FOREIGN:
+            out += [(x, "short")] if short else []
+            continue
+        out += [(x, "long")] + ([(x, "short")] if short and longest[x.family] is x else [])
+    return out
+
+
 def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,
                    short: bool = True, task_names: dict[str, list[str]] | None = None,
-                   model_dir: str | None = None) -> list[dict[str, Any]]:
-    """Greedy accuracy on every suite with the long context, and (``short``) with C_s only on each
-    family's longest suite (C_s does not depend on the length). ``task_names``: the task label(s)
-    each family's rows get (``in_family:counting``, ...; default: the family). All questions are
-    generated together (``experiment.eval_backend``; vLLM needs ``model_dir``)."""
+                   model_dir: str | None = None, passes: list[tuple[Suite, str]] | None = None) -> list[dict[str, Any]]:
+    """Greedy accuracy on the passes of :func:`suite_passes` (or the given ``passes``). ``task_names``:
+    the task label(s) each family's rows get (``in_family:counting``, ...; default: the family). All
+    questions are generated together (``experiment.eval_backend``; vLLM needs ``model_dir``)."""
     from .evaluate import EvalJob, evaluate_jobs
 
-    longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
-    jobs = [EvalJob((i, ctx), suite.items, ctx) for i, suite in enumerate(suites)
-            for ctx in (("long", "short") if short and longest[suite.family] is suite else ("long",))]
+    passes = suite_passes(suites, short=short) if passes is None else passes
+    jobs = [EvalJob((i, ctx), suite.items, ctx) for i, (suite, ctx) in enumerate(passes)]
     results = evaluate_jobs(model, tokenizer, jobs, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                             backend=s.eval_backend if model_dir else "transformers", model_dir=model_dir)
     rows = []
     for (i, ctx), r in results.items():
-        suite = suites[i]
+        suite = passes[i][0]
         answers = r.answer_rows(suite.items)  # per question: the report's paired counts, error kinds, lineage
         for task in (task_names or {}).get(suite.family, [suite.family]):
             rows.append({"task": task, "context": ctx, "context_length": suite.length if ctx == "long" else 0,
@@ -132,11 +157,18 @@ def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[d
     s = exp.settings
     if not s.ruler_tasks:
         return []
-    from evals.harness import LmEvalSpec, results_file, run as run_lm_eval, score_rows
+    import os
 
+    from evals.harness import LmEvalSpec, results_file, run as run_lm_eval, score_rows
+    from evals.ruler.documents import lm_eval_essay_tasks
+
+    metadata: dict[str, Any] = {"max_seq_lengths": list(s.ruler_lengths or s.lengths), "num_samples": s.ruler_n}
+    if lm_eval_essay_tasks(s.ruler_tasks) and not os.environ.get("OPSDL_RULER_ESSAYS"):
+        from .essays import ensure_essays  # Paul Graham's essays, fetched once into the cache (checksummed)
+
+        metadata["essays_path"] = str(ensure_essays())
     spec = LmEvalSpec(model=str(model_dir), tasks=tuple(s.ruler_tasks), batch_size=s.batch_size,
-                      metadata={"max_seq_lengths": list(s.ruler_lengths or s.lengths), "num_samples": s.ruler_n},
-                      num_threads=exp.run.train.num_threads, dtype=exp.run.model.dtype)
+                      metadata=metadata, num_threads=exp.run.train.num_threads, dtype=exp.run.model.dtype)
     folder = out / "ruler" / label
     run_lm_eval(spec, folder, log_path=folder / "lm_eval.log")
     rows = []
@@ -188,7 +220,8 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
     base: dict[tuple[str, int], float] = {}
     base_answers: dict[tuple[str, int], dict[str, bool]] = {}
     digests = {x.digest for x in suites}
-    for cache in (exp.out_dir / "evals").glob("base-*.json"):  # the base model's scores on the same suites
+    folder = exp.out_dir / "evals"  # the base model's scores on the same suites (either layout of the record)
+    for cache in [p for p in [folder / "base.json"] if p.exists()] + sorted(folder.glob("base-*.json")):
         for r in json.loads(cache.read_text())["rows"]:
             if r["context"] == "long" and r["dataset_digest"] in digests:
                 key = (r["task"].split(":")[-1], int(r["context_length"]))

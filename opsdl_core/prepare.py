@@ -128,3 +128,24 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
         reasons = "; ".join(r.reason for r in (rejected + bad_train)[:3])
         raise ValueError(f"no usable training examples in {cfg.source!r}" + (f" (e.g. {reasons})" if reasons else ""))
     return PreparedData(train, heldout, rejected + bad_train + bad_held, in_template)
+
+
+def other_context_prompts(items: list[Prepared], tokenizer: Any) -> list[list[int]]:
+    """The ``other_context`` control's teacher prompts: item ``i`` gets chat(C_s of another item ⊕
+    its own Q), the other item being the next one (cyclically) whose C_s text differs from its own.
+    Deterministic; the teacher then reads evidence of the same shape and length that does not answer
+    the question (is it the evidence that helps, or only a shorter prompt?).
+
+    Raises:
+        ValueError: fewer than two distinct teacher contexts among ``items``.
+    """
+    texts = [p.teacher_context.text for p in items]
+    if len(set(texts)) < 2:
+        raise ValueError(f"loss.control 'other_context' needs at least two training examples with different "
+                         f"teacher contexts; got {len(items)} example(s) with {len(set(texts))} distinct one(s)")
+    out = []
+    n = len(items)
+    for i, p in enumerate(items):
+        j = next((i + k) % n for k in range(1, n) if texts[(i + k) % n] != texts[i])
+        out.append(chat_prompt_ids(tokenizer, texts[j], p.example.question))
+    return out

@@ -151,6 +151,10 @@ class OPSDLTrainer:
         self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
                                       ema_decay=cfg.train.ema_decay)
         self.pad_id = pad_token_id(self.tokenizer)
+        if cfg.loss.control == "other_context":
+            from .prepare import other_context_prompts
+
+            self._other_context_ids = other_context_prompts(self.data.train, self.tokenizer)
         self._full_sync = use_vllm  # an engine with its own copy of the weights gets all of them
         if use_vllm:
             from .rollout_vllm import VLLMRollout
@@ -233,6 +237,16 @@ class OPSDLTrainer:
     def _batch(self, micro: int) -> list[Prepared]:
         return [self.data.train[i] for i in self._batch_indices(micro)]
 
+    def _teacher_prompts(self, micro: int) -> list[list[int]]:
+        """The teacher's prompts for this micro-batch: chat(C_s ⊕ Q), or a control's (``loss.control``):
+        the student's own long prompt, or another example's C_s with this question."""
+        idx, control = self._batch_indices(micro), self.cfg.loss.control
+        if control == "long_prompt":
+            return [self.data.train[i].student_ids for i in idx]
+        if control == "other_context":
+            return [self._other_context_ids[i] for i in idx]
+        return [self.data.train[i].teacher_ids for i in idx]
+
     def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float]) -> None:
         acc, t = self.accelerator, time.perf_counter()
         if acc.sync_gradients and self.cfg.optim.max_grad_norm:
@@ -269,7 +283,8 @@ class OPSDLTrainer:
             self.model.train()
             with acc.accumulate(self.model):
                 ro, tch, stu, out, sampler = self._distill([p.student_ids for p in batch],
-                                                           [p.teacher_ids for p in batch], seed, timings)
+                                                           self._teacher_prompts(micro), seed, timings,
+                                                           control=cfg.loss.control)
                 t = time.perf_counter()
                 acc.backward(out.loss)
                 timings["student_s"] += time.perf_counter() - t
@@ -288,9 +303,12 @@ class OPSDLTrainer:
         return self._finish_step(sums, timings, t_step)
 
     def _distill(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
-                 timings: dict[str, float]) -> tuple[Any, Any, Any, Any, torch.Tensor]:
+                 timings: dict[str, float], control: str = "none") -> tuple[Any, Any, Any, Any, torch.Tensor]:
         """Sample from the student's prompts with the current weights, score the same token ids under
-        the teacher's prompts (teacher weights, no grad) and the student's (with grad); the loss."""
+        the teacher's prompts (teacher weights, no grad) and the student's (with grad); the loss.
+        ``control == "constant_advantage"``: the loss sees A_t = -loss.control_advantage at every
+        sampled token instead of the teacher's gap (the teacher is still scored: the metrics show the
+        real gap)."""
         cfg = self.cfg
         # 1. on-policy rollout from the current weights
         t = time.perf_counter()
@@ -311,8 +329,11 @@ class OPSDLTrainer:
                                   prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
                                   temperature=cfg.loss.temperature)
         sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
+        teacher_lp = tch.logprobs
+        if control == "constant_advantage":  # lpT - lpS = -c exactly, whatever the teacher says
+            teacher_lp = stu.logprobs.detach() - cfg.loss.control_advantage
         out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
-                           teacher_logprobs=tch.logprobs, student_logits=stu.logits, teacher_logits=tch.logits,
+                           teacher_logprobs=teacher_lp, student_logits=stu.logits, teacher_logits=tch.logits,
                            sampler_logprobs=sampler if cfg.loss.is_ratio_clip is not None else None,
                            advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
                            jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)

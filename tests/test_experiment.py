@@ -49,6 +49,34 @@ def test_plan_gives_every_method_of_a_seed_the_same_prompts_and_its_own_folder(t
     assert orders[(0, "opsdl")] == orders[(0, "sft")] == orders[(0, "dpo")] != orders[(5, "opsdl")]
 
 
+def test_variants_are_compared_like_methods_on_the_same_prompts(tmp_path):
+    variants = {"topk100": {"loss": {"kind": "topk_reverse_kl", "topk": 100}},
+                "lr3e-4": {"optim": {"lr": 3e-4}}, "ema": {"train": {"teacher": "ema"}},
+                "wrong-cs": {"loss": {"control": "other_context"}}, "sft-hi": {"method": {"kind": "sft"},
+                                                                              "optim": {"lr": 1e-3}}}
+    exp = load_experiment(_write(tmp_path, {"methods": ["opsdl", *variants], "seeds": [0, 1], "variants": variants}))
+    runs = plan_runs(exp)
+    assert [r.label for r in runs[:6]] == ["opsdl-seed0", "topk100-seed0", "lr3e-4-seed0", "ema-seed0",
+                                           "wrong-cs-seed0", "sft-hi-seed0"]
+    by = {r.label: r.cfg for r in runs}
+    assert by["topk100-seed0"].loss.kind == "topk_reverse_kl" and by["topk100-seed0"].loss.topk == 100
+    assert by["lr3e-4-seed1"].optim.lr == 3e-4 and by["lr3e-4-seed1"].train.seed == 1
+    assert by["ema-seed0"].train.teacher == "ema" and by["wrong-cs-seed0"].loss.control == "other_context"
+    assert by["sft-hi-seed0"].method.kind == "sft" and by["topk100-seed0"].method.kind == "opsdl"
+    assert all(c.data == exp.run.data and c.train.steps == exp.run.train.steps for c in by.values())
+    assert len({c.train.run_dir for c in by.values()}) == len(by) == 12
+    bad = [({"methods": ["opsdl", "nope"]}, "experiment.methods"),
+           ({"methods": ["x"], "variants": {"x": {"data": {"train_size": 3}}}}, "experiment.variants.x"),
+           ({"methods": ["x"], "variants": {"x": {"train": {"steps": 99}}}}, "experiment.variants.x"),
+           ({"methods": ["sft"], "variants": {"sft": {}}}, "experiment.variants.sft"),
+           ({"methods": ["a b"], "variants": {"a b": {}}}, "experiment.variants.a b")]
+    for settings, where in bad:
+        with pytest.raises(ConfigError, match=where):
+            load_experiment(_write(tmp_path, settings))
+    with pytest.raises(ConfigError, match="experiment.variants.x: .*loss.kind"):  # checked with the run config
+        plan_runs(load_experiment(_write(tmp_path, {"methods": ["x"], "variants": {"x": {"loss": {"kind": "ppo"}}}})))
+
+
 def test_summary_is_mean_and_spread_over_seeds_and_curves_start_at_the_base(tmp_path):
     exp = load_experiment(_write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1], "lengths": [512]}))
 
@@ -81,7 +109,8 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
            "rollout": {"samples_per_prompt": 2, "max_new_tokens": 6}, "lora": {"r": 4, "alpha": 8},
            "optim": {"lr": 5e-3}, "train": {"steps": 2, "num_threads": 1}}
     cfg = _write(tmp_path, {"seeds": [0, 1], "lengths": [128, 192], "eval_n": 2, "eval_every": 1,
-                            "max_new_tokens": 4, "db": str(db), "diagnostic_prompts": 2, "diagnostic_samples": 2},
+                            "max_new_tokens": 4, "db": str(db), "diagnostic_prompts": 2, "diagnostic_samples": 2,
+                            "foreign_n": 0},
                  run)
     from opsdl_core.experiment import run_experiment
 
@@ -128,6 +157,19 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
     run_experiment(load_experiment(cfg), log=logs.append)
     assert not any("training (" in line or "evaluating" in line for line in logs)
     assert store.count("eval_scores") == 7 * 6 + 6
+    # a suite added later (the foreign-format retention suite) is evaluated alone on every final model
+    logs.clear()
+    before = json.loads((out / "evals" / "opsdl-seed0.json").read_text())["rows"]
+    summary = run_experiment(load_experiment(cfg, ["experiment.foreign_n=7"]), log=logs.append)
+    evaluating = [line for line in logs if "evaluating" in line]
+    assert len(evaluating) == 7 and all(line.endswith("on foreign@0/short") for line in evaluating), evaluating
+    assert not any("training (" in line for line in logs)
+    after = json.loads((out / "evals" / "opsdl-seed0.json").read_text())["rows"]
+    assert after[: len(before)] == before and [(r["task"], r["context"], r["n"]) for r in after[len(before):]] == [
+        ("foreign", "short", 7)]
+    _, rows = store.query("SELECT count(*) FROM v_method_scores WHERE task = 'foreign' AND context = 'short'")
+    assert rows[0][0] == 7
+    assert {r["method"] for r in summary["paired"] if r["tasks"] == "foreign"} == {"opsdl", "sft", "dpo"}
 
 
 def test_committed_experiment_config_and_its_dagster_job():
@@ -198,7 +240,7 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     db = tmp_path / "lineage.duckdb"
     cfg = _write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1], "lengths": [200], "eval_n": 3, "in_family_n": 2,
                             "heldout_families": ["event_date"], "max_new_tokens": 4, "db": str(db),
-                            "diagnostic_prompts": 1, "diagnostic_samples": 1},
+                            "diagnostic_prompts": 1, "diagnostic_samples": 1, "foreign_n": 7},
                  _curriculum_run(tiny_model_dir, {"kv_lookup": 1.0, "multi_hop": 1.0}))
     summary = run_experiment(load_experiment(cfg), log=lambda m: None)
     kinds = {(t["kind"], t["context_length"]): t for t in summary["transfer"]}
@@ -222,7 +264,7 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     from opsdl_core.experiment_suites import build_suites, classify_errors
     from opsdl_core.models import load_model_and_tokenizer as _load
 
-    rec = json.loads(next((tmp_path / "out" / "evals").glob("base-*.json")).read_text())
+    rec = json.loads((tmp_path / "out" / "evals" / "base.json").read_text())
     got = [a for r in rec["rows"] for a in r.get("answers") or []]
     assert got and all((a["error"] is None) == a["correct"] for a in got)
     assert {a["error"] for a in got} <= {None, "distractor", "other"}
@@ -313,3 +355,24 @@ def test_error_summary_splits_wrong_answers_by_kind_over_seeds_and_tasks():
     assert rows["out_of_family"]["base"] == {"wrong": 4, "distractor": 3, "other": 1, "seeds": 1}
     md = "\n".join(errors_markdown(summary))  # one answer stored without its kind: unclassified
     assert "| out_of_family | 100 | 4 (3 / 1) | 2.5 (0.5 / 1.5 / 0.5 unclassified) |" in md
+
+
+def test_committed_ablation_config_plans_every_variant_on_the_main_jobs_prompts():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((root / "configs" / "ablation.yaml").read_text())
+    names = list(raw["experiment"]["variants"])
+    exp = load_experiment(root / "configs" / "ablation.yaml", [f"experiment.methods=[{','.join(names)}]"])
+    runs = plan_runs(exp)
+    assert [r.method for r in runs] == names and len({r.cfg.hash() for r in runs}) == len(names)
+    assert all(r.cfg.data == exp.run.data and r.cfg.train.steps == 40 for r in runs)
+    controls = {r.method: r.cfg.loss.control for r in runs if r.method.startswith("ctl-")}
+    assert set(controls.values()) == {"long_prompt", "other_context", "constant_advantage"}
+    # the pipeline's main job trains with the ablation's winner
+    pipe = yaml.safe_load((root / "configs" / "pipeline.yaml").read_text())["ops"]["opsdl_model"]["config"]
+    topk = next(r.cfg for r in runs if r.method == "topk100")
+    assert pipe["loss"] == topk.loss.kind and "loss.topk=100" in pipe["overrides"]
+    assert pipe["lr"] == topk.optim.lr and pipe["steps"] == topk.train.steps

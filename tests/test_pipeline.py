@@ -13,7 +13,7 @@ from opsdl_core.lineage import LineageStore
 from pipelines.definitions import build_definitions, inbox_sensor
 
 TINY_RUN_CONFIG = {
-    "eval_sets": {"config": {"lengths": [160], "n": 3, "in_template_n": 2, "n_distractors": [2, 3]}},
+    "eval_sets": {"config": {"lengths": [160], "n": 3, "in_template_n": 2, "n_distractors": [2, 3], "foreign_n": 7}},
     "curated_prompts": {"config": {"size": 6, "context_tokens": 160, "n_distractors": [2, 3]}},
     "teacher_contexts": {"config": {"short_budget_tokens": 64}},
     "base_rollouts": {"config": {"n_prompts": 2, "samples_per_prompt": 2, "max_new_tokens": 6}},
@@ -81,7 +81,7 @@ def test_whole_graph_materializes_and_lineage_is_complete(pipeline_run):
     assert len(rows) == 2, rows  # the synthetic suites' evaluation and lm-eval's
     (prompts, teacher, run_id, ckpt, _, n_scores), (*_, lm_run, lm_scores) = sorted(rows, key=lambda r: r[4])
     assert run_id == model["run_id"] and ckpt == model["checkpoint_id"]
-    assert n_scores == 3  # kv_heldout long + short, kv_in_template long
+    assert n_scores == 4  # kv_heldout long + short, kv_in_template long, foreign (formats never trained) short
     assert lm_run.startswith("lmeval-") and lm_scores == 4  # 2 tasks x 2 lengths
     _, prov = store.query("SELECT base_model, teacher_context, loss_kind, input_datasets FROM v_checkpoint_provenance "
                           "WHERE checkpoint_id = ?", [ckpt])
@@ -205,6 +205,12 @@ def test_retention_check_pools_small_suites_unless_asked_per_suite():
     v = retention_verdict(weighted, 0.10)  # question-weighted: -0.13, not the plain mean +0.15
     assert not v["passed"] and v["pooled_delta"] == pytest.approx(-0.13)
     assert not retention_verdict([r for r in rows if r["context"] == "long"], 0.10)["passed"]
+    # the foreign-format suite is judged on its own: pooled with the others it would hide a 30-point drop
+    foreign = rows + [{"suite": "foreign@0", "context": "short", "n": 140, "delta": -0.3}]
+    v = retention_verdict(foreign, 0.10)
+    assert not v["passed"] and v["foreign_delta"] == -0.3 and v["pooled_delta"] == pytest.approx(-0.03125)
+    ok = retention_verdict(rows + [{"suite": "foreign@0", "context": "short", "n": 140, "delta": -0.05}], 0.10)
+    assert ok["passed"] and ok["foreign_delta"] == -0.05
 
 
 def test_curriculum_source_mixes_families_and_holds_some_out(pipeline_run, tiny_model_dir):
@@ -220,7 +226,9 @@ def test_curriculum_source_mixes_families_and_holds_some_out(pipeline_run, tiny_
                           selection=["eval_sets", "curated_prompts", "quarantined_rows"])
     assert result.success
     suites = result.output_for_node("eval_sets")["suites"]
-    assert set(suites) == {"in_family:kv_lookup@200", "in_family:counting@200", "out_of_family:event_date@200"}
+    assert set(suites) == {"in_family:kv_lookup@200", "in_family:counting@200", "out_of_family:event_date@200",
+                           "foreign@0"}  # and the foreign-format retention suite, whatever the source
+    assert suites["foreign@0"]["n"] == 140 and suites["foreign@0"]["context_length"] == 0
     prompts = result.output_for_node("curated_prompts", "curated_prompts")
     from assets.curation import read_examples
 

@@ -90,6 +90,7 @@ def test_qa_prompt_holds_the_gold_paragraph_and_fits(task, path_key, files, coun
 
 def test_missing_files_and_bad_rows_give_named_errors(files, tmp_path, count_tokens, monkeypatch):
     monkeypatch.delenv("OPSDL_RULER_ESSAYS", raising=False)
+    monkeypatch.setenv("OPSDL_CACHE_DIR", str(tmp_path))  # an empty cache: no fetched essays to fall back on
     with pytest.raises(FileNotFoundError, match=r"niah_single_2 needs .*essays_path.*OPSDL_RULER_ESSAYS"):
         resolve_source("niah_single_2", {})
     with pytest.raises(FileNotFoundError, match=r"qa_1: squad_path = .*nope.json does not exist; expected SQuAD"):

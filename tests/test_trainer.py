@@ -241,8 +241,8 @@ def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_pat
     drifted = _short_kl_to_base(tr, base_model)
     distill = tr._distill
 
-    def anchor_only(student_prompts, teacher_prompts, seed, timings):
-        ro, tch, stu, out, sampler = distill(student_prompts, teacher_prompts, seed, timings)
+    def anchor_only(student_prompts, teacher_prompts, seed, timings, **kw):
+        ro, tch, stu, out, sampler = distill(student_prompts, teacher_prompts, seed, timings, **kw)
         if student_prompts != teacher_prompts:  # the long-context term: weight 0
             out.loss = out.loss * 0.0
         return ro, tch, stu, out, sampler
@@ -381,3 +381,83 @@ def test_a_crafted_pickle_in_a_run_folder_is_refused_not_run(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         make_trainer(tiny_cfg(tmp_path / "run")).setup()
     assert not (tmp_path / "pwned").exists(), "the payload must never run"
+
+
+# -- the controls (loss.control) ---------------------------------------------------------------
+def test_control_long_prompt_teacher_reads_the_students_prompt_so_a_base_teacher_gives_no_signal(
+        tmp_path, scoring_calls):
+    cfg = tiny_cfg(tmp_path, loss={"control": "long_prompt"}, train={"teacher": "base"}, optim={"lr": 5e-2})
+    tr = make_trainer(cfg).setup()
+    before = trainable(tr)
+    item = tr.data.train[tr._batch_indices(0)[0]]
+    m = tr.train_step()
+    teacher, student = scoring_calls
+    assert teacher["prompts"] == student["prompts"] == [item.student_ids]
+    # the adapter starts at zero, so the student IS the base teacher on the same prompt: no gap, no update
+    assert m["kl_estimate"] == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.equal(before[n], p) for n, p in trainable(tr).items())
+    method = make_trainer(tiny_cfg(tmp_path / "m", train={"teacher": "base"}, optim={"lr": 5e-2})).setup()
+    m0 = trainable(method)
+    method.train_step()  # the method itself, same everything: its teacher reads C_s and the weights move
+    assert any(not torch.equal(m0[n], p) for n, p in trainable(method).items())
+
+
+def test_control_other_context_teacher_reads_another_examples_short_context_with_this_question(
+        tmp_path, scoring_calls):
+    from opsdl_core.prepare import other_context_prompts
+
+    cfg = tiny_cfg(tmp_path, loss={"control": "other_context"})
+    tr = make_trainer(cfg).setup()
+    items = tr.data.train
+    wrong = other_context_prompts(items, tr.tokenizer)
+    tok = tr.tokenizer
+    for i, (p, ids) in enumerate(zip(items, wrong)):
+        text = tok.decode(ids)
+        assert p.example.question in text and p.teacher_context.text not in text
+        others = [q.teacher_context.text for q in items if q.teacher_context.text != p.teacher_context.text]
+        assert any(o in text for o in others), i
+    assert other_context_prompts(items, tok) == wrong  # deterministic
+    idx = tr._batch_indices(0)
+    tr.train_step()
+    assert scoring_calls[0]["prompts"] == [wrong[i] for i in idx] != [items[i].teacher_ids for i in idx]
+    with pytest.raises(ValueError, match="two training examples with different"):
+        other_context_prompts(items[:1], tok)
+
+
+def test_control_constant_advantage_replaces_the_teacher_gap(tmp_path, monkeypatch):
+    seen = []
+    real = trainer_mod.compute_loss
+
+    def spy(kind, **kw):
+        seen.append(kw)
+        return real(kind, **kw)
+
+    monkeypatch.setattr(trainer_mod, "compute_loss", spy)
+    cfg = tiny_cfg(tmp_path, loss={"control": "constant_advantage", "control_advantage": 0.5})
+    tr = make_trainer(cfg).setup()
+    m = tr.train_step()
+    kw = seen[0]
+    mask = kw["mask"].bool()
+    adv = (kw["teacher_logprobs"] - kw["student_logprobs"].detach())[mask]
+    assert torch.allclose(adv, torch.full_like(adv, -0.5))
+    lp = kw["student_logprobs"].detach()[mask]
+    assert m["loss"] == pytest.approx(float(0.5 * lp.mean()), rel=1e-4)  # -mean(A * lpS)
+    assert m["kl_estimate"] != pytest.approx(0.5)  # the metrics keep the real teacher's gap
+
+
+def test_controls_are_checked_at_config_time(tmp_path):
+    from opsdl_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="loss.control"):
+        tiny_cfg(tmp_path, loss={"control": "constant_advantage", "kind": "forward_kl"})
+    with pytest.raises(ConfigError, match="loss.control"):
+        tiny_cfg(tmp_path, loss={"control": "long_prompt"}, method={"kind": "sft"})
+    with pytest.raises(ConfigError, match="loss.control"):
+        tiny_cfg(tmp_path, loss={"control": "no_teacher"})
+    with pytest.raises(ConfigError, match="loss.control_advantage"):
+        tiny_cfg(tmp_path, loss={"control": "constant_advantage", "control_advantage": 0})
+    plain = tiny_cfg(tmp_path)
+    assert tiny_cfg(tmp_path, loss={"control": "none", "control_advantage": 3.0}).hash() == plain.hash()
+    hashes = {tiny_cfg(tmp_path, loss={"control": c}).hash() for c in ("long_prompt", "other_context",
+                                                                         "constant_advantage")}
+    assert len(hashes) == 3 and plain.hash() not in hashes

