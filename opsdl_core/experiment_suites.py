@@ -160,7 +160,7 @@ def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[d
     import os
 
     from evals.harness import LmEvalSpec, results_file, run as run_lm_eval, score_rows
-    from evals.ruler.documents import lm_eval_essay_tasks
+    from .essays import lm_eval_essay_tasks
 
     metadata: dict[str, Any] = {"max_seq_lengths": list(s.ruler_lengths or s.lengths), "num_samples": s.ruler_n}
     if lm_eval_essay_tasks(s.ruler_tasks) and not os.environ.get("OPSDL_RULER_ESSAYS"):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from opsdl_core.essays import ESSAY_TASKS, lm_eval_essay_tasks  # noqa: F401  (re-exported)
+
 from evals.ruler.generate import (
     DEPTHS,
     NEEDLE,
@@ -46,7 +48,6 @@ from evals.ruler.generate import (
 __all__ = ["ESSAY_TASKS", "QA_TASKS", "DOCUMENT_TASKS", "SOURCES", "generate_document_task", "resolve_source",
            "load_essay_sentences", "lm_eval_essay_tasks", "load_squad", "load_hotpotqa", "QA_TEMPLATE", "QA_PREFIX"]
 
-ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multivalue", "niah_multiquery")
 QA_TASKS = ("qa_1", "qa_2")
 DOCUMENT_TASKS = ESSAY_TASKS + QA_TASKS
 
@@ -99,36 +100,6 @@ def resolve_source(task: str, options: dict | None = None) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"RULER task {task}: {key} = {path} does not exist; expected {what}")
     return path
-
-
-@lru_cache(maxsize=1)
-def _ruler_groups() -> dict[str, tuple[str, ...]]:
-    """The lm-eval groups defined in ``evals/ruler/tasks`` (e.g. ``opsdl_ruler_full``) and their tasks."""
-    import yaml
-
-    groups = {}
-    for f in sorted((Path(__file__).resolve().parent / "tasks").glob("*.yaml")):
-        text = f.read_text(encoding="utf-8")
-        if re.search(r"^group:", text, re.M) and "!function" not in text:
-            data = yaml.safe_load(text)
-            groups[str(data["group"])] = tuple(str(t) for t in data.get("task", []) if isinstance(t, str))
-    return groups
-
-
-def lm_eval_essay_tasks(names: Sequence[str]) -> list[str]:
-    """The essay NIAH tasks among lm-eval task or group names (``opsdl_ruler_niah_single_2``,
-    ``opsdl_ruler_full``, ...), groups expanded: the tasks that read ``essays_path``."""
-    essay = {f"opsdl_ruler_{t}" for t in ESSAY_TASKS}
-    groups, out, seen, todo = _ruler_groups(), [], set(), list(names)
-    while todo:
-        name = todo.pop(0)
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in essay:
-            out.append(name)
-        todo += groups.get(name, ())
-    return out
 
 
 @lru_cache(maxsize=4)
