@@ -392,7 +392,7 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                  lambda d=final_dir: load_model_and_tokenizer(str(d))[0], labels=labels, model_dir=str(final_dir))
         trained.append({"method": run.method, "seed": run.seed, "heldout": list(run.heldout),
                         "train_seconds": results.get("train_seconds"),
-                        "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
+                        "seconds_at_step": _seconds_at_step(rd), "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
     from .experiment_report import summarize, write_comparison
 
     summary = summarize(evals, trained, s)
@@ -421,6 +421,24 @@ def _save_eval_record(folder: Path, label: str, rec: dict[str, Any]) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{label}.json", json.dumps(rec, indent=1))
+
+
+def _seconds_at_step(run_dir: Path) -> dict[int, float]:
+    """Training seconds spent up to the end of each step (the sum of the steps' ``step_s`` in
+    ``metrics.jsonl``: rollout, scoring, backward and optimizer; not model loading or checkpoint
+    writes), for the sample-efficiency curve at equal wall-clock. The last record of a step wins (a
+    resumed run repeats none, but a damaged log might)."""
+    from .checkpoint import read_jsonl
+
+    per_step: dict[int, float] = {}
+    for m in read_jsonl(run_dir / "metrics.jsonl"):
+        if isinstance(m.get("step"), int) and isinstance(m.get("step_s"), (int, float)):
+            per_step[m["step"]] = float(m["step_s"])
+    out, total = {}, 0.0
+    for step in sorted(per_step):
+        total += per_step[step]
+        out[step] = round(total, 1)
+    return out
 
 
 def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:

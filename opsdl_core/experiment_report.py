@@ -25,8 +25,11 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
     """Per method: accuracy by (family, context, length) as mean and spread over seeds of the final
     models; the sample-efficiency curve from the intermediate ones; prompts and training time."""
     final_step = {(t["method"], t["seed"]): t["steps"] for t in trained}
+    seconds_at = {(t["method"], t["seed"]): {int(k): v for k, v in (t.get("seconds_at_step") or {}).items()}
+                  for t in trained}
     cells: dict[tuple[str, str, str, int], list[float]] = {}
     curve: dict[tuple[str, str, int, int], list[float]] = {}
+    curve_seconds: dict[tuple[str, str, int, int], list[float]] = {}
     answers: dict[tuple[str, Any, str, str, int], dict[str, bool]] = {}
     errors: dict[tuple[str, str, str, int], dict[str, Any]] = {}
     for e in evals:
@@ -43,6 +46,9 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
             if r["context"] == "long":
                 key = (method, r["task"], int(r["context_length"]), int(p.get("prompts_seen") or 0))
                 curve.setdefault(key, []).append(r["value"])
+                secs = 0.0 if method == "base" else seconds_at.get((method, seed), {}).get(step)
+                if secs is not None:
+                    curve_seconds.setdefault(key, []).append(secs)
     methods = ["base"] + list(s.methods)
     table = []
     for m in methods:
@@ -58,8 +64,10 @@ def summarize(evals: list[dict[str, Any]], trained: list[dict[str, Any]], s: "Ex
         table.append(row)
     curves = {}
     for (m, task, length, seen), xs in sorted(curve.items()):
-        curves.setdefault(f"{m}|{task}|{length}", []).append({"prompts_seen": seen, "mean": statistics.fmean(xs),
-                                                              "sd": _mean_sd(xs)[1], "n": len(xs)})
+        secs = curve_seconds.get((m, task, length, seen))
+        curves.setdefault(f"{m}|{task}|{length}", []).append({
+            "prompts_seen": seen, "mean": statistics.fmean(xs), "sd": _mean_sd(xs)[1], "n": len(xs),
+            "train_seconds": round(statistics.fmean(secs), 1) if secs and len(secs) == len(xs) else None})
     base_curves = {k: v for k, v in curves.items() if k.startswith("base|")}
     for key, pts in curves.items():  # every method's curve starts at the base model (0 prompts)
         m, task, length = key.split("|")
@@ -195,7 +203,7 @@ def transfer_summary(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def _fmt(c: dict[str, Any] | None) -> str:
     if not c:
         return "—"
-    return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c["n_seeds"] > 1 else "")
+    return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c.get("n_seeds", c.get("n", 1)) > 1 else "")
 
 
 def transfer_markdown(summary: dict[str, Any]) -> list[str]:
@@ -229,6 +237,40 @@ def paired_markdown(summary: dict[str, Any]) -> list[str]:
                     "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
 
 
+def efficiency_markdown(summary: dict[str, Any]) -> list[str]:
+    """The sample-efficiency curves as a table: accuracy of each checkpoint at the curve length by
+    prompts seen (equal prompts: the same rows for every method) and by training seconds; then each
+    method at equal wall-clock, its last checkpoint within the fastest method's whole training time."""
+    length = summary.get("curve_length") or max(summary["lengths"])
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for key, pts in summary["curves"].items():
+        m, task, n = key.split("|")
+        if int(n) == length and m != "base":
+            by_task.setdefault(task, {})[m] = pts
+    lines: list[str] = []
+    for task, methods in sorted(by_task.items()):
+        lines += [f"### Sample efficiency: {task} accuracy at {length} tokens by prompts and by training time", "",
+                  "| method | prompts seen | train s | accuracy |", "|---|---:|---:|---:|"]
+        for m, pts in methods.items():
+            for p in pts:
+                secs = "—" if p.get("train_seconds") is None else f"{p['train_seconds']:.0f}"
+                lines.append(f"| {m} | {p['prompts_seen']} | {secs} | {_fmt(p)} |")
+        totals = {m: pts[-1].get("train_seconds") for m, pts in methods.items()}
+        if len(methods) > 1 and all(t is not None for t in totals.values()):
+            budget = min(totals.values())
+            cells = []
+            for m, pts in methods.items():
+                within = [p for p in pts if p.get("train_seconds") is not None and p["train_seconds"] <= budget]
+                if within:
+                    p = within[-1]
+                    cells.append(f"{m} {_fmt(p)} ({p['prompts_seen']} prompts)")
+            lines += ["", f"At equal wall-clock ({budget:.0f} s of training steps, the fastest method's whole "
+                          f"run): " + "; ".join(cells) + "."]
+        lines += ["", "Train s: the steps' own time (rollout, scoring, backward, optimizer; mean over seeds), "
+                      "not model loading or checkpoint writes; 0 prompts is the base model.", ""]
+    return lines
+
+
 def _error_cell(c: dict[str, float] | None) -> str:
     if not c:
         return "—"
@@ -260,7 +302,8 @@ def comparison_markdown(summary: dict[str, Any]) -> str:
     lengths = summary["lengths"]
     families = sorted({k.split("|")[0] for r in summary["table"] for k in r["scores"]},
                       key=lambda f: (f != "in_family", f))
-    lines = transfer_markdown(summary) + paired_markdown(summary) + errors_markdown(summary)
+    lines = (transfer_markdown(summary) + paired_markdown(summary) + errors_markdown(summary)
+             + efficiency_markdown(summary))
     for fam in families:
         title = {"in_family": "training templates, fresh keys (in-family)",
                  "transfer": "templates never trained on (transfer)",
@@ -338,13 +381,15 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
     fig.tight_layout()
     fig.savefig(paths["length_png"], dpi=80)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.4))
     length = summary.get("curve_length") or max(lengths)
     for key, pts in summary["curves"].items():
         m, fam, n = key.split("|")
         if fam == "in_family" and int(n) == length and m != "base":
             _line(ax, [(p["prompts_seen"], p) for p in pts], m)
+            _line(ax_t, [(p["train_seconds"], p) for p in pts if p.get("train_seconds") is not None], m)
     _axes(ax, f"sample efficiency: in-family accuracy at {length} tokens", "training prompts seen")
+    _axes(ax_t, f"in-family accuracy at {length} tokens by training time", "training seconds (steps only)")
     fig.tight_layout()
     fig.savefig(paths["efficiency_png"], dpi=80)
     plt.close(fig)

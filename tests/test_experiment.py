@@ -96,6 +96,41 @@ def test_summary_is_mean_and_spread_over_seeds_and_curves_start_at_the_base(tmp_
     assert opsdl["prompts"] == 4 and opsdl["train_seconds"][0] == 15
     curve = out["curves"]["opsdl|in_family|512"]
     assert [(p["prompts_seen"], round(p["mean"], 3)) for p in curve] == [(0, 0.4), (2, 0.6), (4, 0.7)]
+    assert [p["train_seconds"] for p in curve] == [0.0, None, None]  # no per-step times recorded
+
+
+def test_sample_efficiency_at_equal_prompts_and_at_equal_wall_clock(tmp_path):
+    from opsdl_core.experiment import _seconds_at_step
+    from opsdl_core.experiment_report import comparison_markdown
+
+    rd = tmp_path / "run"
+    rd.mkdir()
+    # step 2 logged twice (the later record wins), a torn last line, and a record without a time
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"step": 1, "step_s": 3.0}, {"step": 2, "step_s": 9.0}, {"step": 2, "step_s": 4.0}, {"step": 3},
+        {"step": 4, "step_s": 5.0})) + '{"step": 5, "st')
+    assert _seconds_at_step(rd) == {1: 3.0, 2: 7.0, 4: 12.0}
+    assert _seconds_at_step(tmp_path / "missing") == {}
+
+    exp = load_experiment(_write(tmp_path, {"methods": ["opsdl", "sft"], "seeds": [0, 1], "lengths": [512]}))
+
+    def ev(method, seed, step, acc):
+        return {"params": {"method": method, "seed": seed, "step": step, "prompts_seen": step},
+                "rows": [{"task": "in_family", "context": "long", "context_length": 512, "value": acc}]}
+
+    evals = [ev("base", None, 0, 0.4)] + [ev("opsdl", s, st, a) for s in (0, 1) for st, a in ((2, 0.5), (4, 0.9))] \
+        + [ev("sft", s, st, a) for s in (0, 1) for st, a in ((2, 0.6), (4, 0.7))]
+    secs = {"opsdl": {2: 20.0, 4: 40.0}, "sft": {2: 5.0, 4: 10.0}}
+    trained = [{"method": m, "seed": s, "steps": 4, "prompts": 4, "train_seconds": 50,
+                "seconds_at_step": {k: v + s for k, v in secs[m].items()}} for m in secs for s in (0, 1)]
+    out = summarize(evals, trained, exp.settings)
+    assert [(p["prompts_seen"], p["train_seconds"]) for p in out["curves"]["opsdl|in_family|512"]] == \
+        [(0, 0.0), (2, 20.5), (4, 40.5)]
+    md = comparison_markdown(out)
+    assert "| opsdl | 2 | 20 | 0.500 ± 0.000 |" in md and "| sft | 4 | 10 | 0.700 ± 0.000 |" in md
+    # the fastest method's whole run took 10.5 s: OPSDL has no checkpoint by then but the base (0 prompts)
+    assert "At equal wall-clock (10 s of training steps" in md
+    assert "opsdl 0.400 (0 prompts); sft 0.700 ± 0.000 (4 prompts)" in md
 
 
 @pytest.mark.slow
