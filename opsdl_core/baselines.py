@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import RunConfig
-from .prepare import PreparedData
+from .prepare import PreparedData, prompt_order
 from .rollout import RolloutEngine, SamplingParams
 from .scoring import score_responses
 from .synthetic import score_example
@@ -31,7 +31,6 @@ FILE = "baseline_data.jsonl"
 
 def used_prompt_indices(cfg: RunConfig, n_prompts: int) -> list[int]:
     """The training prompts a run of ``cfg`` visits, in the trainer's order (``prompt_order``)."""
-    from .trainer import prompt_order
 
     total = cfg.train.steps * cfg.train.grad_accum * cfg.train.prompts_per_step
     return sorted({prompt_order(n_prompts, cfg.train.seed, i, cfg.train.prompt_order) for i in range(total)})

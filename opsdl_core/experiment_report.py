@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .experiment import ExperimentSettings
+    from .experiment_plan import ExperimentSettings
 
 __all__ = ["summarize", "comparison_markdown", "write_comparison", "answer_map", "paired_counts", "paired_summary",
            "sign_test_p", "error_summary"]

@@ -8,12 +8,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from .experiment import Experiment, ExperimentSettings
+from .experiment_plan import Experiment, ExperimentSettings, curriculum_families
 
-__all__ = ["Suite", "build_suites", "curriculum_families", "evaluate_model", "classify_errors", "ruler_rows",
+__all__ = ["Suite", "build_suites", "evaluate_model", "classify_errors", "ruler_rows",
            "gap_snapshot", "evaluate_external", "suite_passes", "FOREIGN"]
 
 Log = Callable[[str], None]
@@ -38,12 +37,6 @@ def _suite(family: str, length: int, raw: list, tokenizer: Any, prep_cfg: Any) -
         raise ValueError(f"suite {family}@{length}: {bad[0].reason}")
     h = hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
     return Suite(f"{family}@{length}", family, length, items, h)
-
-
-def curriculum_families(exp: Experiment) -> list[str]:
-    """Every family an experiment on the curriculum evaluates: the mixture's and the held-out ones."""
-    mix = exp.run.data.curriculum.active_families() if exp.run.data.curriculum else []
-    return list(dict.fromkeys(mix + list(exp.settings.heldout_families)))
 
 
 def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:

@@ -9,6 +9,7 @@ row, and never stops the others.
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -149,3 +150,14 @@ def other_context_prompts(items: list[Prepared], tokenizer: Any) -> list[list[in
         j = next((i + k) % n for k in range(1, n) if texts[(i + k) % n] != texts[i])
         out.append(chat_prompt_ids(tokenizer, texts[j], p.example.question))
     return out
+
+
+def prompt_order(n: int, seed: int, cursor: int, order: str = "shuffle") -> int:
+    """The example index at data position ``cursor``: a fresh seeded permutation per epoch
+    (``order="sequential"``: the data's own order, epoch after epoch)."""
+    epoch, pos = divmod(cursor, n)
+    if order == "sequential":
+        return pos
+    perm = list(range(n))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(perm)
+    return perm[pos]

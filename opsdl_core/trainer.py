@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import random
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,26 +36,12 @@ from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
 from .baselines import load_or_build_baseline_data
 from .config import RunConfig
 from .losses import compute_loss, needs_full_logits
-from .prepare import Prepared, PreparedData
+from .prepare import Prepared, PreparedData, prompt_order
 from .prompts import pad_token_id, stop_token_ids
 from .rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
 from .scoring import score_responses
-from .synthetic import error_kind, score_example
+from .grading import rollout_judgement
 from .teacher import TeacherWeights
-
-
-def rollout_judgement(examples: list[Any], texts: list[str]) -> dict[str, float]:
-    """Of the sampled answers to examples with a reference: the share right (``rollout_accuracy``)
-    and, where the examples list their distractors' values, the share naming one of them instead
-    (``rollout_distractor_rate``): a run whose accuracy stays flat while this falls is trading
-    wrong facts for invented ones, not learning where to look."""
-    judged = [(e, t, bool(score_example(e, t))) for e, t in zip(examples, texts) if e.answer is not None]
-    if not judged:
-        return {}
-    out = {"rollout_accuracy": sum(ok for _, _, ok in judged) / len(judged)}
-    if any("distractor_answers" in (e.metadata or {}) for e, _, _ in judged):
-        out["rollout_distractor_rate"] = sum(error_kind(e, t, ok) == "distractor" for e, t, ok in judged) / len(judged)
-    return out
 
 
 @dataclass
@@ -91,17 +76,6 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
         return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
 
     return f
-
-
-def prompt_order(n: int, seed: int, cursor: int, order: str = "shuffle") -> int:
-    """The example index at data position ``cursor``: a fresh seeded permutation per epoch
-    (``order="sequential"``: the data's own order, epoch after epoch)."""
-    epoch, pos = divmod(cursor, n)
-    if order == "sequential":
-        return pos
-    perm = list(range(n))
-    random.Random(f"{seed}:epoch:{epoch}").shuffle(perm)
-    return perm[pos]
 
 
 class OPSDLTrainer:
