@@ -9,8 +9,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.curation import FOREIGN_SUITE, ngrams
-from opsdl_core.teacher_context import SEPARATOR, TeacherContext, TeacherContextError, check_teacher_context
+from opsdl_core.data.curation import FOREIGN_SUITE, ngrams
+from opsdl_core.data.short_context import SEPARATOR, TeacherContext, TeacherContextError, check_teacher_context
 
 from .curation import read_examples
 from .evaluation import evaluation

@@ -8,9 +8,9 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.curation import curate, dataset_digest, eval_suites
-from opsdl_core.data import Example, write_jsonl, write_rejected_jsonl
-from opsdl_core.lineage import content_hash
+from opsdl_core.data.curation import curate, dataset_digest, eval_suites
+from opsdl_core.data.examples import Example, write_jsonl, write_rejected_jsonl
+from opsdl_core.lineage.store import content_hash
 
 from .resources import HEAVY, OpsdlResource
 

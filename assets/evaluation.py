@@ -12,11 +12,11 @@ import torch
 from pydantic import Field
 
 from opsdl_core.config import DataConfig
-from opsdl_core.curation import FOREIGN_SUITE
-from opsdl_core.evaluate import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_backend
-from opsdl_core.experiment_report import paired_counts, sign_test_p
-from opsdl_core.models import load_tokenizer
-from opsdl_core.prepare import prepare_examples
+from opsdl_core.data.curation import FOREIGN_SUITE
+from opsdl_core.data.prepare import prepare_examples
+from opsdl_core.evaluation.accuracy import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_backend
+from opsdl_core.experiment.report import paired_counts, sign_test_p
+from opsdl_core.models.load import load_tokenizer
 
 from .curation import md_table, read_examples
 from .long_context import long_context_section

@@ -9,8 +9,9 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.config import ConfigError
-from opsdl_core.experiment import load_experiment, plan_runs, run_experiment
-from opsdl_core.experiment_report import transfer_markdown
+from opsdl_core.experiment.plan import load_experiment, plan_runs
+from opsdl_core.experiment.report import transfer_markdown
+from opsdl_core.experiment.run import run_experiment
 
 from .plots import png_markdown
 from .resources import HEAVY, OpsdlResource

@@ -10,8 +10,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from evals.harness import BACKENDS, LmEvalSpec, eval_run_id, ingest, run
-from evals.report import write_report
+from opsdl_core.evaluation.length_report import write_report
+from opsdl_core.evaluation.lm_eval import BACKENDS, LmEvalSpec, eval_run_id, ingest, run
 
 from .plots import png_markdown
 from .resources import HEAVY, OpsdlResource
@@ -58,10 +58,10 @@ def long_context_eval(context: dg.AssetExecutionContext, config: LongContextEval
         LmEvalSpec(model="-", **spec_args)  # validates the backend and the task list
     except ValueError as e:
         raise dg.Failure(f"long_context_eval config: {e}") from None
-    from opsdl_core.essays import lm_eval_essay_tasks
+    from opsdl_core.data.essays import lm_eval_essay_tasks
 
     if lm_eval_essay_tasks(config.tasks) and "essays_path" not in extra and not os.environ.get("OPSDL_RULER_ESSAYS"):
-        from opsdl_core.essays import ensure_essays  # Paul Graham's essays, fetched once into the cache
+        from opsdl_core.data.essays import ensure_essays
 
         spec_args["metadata"]["essays_path"] = str(ensure_essays(progress=context.log.info))
     store = opsdl.store()
@@ -107,7 +107,7 @@ def _backend(asked: str, model: str) -> str:
     """lm-eval's backend for one model: ``auto`` is vllm where the engine serves it (opsdl's evaluation rule)."""
     if asked != "auto":
         return asked
-    from opsdl_core.evaluate import resolve_backend
+    from opsdl_core.evaluation.accuracy import resolve_backend
 
     return "vllm" if resolve_backend("auto", model) == "vllm" else "hf"
 

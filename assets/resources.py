@@ -11,7 +11,7 @@ from typing import Any, Callable
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.lineage import LineageStore
+from opsdl_core.lineage.store import LineageStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def default_home() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model: str, cache_dir: str | None) -> Any:
-    from opsdl_core.models import load_tokenizer
+    from opsdl_core.models.load import load_tokenizer
 
     return load_tokenizer(model, cache_dir=cache_dir)
 
@@ -90,13 +90,13 @@ class OpsdlResource(dg.ConfigurableResource):
         return _tokenizer(self.model, self.model_cache_dir)
 
     def count_tokens(self) -> Callable[[str], int]:
-        from opsdl_core.prepare import token_counter
+        from opsdl_core.data.prepare import token_counter
 
         return token_counter(self.tokenizer())
 
     def model_path(self) -> str:
         """The base model as a path (the embedded default's converted folder, a local folder) or a hub id."""
-        from opsdl_core.models import resolve_model
+        from opsdl_core.models.load import resolve_model
 
         return resolve_model(self.model, cache_dir=self.model_cache_dir).path
 
@@ -104,7 +104,7 @@ class OpsdlResource(dg.ConfigurableResource):
         """``(model, tokenizer)``: the base model, or a trained model folder when ``path`` is given."""
         import torch
 
-        from opsdl_core.models import load_model_and_tokenizer
+        from opsdl_core.models.load import load_model_and_tokenizer
 
         torch.set_num_threads(self.num_threads)
         return load_model_and_tokenizer(path or self.model, cache_dir=self.model_cache_dir)

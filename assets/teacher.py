@@ -10,9 +10,9 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.config import DataConfig
-from opsdl_core.curation import dataset_digest
-from opsdl_core.data import Example, write_json_lines, write_jsonl, write_rejected_jsonl
-from opsdl_core.prepare import prepare_examples
+from opsdl_core.data.curation import dataset_digest
+from opsdl_core.data.examples import Example, write_json_lines, write_jsonl, write_rejected_jsonl
+from opsdl_core.data.prepare import prepare_examples
 
 from .curation import example_rows, md_table, read_examples
 from .resources import HEAVY, OpsdlResource
@@ -87,7 +87,7 @@ class RolloutSnapshotConfig(dg.Config):
                       "material of the baselines.")
 def base_rollouts(context: dg.AssetExecutionContext, config: RolloutSnapshotConfig, opsdl: OpsdlResource,
                   teacher_contexts: dict[str, Any]) -> dict[str, Any]:
-    from opsdl_core.snapshot import rollout_snapshot
+    from opsdl_core.evaluation.snapshot import rollout_snapshot
 
     examples = read_examples(teacher_contexts["path"])[: config.n_prompts]
     model, tokenizer = opsdl.load_model()

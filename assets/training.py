@@ -11,7 +11,7 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.config import RunConfig, parse_overrides
-from opsdl_core.lineage import ingest_training_run
+from opsdl_core.lineage.store import ingest_training_run
 
 from .curation import md_table
 from .plots import png_markdown, training_curves_png

@@ -5,7 +5,7 @@ and the same greedy answers, in fresh processes, A B A B interleaved.
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_engine_start.py --rounds 3 --prompts 16
 
 Each run is a fresh interpreter (the in-process setting cannot be undone inside one) that starts
-the engine on the embedded default (``VLLMConfig(in_process=...)``, as ``opsdl_core.evaluate``
+the engine on the embedded default (``VLLMConfig(in_process=...)``, as ``opsdl_core.evaluation.accuracy``
 does for greedy evaluation), answers ``--prompts`` fresh-key needle questions of ~1,024 tokens and
 prints its start seconds, its total seconds and a digest of the answer token ids. The summary
 prints the medians, their ratio, and whether every run gave the same answers.
@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _one(in_process: bool, n_prompts: int) -> dict:
     from opsdl_core.config import DataConfig, VLLMConfig
-    from opsdl_core.models import load_tokenizer, resolve_model
-    from opsdl_core.prepare import prepare_examples, token_counter
-    from opsdl_core.rollout import SamplingParams
-    from opsdl_core.rollout_vllm import VLLMRollout
-    from opsdl_core.synthetic import TRAIN_TEMPLATES, generate_examples
+    from opsdl_core.data.prepare import prepare_examples, token_counter
+    from opsdl_core.data.tasks.needle import TRAIN_TEMPLATES, generate_examples
+    from opsdl_core.models.load import load_tokenizer, resolve_model
+    from opsdl_core.models.rollout import SamplingParams
+    from opsdl_core.models.rollout_vllm import VLLMRollout
 
     t0 = time.perf_counter()
     folder = str(resolve_model("smollm2-135m-instruct").path)

@@ -8,12 +8,12 @@ The questions are the main job's (the synthetic access-code suite at ``--context
 template, greedy, ``--new-tokens`` at most, stopping at the end of the turn). Contenders, run in
 interleaved rounds (A B C D, A B C D) in this one process so that a busy machine slows all alike:
 
-  opsdl-vllm  ``opsdl_core.evaluate.evaluate_jobs(backend="vllm")``: one engine, every question at once
+  opsdl-vllm  ``opsdl_core.evaluation.accuracy.evaluate_jobs(backend="vllm")``: one engine, every question at once
   opsdl-hf    ``evaluate_jobs(backend="transformers")``: the KV-cache decoder, batches of ``--batch-size``
   raw-vllm    ``vllm.LLM(model).generate(prompts)`` with vLLM's own defaults (its CPU thread binding too)
   hf-generate ``model.generate`` on left-padded batches of ``--batch-size`` (stock attention)
   opsdl-hf-stock   opsdl-hf with transformers' own SDPA function (K/V expanded per layer: the peer of
-              opsdl_core.attention's GQA function)
+              opsdl_core.models.attention's GQA function)
   opsdl-vllm-bf16  opsdl-vllm with a bfloat16 engine (AMX / AVX512-BF16 matmuls where the CPU has them);
               its FLOP-limit ratio is against the bf16 matmul peak, and its answers can differ from fp32's
 
@@ -53,10 +53,10 @@ def main() -> int:
     from flops import matmul_peak, question_flops
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.evaluate import EvalJob, evaluate_jobs
-    from opsdl_core.models import load_model_and_tokenizer, resolve_model
-    from opsdl_core.prepare import prepare_data
-    from opsdl_core.prompts import stop_token_ids
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.data.prompts import stop_token_ids
+    from opsdl_core.evaluation.accuracy import EvalJob, evaluate_jobs
+    from opsdl_core.models.load import load_model_and_tokenizer, resolve_model
 
     torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)

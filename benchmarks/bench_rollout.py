@@ -46,12 +46,12 @@ def main() -> int:
     import torch
 
     from opsdl_core.config import RunConfig, VLLMConfig
-    from opsdl_core.models import load_model_and_tokenizer, resolve_model
-    from opsdl_core.prepare import prepare_data
-    from opsdl_core.rollout import SamplingParams, TransformersRollout, sampler_weights
-    from opsdl_core.rollout_vllm import VLLMRollout
-    from opsdl_core.scoring import score_responses
-    from opsdl_core.trainer import apply_lora
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.models.load import load_model_and_tokenizer, resolve_model
+    from opsdl_core.models.rollout import SamplingParams, TransformersRollout, sampler_weights
+    from opsdl_core.models.rollout_vllm import VLLMRollout
+    from opsdl_core.models.scoring import score_responses
+    from opsdl_core.train.trainer import apply_lora
 
     torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)

@@ -8,7 +8,7 @@ Part 1 runs the student's forward + loss + backward (LoRA, 4 sampled answers of 
 in a fresh subprocess per (length, method) and reports the peak resident memory above the
 level just before the step (a thread samples /proc/self/statm every 2 ms), and its time:
 
-* ``opsdl``: ``opsdl_core.scoring.score_responses``: the prompt is encoded once and shared by the
+* ``opsdl``: ``opsdl_core.models.scoring.score_responses``: the prompt is encoded once and shared by the
   samples, and the LM head runs only at the response positions;
 * ``full-head``: what a hand-written loop does: each sample is ``prompt + answer``, one forward
   pass with the LM head over every position (``[n, T, vocab]`` logits, float32 log-softmax),
@@ -66,11 +66,11 @@ def one_step(args) -> dict:
     import torch.nn.functional as F
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.losses import pointwise_reverse_kl_loss
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.prepare import prepare_data
-    from opsdl_core.scoring import right_pad, score_responses
-    from opsdl_core.trainer import apply_lora
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.models.load import load_model_and_tokenizer
+    from opsdl_core.models.scoring import right_pad, score_responses
+    from opsdl_core.train.losses import pointwise_reverse_kl_loss
+    from opsdl_core.train.trainer import apply_lora
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_dict({"model": {"name": args.model},
@@ -137,9 +137,9 @@ def phases(args) -> dict:
     import torch
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.prepare import prepare_data
-    from opsdl_core.trainer import OPSDLTrainer
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.models.load import load_model_and_tokenizer
+    from opsdl_core.train.trainer import OPSDLTrainer
 
     torch.set_num_threads(args.threads)
     import tempfile

@@ -40,7 +40,7 @@ PHASES = ("generate_s", "teacher_s", "student_s", "step_s")
 
 def _data(args, tok):
     from opsdl_core.config import RunConfig
-    from opsdl_core.prepare import prepare_data
+    from opsdl_core.data.prepare import prepare_data
 
     cfg = RunConfig.from_dict({"model": {"name": args.model}, "data": {
         "train_size": 16, "heldout_size": 0, "context_tokens": args.context_tokens, "templates": ["access_code"],
@@ -56,8 +56,8 @@ def child_opsdl(args) -> dict:
     import torch
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.trainer import OPSDLTrainer
+    from opsdl_core.models.load import load_model_and_tokenizer
+    from opsdl_core.train.trainer import OPSDLTrainer
 
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model)
@@ -85,8 +85,8 @@ def child_trl(args) -> dict:
     from trl.experimental.sdft import SDFTConfig, SDFTTrainer
     from trl.experimental.sdft import sdft_trainer as sdft_module
 
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.prompts import user_message
+    from opsdl_core.data.prompts import user_message
+    from opsdl_core.models.load import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
     # TRL as its users run it: transformers' own SDPA (--trl-attention opsdl gives it opsdl's GQA function)
@@ -162,7 +162,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-attention", choices=["stock", "opsdl"], default="stock",
-                    help="TRL's model attention: transformers' SDPA (stock) or opsdl_core.attention's")
+                    help="TRL's model attention: transformers' SDPA (stock) or opsdl_core.models.attention's")
     ap.add_argument("--child", choices=["opsdl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -195,7 +195,7 @@ def main() -> int:
     from flops import distill_step_flops, matmul_peak
     from transformers import AutoConfig, AutoTokenizer
 
-    from opsdl_core.models import resolve_model
+    from opsdl_core.models.load import resolve_model
 
     path = resolve_model(args.model).path
     _, data = _data(args, AutoTokenizer.from_pretrained(path))

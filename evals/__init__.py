@@ -1,3 +1,3 @@
 """Evaluation suites run through lm-evaluation-harness: RULER (per context length), LongBench v2,
-and short-context retention. ``opsdl_core.evaluate`` holds the held-out synthetic accuracy used
+and short-context retention. ``opsdl_core.evaluation.accuracy`` holds the held-out synthetic accuracy used
 by the trainer's demo."""

@@ -31,7 +31,7 @@ def _format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> st
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from .lineage import LineageStore, default_db_path, ingest_training_run
+    from .lineage.store import LineageStore, default_db_path, ingest_training_run
 
     db = args.db or default_db_path()
     if args.cmd == "sql":
@@ -70,10 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="group", required=True)
     tr = sub.add_parser("train", help="train with OPSDL (same flags as python -m opsdl_core.train)", add_help=False)
     tr.add_argument("rest", nargs=argparse.REMAINDER)
-    ev = sub.add_parser("eval", help="lm-eval on a model, scores to the lineage store (python -m evals.harness)",
+    ev = sub.add_parser("eval", help="lm-eval on a model, scores to the lineage store (python -m opsdl_core.evaluation.lm_eval)",
                         add_help=False)
     ev.add_argument("rest", nargs=argparse.REMAINDER)
-    da = sub.add_parser("data", help="write curriculum or self-instruct training data (opsdl_core.data_cli)",
+    da = sub.add_parser("data", help="write curriculum or self-instruct training data (opsdl_core.data.cli)",
                         add_help=False)
     da.add_argument("rest", nargs=argparse.REMAINDER)
     li = sub.add_parser("lineage", help="query or fill the DuckDB lineage store")
@@ -92,15 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = ap.parse_args(argv)
     if args.group == "train":
-        from .train import main as train_main
+        from .train.run import main as train_main
 
         return int(train_main(args.rest) or 0)
     if args.group == "eval":  # the evaluation suites live beside opsdl_core, in evals/
-        from evals.harness import main as eval_main
+        from .evaluation.lm_eval import main as eval_main
 
         return int(eval_main(args.rest) or 0)
     if args.group == "data":
-        from .data_cli import main as data_main
+        from .data.cli import main as data_main
 
         return int(data_main(args.rest) or 0)
     return _lineage(args)

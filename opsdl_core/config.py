@@ -50,7 +50,7 @@ class ModelConfig:
     name: str = EMBEDDED_DEFAULT_MODEL  # embedded default, a local folder, or a hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # never on unless the user opts in
-    # "sdpa": torch SDPA, grouped-query attention without copying K/V (opsdl_core.attention);
+    # "sdpa": torch SDPA, grouped-query attention without copying K/V (opsdl_core.models.attention);
     # "sdpa_stock": transformers' own SDPA function; or any name transformers accepts ("eager", ...)
     attn_implementation: str = "sdpa"
     cache_dir: Optional[str] = None  # where the embedded default is converted; default ~/.cache/opsdl
@@ -60,13 +60,13 @@ class ModelConfig:
 
 
 CURRICULUM_FAMILIES = ("kv_lookup", "record_lookup", "prose_attribute", "event_date", "multi_hop", "comparison",
-                       "counting")  # opsdl_core.curriculum.FAMILIES (kept in step by a test)
+                       "counting")  # opsdl_core.data.tasks.curriculum.FAMILIES (kept in step by a test)
 HAYSTACK_KINDS = ("noise", "prose", "records")
 
 
 @dataclass
 class CurriculumConfig:
-    """The built-in curriculum (``data.source: curriculum``; ``opsdl_core.curriculum``)."""
+    """The built-in curriculum (``data.source: curriculum``; ``opsdl_core.data.tasks.curriculum``)."""
 
     # the mixture: family -> weight (examples split by largest remainder); default: all, equal
     families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in CURRICULUM_FAMILIES})
@@ -139,7 +139,7 @@ class DataConfig:
 
 @dataclass
 class VLLMConfig:
-    """The vLLM rollout engine (``rollout.backend: vllm``; ``opsdl_core.rollout_vllm``)."""
+    """The vLLM rollout engine (``rollout.backend: vllm``; ``opsdl_core.models.rollout_vllm``)."""
 
     max_model_len: int = 4096  # prompt + answer, in tokens
     dtype: Optional[str] = None  # default: model.dtype (the trainer's, so log-probs match)
@@ -197,7 +197,7 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    """The distillation objective (see ``opsdl_core.losses``)."""
+    """The distillation objective (see ``opsdl_core.train.losses``)."""
 
     kind: Literal["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"] = "pointwise"
     advantage_clip: Optional[float] = None  # clamp A_t to [-c, c] (pointwise)

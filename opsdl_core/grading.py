@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import re
 import string
-from typing import TYPE_CHECKING, Any, Iterable
-
-if TYPE_CHECKING:
-    from .data import Example
+from typing import Any, Iterable, Protocol
 
 __all__ = ["answer_matches", "answer_in_text", "score_answer", "score_example", "ERROR_KINDS", "error_kind",
            "rollout_judgement"]
 
 _EDGE = string.punctuation + string.whitespace
+
+
+class Graded(Protocol):
+    """What the grader reads of an example (``opsdl_core.data.examples.Example`` has both)."""
+
+    answer: str | None
+    metadata: dict[str, Any] | None
 
 
 def _norm(text: str) -> str:
@@ -56,7 +60,7 @@ def _first_at(answer: str, text: str) -> int | None:
     return found[0].start() if found else None
 
 
-def score_example(example: Example, generated: str) -> float:
+def score_example(example: Graded, generated: str) -> float:
     """Score ``generated`` against an example's reference, as its metadata asks:
 
     * default: :func:`score_answer` with ``distractor_answers`` as the wrong answers;
@@ -78,7 +82,7 @@ def score_example(example: Example, generated: str) -> float:
 ERROR_KINDS = ("distractor", "other")
 
 
-def error_kind(example: Example, generated: str, correct: bool) -> str | None:
+def error_kind(example: Graded, generated: str, correct: bool) -> str | None:
     """How a wrong answer went wrong: ``"distractor"`` when it names one of the example's listed
     wrong answers (``distractor_answers``: another record's value, for a count the count one off,
     for a comparison the other option): the model found a fact, the wrong one; ``"other"`` when it
@@ -89,7 +93,7 @@ def error_kind(example: Example, generated: str, correct: bool) -> str | None:
     return "distractor" if any(answer_in_text(w, generated) for w in wrong) else "other"
 
 
-def rollout_judgement(examples: list[Any], texts: list[str]) -> dict[str, float]:
+def rollout_judgement(examples: list[Graded], texts: list[str]) -> dict[str, float]:
     """Of the sampled answers to examples with a reference: the share right (``rollout_accuracy``)
     and, where the examples list their distractors' values, the share naming one of them instead
     (``rollout_distractor_rate``): a run whose accuracy stays flat while this falls is trading

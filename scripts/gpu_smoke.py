@@ -38,7 +38,7 @@ def build_folder(preset: str, out: Path, vocab: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from opsdl_core.tiny import build_tiny_model
+    from opsdl_core.models.tiny import build_tiny_model
 
     _, tok = build_tiny_model(seed=0)
     hidden, layers, heads, kv, inter = PRESETS[preset]
@@ -74,9 +74,9 @@ def main() -> int:
     import torch
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.prepare import prepare_data
-    from opsdl_core.trainer import OPSDLTrainer
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.models.load import load_model_and_tokenizer
+    from opsdl_core.train.trainer import OPSDLTrainer
 
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")

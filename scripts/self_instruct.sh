@@ -2,7 +2,7 @@
 # The self-instruct path end to end on the embedded default (SmolLM2-135M-Instruct):
 #   1. a folder of long text files (default: the built-in Python reference documents, PSF licence;
 #      pass your own folder as $1), split by file into training documents (3 of 4) and held-out ones;
-#   2. the model writes questions about chunks of each document, filtered (opsdl_core.self_instruct);
+#   2. the model writes questions about chunks of each document, filtered (opsdl_core.data.tasks.self_instruct);
 #   3. OPSDL trains on the training documents' questions and is evaluated on the held-out ones'.
 #   scripts/self_instruct.sh [DOCS_FOLDER]
 set -euo pipefail

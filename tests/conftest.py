@@ -21,7 +21,7 @@ import pytest  # noqa: E402
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model folder (seed 0), readable by ``load_model_and_tokenizer`` and
     ``AutoModelForCausalLM/AutoTokenizer.from_pretrained``. Shared by the session: do not modify it."""
-    from opsdl_core.tiny import save_tiny_model
+    from opsdl_core.models.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", seed=0)
 
@@ -29,6 +29,6 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_model_and_tokenizer():
     """A fresh ``(model, tokenizer)`` pair from ``build_tiny_model(seed=0)``; safe to modify."""
-    from opsdl_core.tiny import build_tiny_model
+    from opsdl_core.models.tiny import build_tiny_model
 
     return build_tiny_model(seed=0)

@@ -8,10 +8,10 @@ import copy
 import pytest
 import torch
 
-from opsdl_core.attention import NAME, use_gqa_attention
-from opsdl_core.rollout import SamplingParams, TransformersRollout
-from opsdl_core.scoring import score_responses
-from opsdl_core.tiny import build_tiny_model
+from opsdl_core.models.attention import NAME, use_gqa_attention
+from opsdl_core.models.rollout import SamplingParams, TransformersRollout
+from opsdl_core.models.scoring import score_responses
+from opsdl_core.models.tiny import build_tiny_model
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [14, 15, 16], [17, 18, 19, 20, 21]]
 RESPONSES = [[30, 31, 32, 33], [34, 35], [36, 37, 38], [39]]

@@ -1,4 +1,4 @@
-"""The baselines' losses against hand-computed values (opsdl_core.baseline_losses)."""
+"""The baselines' losses against hand-computed values (opsdl_core.train.baseline_losses)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from opsdl_core.baseline_losses import longpo_dpo_loss, response_labels, sequence_logprobs, sft_loss
+from opsdl_core.train.baseline_losses import longpo_dpo_loss, response_labels, sequence_logprobs, sft_loss
 
 
 def test_longpo_dpo_loss_equals_the_hand_computed_value():

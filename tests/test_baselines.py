@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-
-from opsdl_core.baselines import used_prompt_indices
-from opsdl_core.checkpoint import read_jsonl
-from opsdl_core.config import ConfigError, RunConfig
-from opsdl_core.scoring import score_responses
-
 from test_trainer import make_trainer, tiny_cfg, trainable  # noqa: E402  (tests/ is on sys.path)
+
+from opsdl_core.config import ConfigError, RunConfig
+from opsdl_core.models.scoring import score_responses
+from opsdl_core.train.baselines import used_prompt_indices
+from opsdl_core.train.checkpoint import read_jsonl
 
 
 def test_method_section_validates_and_leaves_opsdl_hashes_alone(tmp_path):
@@ -38,7 +37,7 @@ def test_baseline_trains_on_data_from_the_initial_weights(tmp_path, kind):
     # the target is the initial model's greedy answer to the SHORT prompt; rejected (dpo) to the LONG one
     i = used[0]
     p = tr.data.train[i]
-    from opsdl_core.rollout import SamplingParams
+    from opsdl_core.models.rollout import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=cfg.rollout.max_new_tokens,
                             stop_token_ids=tr.sampling.stop_token_ids)
@@ -64,7 +63,7 @@ def test_baseline_trains_on_data_from_the_initial_weights(tmp_path, kind):
 def test_sft_loss_is_the_answer_tokens_cross_entropy_with_the_prompt_masked(tmp_path):
     """The trainer's SFT loss on one prompt equals transformers' own causal-LM loss over
     prompt + answer with the prompt's labels set to -100."""
-    from opsdl_core.baseline_losses import response_labels, sft_loss
+    from opsdl_core.train.baseline_losses import response_labels, sft_loss
 
     cfg = tiny_cfg(tmp_path, method={"kind": "sft"})
     tr = make_trainer(cfg).setup()
@@ -104,8 +103,8 @@ def test_baselines_and_opsdl_see_the_same_prompts(tmp_path):
 
 
 def test_headless_run_of_a_baseline_writes_results_and_a_final_model(tmp_path):
-    from opsdl_core.tiny import build_tiny_model
-    from opsdl_core.train import run
+    from opsdl_core.models.tiny import build_tiny_model
+    from opsdl_core.train.run import run
 
     cfg = tiny_cfg(tmp_path / "run", method={"kind": "sft"})
     lines = []

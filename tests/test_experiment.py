@@ -8,8 +8,8 @@ import json
 import pytest
 
 from opsdl_core.config import ConfigError
-from opsdl_core.experiment import load_experiment, plan_runs
-from opsdl_core.experiment_report import summarize
+from opsdl_core.experiment.plan import load_experiment, plan_runs
+from opsdl_core.experiment.report import summarize
 
 
 def _write(tmp_path, experiment: dict, run: dict | None = None):
@@ -43,7 +43,7 @@ def test_plan_gives_every_method_of_a_seed_the_same_prompts_and_its_own_folder(t
         assert r.cfg.method.kind == r.method and r.cfg.train.seed == r.seed
         assert r.cfg.data == exp.run.data  # the same training data for every run
         assert r.cfg.train.save_every == 2 and r.cfg.train.keep_checkpoints >= 4  # every intermediate point kept
-    from opsdl_core.trainer import prompt_order
+    from opsdl_core.data.prepare import prompt_order
 
     orders = {(r.seed, r.method): [prompt_order(256, r.cfg.train.seed, i) for i in range(6)] for r in runs}
     assert orders[(0, "opsdl")] == orders[(0, "sft")] == orders[(0, "dpo")] != orders[(5, "opsdl")]
@@ -100,8 +100,8 @@ def test_summary_is_mean_and_spread_over_seeds_and_curves_start_at_the_base(tmp_
 
 
 def test_sample_efficiency_at_equal_prompts_and_at_equal_wall_clock(tmp_path):
-    from opsdl_core.experiment import _seconds_at_step
-    from opsdl_core.experiment_report import comparison_markdown
+    from opsdl_core.experiment.report import comparison_markdown
+    from opsdl_core.experiment.run import _seconds_at_step
 
     rd = tmp_path / "run"
     rd.mkdir()
@@ -135,7 +135,7 @@ def test_sample_efficiency_at_equal_prompts_and_at_equal_wall_clock(tmp_path):
 
 @pytest.mark.slow
 def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_model_dir):
-    from opsdl_core.lineage import LineageStore
+    from opsdl_core.lineage.store import LineageStore
 
     db = tmp_path / "lineage.duckdb"
     run = {"model": {"name": str(tiny_model_dir)},
@@ -147,7 +147,7 @@ def test_whole_experiment_on_a_tiny_model_every_score_traceable(tmp_path, tiny_m
                             "max_new_tokens": 4, "db": str(db), "diagnostic_prompts": 2, "diagnostic_samples": 2,
                             "foreign_n": 0},
                  run)
-    from opsdl_core.experiment import run_experiment
+    from opsdl_core.experiment.run import run_experiment
 
     logs: list[str] = []
     summary = run_experiment(load_experiment(cfg), log=logs.append)
@@ -238,7 +238,7 @@ def _curriculum_run(tiny_model_dir, families):
 
 
 def test_transfer_plan_leaves_families_out_of_training(tmp_path, tiny_model_dir):
-    from opsdl_core.experiment import task_labels
+    from opsdl_core.experiment.plan import task_labels
 
     fams = {"kv_lookup": 1.0, "counting": 1.0, "prose_attribute": 2.0}
     exp = load_experiment(_write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1],
@@ -269,8 +269,8 @@ def test_transfer_plan_leaves_families_out_of_training(tmp_path, tiny_model_dir)
 
 
 def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_path, tiny_model_dir):
-    from opsdl_core.experiment import run_experiment
-    from opsdl_core.lineage import LineageStore
+    from opsdl_core.experiment.run import run_experiment
+    from opsdl_core.lineage.store import LineageStore
 
     db = tmp_path / "lineage.duckdb"
     cfg = _write(tmp_path, {"methods": ["opsdl"], "seeds": [0, 1], "lengths": [200], "eval_n": 3, "in_family_n": 2,
@@ -296,8 +296,8 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
     # every stored answer carries its error kind; one stored without them gets the same kinds back
     import json
 
-    from opsdl_core.experiment_suites import build_suites, classify_errors
-    from opsdl_core.models import load_model_and_tokenizer as _load
+    from opsdl_core.experiment.suites import build_suites, classify_errors
+    from opsdl_core.models.load import load_model_and_tokenizer as _load
 
     rec = json.loads((tmp_path / "out" / "evals" / "base.json").read_text())
     got = [a for r in rec["rows"] for a in r.get("answers") or []]
@@ -323,8 +323,8 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
                     ("opsdl", "out_of_family:event_date", 2, 6)]
     # the training data of each run (rebuilt from its saved config) holds no example of the held-out family
     from opsdl_core.config import RunConfig
-    from opsdl_core.models import load_model_and_tokenizer
-    from opsdl_core.prepare import load_raw
+    from opsdl_core.data.prepare import load_raw
+    from opsdl_core.models.load import load_model_and_tokenizer
 
     tok = load_model_and_tokenizer(str(tiny_model_dir))[1]
     for seed in (0, 1):
@@ -332,7 +332,7 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
         train, _, _ = load_raw(run_cfg.data, tok)
         assert {e.metadata["family"] for e in train} == {"kv_lookup", "multi_hop"}
     # a model trained elsewhere, scored on the same suites beside the base model's scores
-    from opsdl_core.experiment import evaluate_external
+    from opsdl_core.experiment.suites import evaluate_external
 
     rows = evaluate_external(load_experiment(cfg), str(tiny_model_dir), "tiny-again", families=["event_date"],
                              log=lambda m: None)
@@ -345,7 +345,7 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
 
 
 def test_paired_summary_counts_questions_gained_and_lost_over_seeds_and_tasks():
-    from opsdl_core.experiment_report import paired_summary, sign_test_p
+    from opsdl_core.experiment.report import paired_summary, sign_test_p
 
     T, F = True, False
     answers = {("base", None, "out_of_family:a", "long", 100): {"q1": T, "q2": F, "q3": F},
@@ -365,7 +365,7 @@ def test_paired_summary_counts_questions_gained_and_lost_over_seeds_and_tasks():
 
 
 def test_error_summary_splits_wrong_answers_by_kind_over_seeds_and_tasks():
-    from opsdl_core.experiment_report import errors_markdown, summarize
+    from opsdl_core.experiment.report import errors_markdown, summarize
 
     def ans(*kinds):  # None: right
         return [{"id": f"q{i}", "output": "", "correct": k is None, **({"error": k} if k != "old" else {})}

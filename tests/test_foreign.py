@@ -7,9 +7,10 @@ import re
 
 import pytest
 
-from opsdl_core.curriculum_families import FAMILIES
-from opsdl_core.foreign import FOREIGN_FORMATS, generate_foreign
-from opsdl_core.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, score_example
+from opsdl_core.data.tasks.families import FAMILIES
+from opsdl_core.data.tasks.foreign import FOREIGN_FORMATS, generate_foreign
+from opsdl_core.data.tasks.needle import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+from opsdl_core.grading import score_example
 
 
 def test_every_format_in_turn_deterministic_and_distinct():
@@ -36,7 +37,7 @@ def test_the_reference_answer_scores_and_the_training_shape_does_not():
 
 
 def test_short_enough_for_the_c_s_budget():
-    from opsdl_core.tiny import build_tiny_model
+    from opsdl_core.models.tiny import build_tiny_model
 
     _, tok = build_tiny_model(seed=0)
     for e in generate_foreign(140, seed=0):

@@ -1,4 +1,4 @@
-"""lm-eval runs and their scores in the lineage store (evals.harness, evals.report)."""
+"""lm-eval runs and their scores in the lineage store (opsdl_core.evaluation.lm_eval, opsdl_core.evaluation.length_report)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from evals.harness import LmEvalSpec, eval_run_id, ingest, results_file, run, score_rows
-from evals.report import length_table, scores_by_model, write_report
-from opsdl_core.lineage import LineageStore
+from opsdl_core.evaluation.length_report import length_table, scores_by_model, write_report
+from opsdl_core.evaluation.lm_eval import LmEvalSpec, eval_run_id, ingest, results_file, run, score_rows
+from opsdl_core.lineage.store import LineageStore
 
 STAMP = "2026-11-25T10-00-00.000000"
 
@@ -152,7 +152,7 @@ def test_vllm_backend_runs_a_ruler_task_with_the_real_engine(tmp_path):
         if os.environ.get("OPSDL_REQUIRE_VLLM"):
             raise AssertionError("OPSDL_REQUIRE_VLLM is set but vllm is not installed")
         pytest.skip("vllm is not installed")
-    from opsdl_core.tiny import save_tiny_model
+    from opsdl_core.models.tiny import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model", seed=0, num_heads=2, num_kv_heads=1)  # vLLM CPU: head_dim >= 32
     spec = LmEvalSpec(model=str(model), tasks=("opsdl_ruler_niah_single_1",), backend="vllm",

@@ -10,7 +10,7 @@ import duckdb
 import pytest
 
 from opsdl_core.cli import main as cli_main
-from opsdl_core.lineage import SCHEMA_VERSION, LineageStore, content_hash, flatten_params, ingest_training_run
+from opsdl_core.lineage.store import SCHEMA_VERSION, LineageStore, content_hash, flatten_params, ingest_training_run
 
 
 def _fill(store: LineageStore, run_id: str, lr: str = "0.0001", loss: str = "pointwise") -> None:

@@ -7,19 +7,9 @@ import json
 
 import pytest
 
-from evals.longbench_v2.longbench_v2 import (
-    DATA_URL,
-    ENV_VAR,
-    build_prompt,
-    chat_template_tokens,
-    default_max_input_tokens,
-    extract_answer,
-    load_rows,
-    middle_truncate,
-    model_window,
-    resolve_data_path,
-    score,
-)
+from evals.longbench_v2.longbench_v2 import (DATA_URL, ENV_VAR, build_prompt, chat_template_tokens,
+                                             default_max_input_tokens, extract_answer, load_rows, middle_truncate,
+                                             model_window, resolve_data_path, score)
 
 LONG_CONTEXT = "HEADMARK " + "The quick brown fox jumps over the lazy dog. " * 700 + "TAILMARK"
 # (difficulty, length, answer, context): 2 easy / 4 hard, 3 short / 2 medium / 1 long; one context

@@ -1,22 +1,13 @@
-"""Tests for opsdl_core.losses (CPU, fixed seeds, a few seconds)."""
+"""Tests for opsdl_core.train.losses (CPU, fixed seeds, a few seconds)."""
 
 import math
 
 import pytest
 import torch
 
-from opsdl_core.losses import (
-    LOSS_KINDS,
-    LossOutput,
-    compute_loss,
-    forward_kl_loss,
-    jsd_loss,
-    masked_mean,
-    needs_full_logits,
-    pointwise_reverse_kl_loss,
-    reverse_kl_loss,
-    topk_reverse_kl_loss,
-)
+from opsdl_core.train.losses import (LOSS_KINDS, LossOutput, compute_loss, forward_kl_loss, jsd_loss, masked_mean,
+                                     needs_full_logits, pointwise_reverse_kl_loss, reverse_kl_loss,
+                                     topk_reverse_kl_loss)
 
 FULL_KINDS = [k for k in LOSS_KINDS if k != "pointwise"]
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from test_pipeline import TINY_RUN_CONFIG  # noqa: E402  (tests/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ def test_pipeline_script_runs_the_full_job_and_prints_the_report(tiny_model_dir,
     assert report in proc.stdout  # the report is printed
     assert f"lineage DB: {home / 'lineage.duckdb'}" in proc.stdout
     assert (home / "dagster_home" / "dagster.yaml").exists()  # its own instance, never the user's
-    from opsdl_core.lineage import LineageStore
+    from opsdl_core.lineage.store import LineageStore
 
     store = LineageStore(home / "lineage.duckdb")
     assert store.count("runs", "WHERE kind = 'train'") == 1

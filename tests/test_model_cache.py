@@ -1,4 +1,4 @@
-"""Tests for opsdl_core.model_cache: the embedded-default pipeline (wheel -> checksum -> GGUF ->
+"""Tests for opsdl_core.models.cache: the embedded-default pipeline (wheel -> checksum -> GGUF ->
 transformers folder), exercised fast on a tiny GGUF written from the tiny model and packed into a fake
 wheel whose checksums replace the pinned ones; the real SmolLM2 wheel is converted in the one slow test.
 """
@@ -18,16 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from opsdl_core import model_cache as M
-from opsdl_core.model_cache import (
-    EMBEDDED_DEFAULT,
-    ChecksumMismatchError,
-    convert_gguf_to_folder,
-    ensure_embedded_default,
-    folder_content_hash,
-)
-from opsdl_core.models import load_model_and_tokenizer, resolve_model
-from opsdl_core.tiny import build_tiny_model
+from opsdl_core.models import cache as M
+from opsdl_core.models.cache import (EMBEDDED_DEFAULT, ChecksumMismatchError, convert_gguf_to_folder,
+                                     ensure_embedded_default, folder_content_hash)
+from opsdl_core.models.load import load_model_and_tokenizer, resolve_model
+from opsdl_core.models.tiny import build_tiny_model
 
 # mixed text for tokenizer round trips: digits, accents, symbols, emoji, tabs and newlines
 SAMPLE = "Hello world! In 2024 the café costs $12.50 (about 11 €) 🙂\n\tdef f(x): return x**2"

@@ -1,4 +1,4 @@
-"""Tests for opsdl_core.models: the tiny model, resolving model specs and loading them.
+"""Tests for opsdl_core.models.load: the tiny model, resolving model specs and loading them.
 The embedded default's download and conversion are in tests/test_model_cache.py."""
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ import shutil
 import pytest
 import torch
 
-from opsdl_core.models import (
-    EMBEDDED_DEFAULT,
-    ResolvedModel,
-    folder_content_hash,
-    load_model_and_tokenizer,
-    resolve_model,
-)
-from opsdl_core.tiny import build_tiny_model, save_tiny_model
+from opsdl_core.models.load import (EMBEDDED_DEFAULT, ResolvedModel, folder_content_hash, load_model_and_tokenizer,
+                                    resolve_model)
+from opsdl_core.models.tiny import build_tiny_model, save_tiny_model
 
 SAMPLE = "Hello world! In 2024 the café costs $12.50 (about 11 €) 🙂\n\tdef f(x): return x**2"
 

@@ -9,7 +9,7 @@ import dagster as dg
 import pytest
 
 from assets import ALL_ASSETS, ALL_CHECKS, OpsdlResource
-from opsdl_core.lineage import LineageStore
+from opsdl_core.lineage.store import LineageStore
 from pipelines.definitions import build_definitions, inbox_sensor
 
 TINY_RUN_CONFIG = {

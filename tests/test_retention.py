@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from lm_eval_cli import run_lm_eval
 
 from evals.retention.benchmarks import BENCHMARKS, RetentionDataError, builtin_yaml, lm_eval_tasks_dir, mmlu_subjects
 from evals.retention.write_tasks import GROUP, task_name, write_retention_tasks
-from lm_eval_cli import run_lm_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from lm_eval_cli import ROOT, run_lm_eval
 
 
@@ -19,10 +18,10 @@ def tiny_tokenizer(tiny_model_dir):
 
 def test_short_cs_docs_are_the_pipelines_cs_questions(tiny_tokenizer):
     from evals.retention.short_cs import SUITES, build_docs
-    from opsdl_core.curation import eval_suites
-    from opsdl_core.prepare import token_counter
-    from opsdl_core.prompts import user_message
-    from opsdl_core.synthetic import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+    from opsdl_core.data.curation import eval_suites
+    from opsdl_core.data.prepare import token_counter
+    from opsdl_core.data.prompts import user_message
+    from opsdl_core.data.tasks.needle import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
 
     docs = build_docs(tiny_tokenizer, num_samples=3, seed=0, context_tokens=256)
     assert [d["suite"] for d in docs] == [SUITES[0]] * 3 + [SUITES[1]] * 3
@@ -50,9 +49,9 @@ def test_lm_eval_feeds_the_pipelines_teacher_prompt_ids_under_apply_chat_templat
     from lm_eval.tasks import TaskManager
 
     from opsdl_core.config import DataConfig
-    from opsdl_core.curation import eval_suites
-    from opsdl_core.prepare import prepare_examples, token_counter
-    from opsdl_core.prompts import chat_prompt_ids
+    from opsdl_core.data.curation import eval_suites
+    from opsdl_core.data.prepare import prepare_examples, token_counter
+    from opsdl_core.data.prompts import chat_prompt_ids
 
     tm = TaskManager(include_path=str(ROOT / "evals" / "retention" / "tasks"), include_defaults=False,
                      metadata={"pretrained": str(tiny_model_dir), "num_samples": 3, "context_tokens": 256})

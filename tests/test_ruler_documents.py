@@ -45,8 +45,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def count_tokens():
-    from opsdl_core.prepare import token_counter
-    from opsdl_core.tiny import build_tiny_model
+    from opsdl_core.data.prepare import token_counter
+    from opsdl_core.models.tiny import build_tiny_model
 
     _, tok = build_tiny_model(seed=0)
     return token_counter(tok)

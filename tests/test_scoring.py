@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opsdl_core.rollout import SamplingParams, TransformersRollout, sample_next
-from opsdl_core.scoring import score_responses
+from opsdl_core.models.rollout import SamplingParams, TransformersRollout, sample_next
+from opsdl_core.models.scoring import score_responses
 
 V, PAD = 97, 0
 

@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-from opsdl_core.data import load_examples
-from opsdl_core.prose import document_texts, write_documents
-from opsdl_core.self_instruct import SelfInstructSettings, parse_question, prose_chunks, self_instruct
-from opsdl_core.synthetic import answer_in_text
+from opsdl_core.data.examples import load_examples
+from opsdl_core.data.tasks.prose import document_texts, write_documents
+from opsdl_core.data.tasks.self_instruct import SelfInstructSettings, parse_question, prose_chunks, self_instruct
+from opsdl_core.grading import answer_in_text
 
 
 def count_words(text: str) -> int:
@@ -98,7 +98,7 @@ def test_filter_outcomes_and_kept_triples(docs, tiny_model_and_tokenizer):
 
 
 def test_questions_about_the_worked_example_are_dropped():
-    from opsdl_core.self_instruct import copies_the_example
+    from opsdl_core.data.tasks.self_instruct import copies_the_example
 
     assert copies_the_example("Who built the lighthouse on the north cape?", "The for statement iterates.")
     assert not copies_the_example("Who built the lighthouse?", "The old lighthouse was rebuilt in spring.")
@@ -106,7 +106,7 @@ def test_questions_about_the_worked_example_are_dropped():
 
 
 def test_answer_span_is_the_longest_shared_phrase_of_the_chunk():
-    from opsdl_core.self_instruct import answer_span
+    from opsdl_core.data.tasks.self_instruct import answer_span
 
     chunk = "The north tower was rebuilt by Thomas Hale in the spring, after the storm."
     q = "Who rebuilt the north tower?"

@@ -5,8 +5,9 @@ import re
 
 import pytest
 
-from opsdl_core.synthetic import (HELDOUT_KEYS, HELDOUT_TEMPLATES, TRAIN_KEYS, TRAIN_TEMPLATES, answer_in_text,
-                                  generate_examples, length_tolerance, score_answer)
+from opsdl_core.data.tasks.needle import (HELDOUT_KEYS, HELDOUT_TEMPLATES, TRAIN_KEYS, TRAIN_TEMPLATES,
+                                          generate_examples, length_tolerance)
+from opsdl_core.grading import answer_in_text, score_answer
 
 
 def words(s: str) -> int:

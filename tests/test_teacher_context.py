@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from opsdl_core.data import Example
-from opsdl_core.synthetic import generate_examples
-from opsdl_core.teacher_context import (SEPARATOR, STRATEGIES, TeacherContext, TeacherContextError, bm25_context,
-                                        build_teacher_context, check_teacher_context, oracle_context, sentence_spans,
-                                        window_context)
+from opsdl_core.data.examples import Example
+from opsdl_core.data.short_context import (SEPARATOR, STRATEGIES, TeacherContext, TeacherContextError, bm25_context,
+                                           build_teacher_context, check_teacher_context, oracle_context, sentence_spans,
+                                           window_context)
+from opsdl_core.data.tasks.needle import generate_examples
 
 
 def words(s: str) -> int:

@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-from opsdl_core import trainer as trainer_mod
-from opsdl_core.checkpoint import latest_checkpoint, read_jsonl
 from opsdl_core.config import RunConfig
-from opsdl_core.tiny import build_tiny_model
-from opsdl_core.prepare import prepare_data
-from opsdl_core.scoring import score_responses
-from opsdl_core.train import run
-from opsdl_core.trainer import OPSDLTrainer
+from opsdl_core.data.prepare import prepare_data
+from opsdl_core.models.scoring import score_responses
+from opsdl_core.models.tiny import build_tiny_model
+from opsdl_core.train import trainer as trainer_mod
+from opsdl_core.train.checkpoint import latest_checkpoint, read_jsonl
+from opsdl_core.train.run import run
+from opsdl_core.train.trainer import OPSDLTrainer
 
 
 def tiny_cfg(run_dir, **sections) -> RunConfig:
@@ -75,9 +75,9 @@ def test_run_end_to_end_writes_results_checkpoints_and_final(tmp_path):
 
 
 def test_rollout_judgement_tells_a_distractor_from_an_invented_answer():
-    from opsdl_core.curriculum import generate_family
-    from opsdl_core.data import Example
-    from opsdl_core.trainer import rollout_judgement
+    from opsdl_core.data.examples import Example
+    from opsdl_core.data.tasks.curriculum import generate_family
+    from opsdl_core.grading import rollout_judgement
 
     ex = generate_family("event_date", n=1, split="train", target_tokens=300, count_tokens=lambda t: len(t.split()),
                          seed=0, n_distractors=(2, 3))[0]
@@ -206,7 +206,7 @@ def test_every_loss_kind_trains(tmp_path, kind):
 
 def _short_kl_to_base(tr, base_model):
     """Mean full-vocabulary KL(student || base) on every training item's short prompt, along one fixed response."""
-    from opsdl_core.losses import reverse_kl_loss
+    from opsdl_core.train.losses import reverse_kl_loss
 
     items = tr.data.train
     prompts = [p.teacher_ids for p in items]
@@ -404,7 +404,7 @@ def test_control_long_prompt_teacher_reads_the_students_prompt_so_a_base_teacher
 
 def test_control_other_context_teacher_reads_another_examples_short_context_with_this_question(
         tmp_path, scoring_calls):
-    from opsdl_core.prepare import other_context_prompts
+    from opsdl_core.data.prepare import other_context_prompts
 
     cfg = tiny_cfg(tmp_path, loss={"control": "other_context"})
     tr = make_trainer(cfg).setup()

@@ -1,15 +1,15 @@
 """The ``opsdl_short_cs`` documents and score: the synthetic needle questions asked with their
 relevant context only (C_s), prompted and scored as the pipeline's evaluation does.
 
-The examples are the pipeline's held-out evaluation suites (``opsdl_core.curation.eval_suites``):
+The examples are the pipeline's held-out evaluation suites (``opsdl_core.data.curation.eval_suites``):
 ``kv_heldout`` (held-out templates) and ``kv_in_template`` (fresh keys of the training templates),
 ``num_samples`` each. Each document's text (``prompt``) is the raw user message of the pipeline's
-teacher prompt, ``opsdl_core.prompts.user_message(C_s, Q)`` (the oracle C_s of
-``opsdl_core.prepare.prepare_examples``), and lm-eval applies the evaluated model's chat template
+teacher prompt, ``opsdl_core.data.prompts.user_message(C_s, Q)`` (the oracle C_s of
+``opsdl_core.data.prepare.prepare_examples``), and lm-eval applies the evaluated model's chat template
 to it: run WITH ``--apply_chat_template``, as every opsdl long-context task (``opsdl_ruler*``) and
-``evals/harness.py`` do. lm-eval's ``hf`` model then feeds the model the pipeline's teacher prompt
-ids ``chat(C_s ⊕ Q)`` (``opsdl_core.prompts.chat_prompt_ids``). An answer is right when
-``opsdl_core.synthetic.score_answer`` says so: the reference value occurs in the output and no
+``opsdl_core/evaluation/lm_eval.py`` do. lm-eval's ``hf`` model then feeds the model the pipeline's teacher prompt
+ids ``chat(C_s ⊕ Q)`` (``opsdl_core.data.prompts.chat_prompt_ids``). An answer is right when
+``opsdl_core.data.tasks.needle.score_answer`` says so: the reference value occurs in the output and no
 distractor value does.
 
 Settings come from lm-eval's ``--metadata``: ``num_samples`` (50), ``seed`` (0, the pipeline's
@@ -29,10 +29,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from opsdl_core.config import DataConfig
-from opsdl_core.curation import eval_suites
-from opsdl_core.prepare import prepare_examples, token_counter
-from opsdl_core.prompts import user_message
-from opsdl_core.synthetic import score_answer
+from opsdl_core.data.curation import eval_suites
+from opsdl_core.data.prepare import prepare_examples, token_counter
+from opsdl_core.data.prompts import user_message
+from opsdl_core.grading import score_answer
 
 __all__ = ["SUITES", "build_docs", "lm_eval_chat_ids", "score"]
 

