@@ -12,7 +12,7 @@ from opsdl_core.data.curation import curate, dataset_digest, eval_suites
 from opsdl_core.data.examples import Example, write_jsonl, write_rejected_jsonl
 from opsdl_core.lineage.store import content_hash
 
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "curation"
 
@@ -89,7 +89,7 @@ def read_examples(path: str | Path) -> list[Example]:
     return [Example(**r) for r in rows]
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="Held-out synthetic evaluation suites: unseen templates (transfer) and fresh keys of the "
                       "training templates (in-family), at each context length.")
 def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: OpsdlResource) -> dict[str, Any]:
@@ -119,13 +119,13 @@ def eval_sets(context: dg.AssetExecutionContext, config: EvalSetsConfig, opsdl: 
 
 
 @dg.multi_asset(
-    group_name=GROUP, can_subset=False, op_tags=HEAVY,
+    group_name=GROUP, can_subset=False, op_tags=HEAVY, pool=CPU_POOL,
     outs={
-        "curated_prompts": dg.AssetOut(kinds={"python"}, code_version="1",
+        "curated_prompts": dg.AssetOut(kinds={"python"}, code_version=CODE_VERSION, owners=OWNERS,
                                        description="Training prompts: loaded or generated, deduplicated by content "
                                                    "hash, decontaminated against the evaluation suites, bucketed "
                                                    "by token length."),
-        "quarantined_rows": dg.AssetOut(kinds={"python"}, code_version="1",
+        "quarantined_rows": dg.AssetOut(kinds={"python"}, code_version=CODE_VERSION, owners=OWNERS,
                                         description="Rows set aside during curation, each with its source, row, "
                                                     "field and reason."),
     },

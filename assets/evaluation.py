@@ -21,7 +21,7 @@ from opsdl_core.models.load import load_tokenizer
 from .curation import md_table, read_examples
 from .long_context import long_context_section
 from .plots import accuracy_bars_png, png_markdown
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "evaluation"
 # gained / lost: questions the trained model answers that the base did not, and the reverse (the same
@@ -81,7 +81,7 @@ def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: E
     return out
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="Greedy accuracy of the base model and of the OPSDL model on every evaluation suite, with "
                       "the long context and (held-out templates) with C_s only; scores go to DuckDB by task, "
                       "context and context length, tied to the checkpoint and the suite's digest.")
@@ -152,7 +152,7 @@ def evaluation(context: dg.AssetExecutionContext, config: EvaluationConfig, opsd
     return {"rows": rows, "plot": str(png), "checkpoint_id": opsdl_model["checkpoint_id"], "base_checkpoint": base_ckpt}
 
 
-@dg.asset(group_name=GROUP, kinds={"python"}, code_version="1",
+@dg.asset(group_name=GROUP, kinds={"python"}, code_version=CODE_VERSION, owners=OWNERS,
           description="A Markdown report of the run: inputs by digest, training config and curves, the "
                       "before/after score table, the lm-eval scores per context length, and SQL to trace it all in the lineage store.")
 def report(context: dg.AssetExecutionContext, opsdl: OpsdlResource, evaluation: dict[str, Any],

@@ -14,7 +14,7 @@ from opsdl_core.experiment.report import transfer_markdown
 from opsdl_core.experiment.run import run_experiment
 
 from .plots import png_markdown
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "experiment"
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ class ExperimentConfig(dg.Config):
         return [f"{k}={v}" for k, v in pairs if v is not None] + list(self.overrides)
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="Trains the base model with OPSDL, Long-SFT and DPO (LongPO form) on the same prompts for "
                       "each seed (each training its own process), evaluates the base, every final model and the "
                       "intermediate checkpoints per context length, and writes the comparison: a method x length "

@@ -14,7 +14,7 @@ from opsdl_core.evaluation.length_report import write_report
 from opsdl_core.evaluation.lm_eval import BACKENDS, LmEvalSpec, eval_run_id, ingest, run
 
 from .plots import png_markdown
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "evaluation"
 
@@ -37,7 +37,7 @@ class LongContextEvalConfig(dg.Config):
                                "(content hash) under the same tasks, settings, task code and lm-eval version.")
 
 
-@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"python", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="RULER (and any other lm-eval task) per context length for the base and the OPSDL model, "
                       "through the real lm_eval CLI, offline; every score (value, stderr, n, lm-eval version, task "
                       "config hash, sample digest) goes to DuckDB tied to its checkpoint; a table and a plot of "

@@ -16,9 +16,32 @@ from opsdl_core.lineage.store import LineageStore
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def _code_version() -> str:
+    """The assets' Dagster code version: the package version and a digest of the library's and the
+    assets' source (every ``.py`` under ``opsdl_core/`` and ``assets/``), so a change of the code an
+    asset runs marks it changed in the UI and is recorded beside its lineage rows."""
+    import hashlib
+
+    import opsdl_core
+
+    h = hashlib.sha256()
+    for pkg in (Path(opsdl_core.__file__).parent, Path(__file__).parent):
+        for f in sorted(pkg.rglob("*.py")):
+            h.update(f.relative_to(pkg.parent).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return f"{opsdl_core.__version__}+{h.hexdigest()[:12]}"
+
+
+CODE_VERSION = _code_version()
+
+
 # Steps that load a model or tokenize a data set carry this tag; the main job's run config allows
 # one of them at a time (tag_concurrency_limits) while the light asset checks run beside them.
 HEAVY = {"opsdl/cpu": "heavy"}
+# ... and belong to this concurrency pool: across runs (the weekly schedule, the inbox sensor and a
+# run started by hand), an instance that sets a limit (`dagster instance concurrency set opsdl_cpu 1`)
+# runs one of them at a time. Within a run the tag limit above does it without instance settings.
+CPU_POOL = "opsdl_cpu"
+OWNERS = ["team:opsdl"]
 
 
 def default_home() -> str:

@@ -15,7 +15,7 @@ from opsdl_core.data.examples import Example, write_json_lines, write_jsonl, wri
 from opsdl_core.data.prepare import prepare_examples
 
 from .curation import example_rows, md_table, read_examples
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "teacher"
 
@@ -35,7 +35,7 @@ class TeacherContextConfig(dg.Config):
                           bm25_top_k=self.bm25_top_k, **kw)
 
 
-@dg.asset(group_name=GROUP, kinds={"python"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"python"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="C_s for every curated prompt (oracle / window / BM25), with its spans in C_L and its "
                       "token count; prompts whose C_s cannot be built within the budget are set aside.")
 def teacher_contexts(context: dg.AssetExecutionContext, config: TeacherContextConfig, opsdl: OpsdlResource,
@@ -81,7 +81,7 @@ class RolloutSnapshotConfig(dg.Config):
     seed: int = Field(default=0, description="Sampling seed.")
 
 
-@dg.asset(group_name="rollout", kinds={"pytorch", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name="rollout", kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           description="On-policy samples of the base model on long-context prompts, every token scored by the "
                       "teacher prompt (C_s only): the student-teacher gap before training, and the raw "
                       "material of the baselines.")

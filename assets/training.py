@@ -15,7 +15,7 @@ from opsdl_core.lineage.store import ingest_training_run
 
 from .curation import md_table
 from .plots import png_markdown, training_curves_png
-from .resources import HEAVY, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
 
 GROUP = "training"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ class TrainingConfig(dg.Config):
         return RunConfig.from_dict(d, parse_overrides(self.overrides))
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version="1", op_tags=HEAVY,
+@dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
           retry_policy=dg.RetryPolicy(max_retries=1),
           description="OPSDL training of the base model on the teacher-context prompts, in its own process "
                       "(Dagster Pipes): logs and per-step metrics stream back; a retried step resumes from the "

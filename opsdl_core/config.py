@@ -22,6 +22,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
+# A field with this metadata cannot change what a run computes (where it writes, how many threads,
+# how often it logs or saves, engine memory); ``RunConfig.hash`` leaves it out. The one rule of the hash.
+NOT_HASHED = types.MappingProxyType({"hash": False})
+# Bumped when that rule changes: every run's hash changes with it (a run folder of an earlier schema
+# is not resumed; an experiment retrains it).
+HASH_SCHEMA = 2
 
 LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 # controls of the distillation signal (``loss.control``): where does a gain come from?
@@ -53,7 +59,7 @@ class ModelConfig:
     # "sdpa": torch SDPA, grouped-query attention without copying K/V (opsdl_core.models.attention);
     # "sdpa_stock": transformers' own SDPA function; or any name transformers accepts ("eager", ...)
     attn_implementation: str = "sdpa"
-    cache_dir: Optional[str] = None  # where the embedded default is converted; default ~/.cache/opsdl
+    cache_dir: Optional[str] = field(default=None, metadata=NOT_HASHED)  # where the embedded default is converted; default ~/.cache/opsdl
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
@@ -141,20 +147,20 @@ class DataConfig:
 class VLLMConfig:
     """The vLLM rollout engine (``rollout.backend: vllm``; ``opsdl_core.models.rollout_vllm``)."""
 
-    max_model_len: int = 4096  # prompt + answer, in tokens
+    max_model_len: int = field(default=4096, metadata=NOT_HASHED)  # prompt + answer, in tokens
     dtype: Optional[str] = None  # default: model.dtype (the trainer's, so log-probs match)
-    kv_cache_gib: float = 1.0  # KV cache size: CPU RAM on the CPU build, per GPU on GPUs; 0: use gpu_memory_utilization
-    gpu_memory_utilization: float = 0.3  # GPUs only, when kv_cache_gib is 0
+    kv_cache_gib: float = field(default=1.0, metadata=NOT_HASHED)  # KV cache size: CPU RAM on the CPU build, per GPU on GPUs; 0: use gpu_memory_utilization
+    gpu_memory_utilization: float = field(default=0.3, metadata=NOT_HASHED)  # GPUs only, when kv_cache_gib is 0
     enable_prefix_caching: bool = True
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds
-    in_process: bool = False  # the engine in the trainer's process (weights handed over in memory)
+    in_process: bool = field(default=False, metadata=NOT_HASHED)  # the engine in the trainer's process (weights handed over in memory)
     tensor_parallel_size: int = 1
-    model_dir: Optional[str] = None  # the folder the engine starts from (default: the model's own folder)
+    model_dir: Optional[str] = field(default=None, metadata=NOT_HASHED)  # the folder the engine starts from (default: the model's own folder)
     # tokens one engine step may compute (a prompt is never split over steps); null: max(8192, max_model_len)
-    max_num_batched_tokens: Optional[int] = None
+    max_num_batched_tokens: Optional[int] = field(default=None, metadata=NOT_HASHED)
     # CPU build: cores the engine's threads use; null: every core this process may run on (vLLM's own
     # default keeps one core per worker for its scheduler). VLLM_CPU_OMP_THREADS_BIND, if set, wins.
-    cpu_threads: Optional[int] = None
+    cpu_threads: Optional[int] = field(default=None, metadata=NOT_HASHED)
 
     def __post_init__(self) -> None:
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,
@@ -267,18 +273,18 @@ class OptimConfig:
 class TrainConfig:
     """The on-policy loop."""
 
-    run_dir: str = "runs/demo"
+    run_dir: str = field(default="runs/demo", metadata=NOT_HASHED)
     steps: int = 40  # optimizer steps
     prompts_per_step: int = 1  # prompts per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     teacher: Literal["live", "base", "ema"] = "base"
     ema_decay: float = 0.95
     seed: int = 0
-    save_every: int = 10
-    keep_checkpoints: int = 2
+    save_every: int = field(default=10, metadata=NOT_HASHED)
+    keep_checkpoints: int = field(default=2, metadata=NOT_HASHED)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    num_threads: Optional[int] = None  # torch intra-op threads; None: leave torch's default
-    log_every: int = 1
+    num_threads: Optional[int] = field(default=None, metadata=NOT_HASHED)  # torch intra-op threads; None: leave torch's default
+    log_every: int = field(default=1, metadata=NOT_HASHED)
     # "shuffle": a seeded permutation of the prompts per epoch; "sequential": the data's own order
     # (a length curriculum, data.curriculum.length_order: ascending)
     prompt_order: Literal["shuffle", "sequential"] = "shuffle"
@@ -298,9 +304,9 @@ class EvalConfig:
     """Greedy accuracy on the held-out split, with the long context and with C_s only."""
 
     enabled: bool = True
-    before: bool = True  # also evaluate the base model before training (skip it to save time)
+    before: bool = field(default=True, metadata=NOT_HASHED)  # also evaluate the base model before training (skip it to save time)
     max_new_tokens: int = 24
-    batch_size: int = 8
+    batch_size: int = field(default=8, metadata=NOT_HASHED)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
@@ -332,12 +338,6 @@ class MethodConfig:
                self.target)
         _check(self.beta > 0, "method.beta", "a float > 0", self.beta)
         _check(self.nll_weight >= 0, "method.nll_weight", "a float >= 0", self.nll_weight)
-
-
-# Fields that do not change what a run computes; left out of the hash.
-_NON_SEMANTIC = {("model", "cache_dir"), ("train", "run_dir"), ("train", "num_threads"), ("train", "log_every"),
-                 ("train", "save_every"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
-                 ("eval", "before")}
 
 
 @dataclass
@@ -392,32 +392,22 @@ class RunConfig:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def hash(self) -> str:
-        """Stable 16-hex digest of the result-affecting fields (sorted-key canonical JSON)."""
-        d = self.to_dict()
-        if d["data"].get("curriculum") is None:  # runs before the curriculum keep their hashes
-            d["data"].pop("curriculum", None)
-        elif d["data"]["curriculum"].get("distractors") is None:
-            d["data"]["curriculum"].pop("distractors")
-        if d["train"].get("prompt_order") == "shuffle":
-            d["train"].pop("prompt_order")
-        if d["loss"].get("short_anchor") == 0:
-            d["loss"].pop("short_anchor")
-        if d["loss"].get("control") == "none":  # runs before the controls keep their hashes
-            d["loss"].pop("control")
-        if d["loss"].get("control") != "constant_advantage":
-            d["loss"].pop("control_advantage", None)
-        for section, key in _NON_SEMANTIC:
-            d.get(section, {}).pop(key, None)
-        if d.get("method") == dataclasses.asdict(MethodConfig()):  # OPSDL runs keep their pre-baseline hashes
-            d.pop("method")
-        if d["rollout"]["backend"] != "vllm":  # the engine's settings matter only when it samples
-            d["rollout"].pop("vllm")
-        else:
-            for key in ("kv_cache_gib", "gpu_memory_utilization", "in_process", "model_dir", "max_model_len",
-                        "max_num_batched_tokens", "cpu_threads"):
-                d["rollout"]["vllm"].pop(key)
+        """Stable 16-hex digest of the fields that can change what a run computes (every field but
+        those marked ``NOT_HASHED``), with the hash schema, as sorted-key canonical JSON."""
+        d = {"hash_schema": HASH_SCHEMA, **_hashed_fields(self)}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _hashed_fields(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _hashed_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if f.metadata.get("hash", True)}
+    if isinstance(obj, (list, tuple)):
+        return [_hashed_fields(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _hashed_fields(v) for k, v in obj.items()}
+    return obj
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

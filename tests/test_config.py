@@ -47,6 +47,38 @@ def test_hash_tracks_result_affecting_fields_only():
     assert len(base.hash()) == 16 and base.hash() == RunConfig().hash()
 
 
+def test_the_hash_has_one_rule_every_field_but_the_marked_ones():
+    """Changing any field changes the hash unless the field is marked NOT_HASHED (where a run writes,
+    threads, logging and saving cadence, engine memory), whatever the other fields say."""
+    import dataclasses
+
+    import opsdl_core.config as config
+
+    base = RunConfig(rollout=config.RolloutConfig(backend="transformers"))
+    unhashed, hashed = [], []
+    for section in dataclasses.fields(RunConfig):
+        sub = getattr(base, section.name)
+        subs = [(section.name, sub)] + [(f"{section.name}.{f.name}", getattr(sub, f.name))
+                                        for f in dataclasses.fields(sub) if dataclasses.is_dataclass(getattr(sub, f.name))]
+        for where, obj in subs:
+            for f in dataclasses.fields(obj):
+                (hashed if f.metadata.get("hash", True) else unhashed).append(f"{where}.{f.name}")
+    assert {"train.run_dir", "train.num_threads", "model.cache_dir", "rollout.vllm.kv_cache_gib"} <= set(unhashed)
+    assert {"optim.lr", "train.steps", "rollout.vllm.enforce_eager", "loss.control_advantage"} <= set(hashed)
+    changed = {"train.run_dir": "x", "train.num_threads": 3, "train.save_every": 7, "train.keep_checkpoints": 5,
+               "train.log_every": 4, "model.cache_dir": "/c", "eval.batch_size": 2, "eval.before": False,
+               "rollout.vllm.kv_cache_gib": 3.0, "rollout.vllm.cpu_threads": 1, "rollout.vllm.in_process": True,
+               "rollout.vllm.max_model_len": 8192, "rollout.vllm.model_dir": "/m",
+               "rollout.vllm.gpu_memory_utilization": 0.5, "rollout.vllm.max_num_batched_tokens": 16384}
+    assert set(changed) == set(unhashed)
+    for key, value in changed.items():
+        assert RunConfig.from_dict(parse_overrides([f"{key}={value}"])).hash() == RunConfig().hash(), key
+    for key, value in {"rollout.vllm.enforce_eager": False, "loss.control_advantage": 2.0, "train.seed": 1,
+                       "data.short_budget_tokens": 64, "method.beta": 0.2}.items():
+        assert RunConfig.from_dict(parse_overrides([f"{key}={value}"])).hash() != RunConfig().hash(), key
+    assert config.HASH_SCHEMA >= 2
+
+
 def test_overrides_parse_as_yaml_scalars():
     o = parse_overrides(["train.steps=7", "loss.advantage_clip=2.5", "lora.enabled=false", "model.name=a/b"])
     cfg = RunConfig.from_dict({}, o)

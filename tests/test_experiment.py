@@ -293,22 +293,13 @@ def test_transfer_experiment_on_a_tiny_model_reports_in_and_out_of_family(tmp_pa
         assert p["gained"] - p["lost"] == round(2 * n * (scores["opsdl"][key]["mean"] - scores["base"][key]["mean"]))
     assert "Questions gained and lost against the base model" in md
     assert "Wrong answers: a distractor's value or something else" in md
-    # every stored answer carries its error kind; one stored without them gets the same kinds back
+    # every stored answer carries its error kind
     import json
-
-    from opsdl_core.experiment.suites import build_suites, classify_errors
-    from opsdl_core.models.load import load_model_and_tokenizer as _load
 
     rec = json.loads((tmp_path / "out" / "evals" / "base.json").read_text())
     got = [a for r in rec["rows"] for a in r.get("answers") or []]
     assert got and all((a["error"] is None) == a["correct"] for a in got)
     assert {a["error"] for a in got} <= {None, "distractor", "other"}
-    stripped = json.loads(json.dumps(rec["rows"]))
-    for r in stripped:
-        for a in r.get("answers") or []:
-            del a["error"]
-    assert classify_errors(stripped, build_suites(load_experiment(cfg), _load(str(tiny_model_dir))[1]))
-    assert stripped == rec["rows"] and not classify_errors(stripped, [])
     _, got = LineageStore(db).query("SELECT change, count(*) FROM v_answer_changes WHERE task = "
                                     "'out_of_family:event_date' AND context_length = 200 GROUP BY ALL")
     got = dict(got)  # the same questions, paired in SQL

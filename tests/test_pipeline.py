@@ -249,3 +249,37 @@ def test_report_table_writes_small_sign_test_p_values_readably():
     rows = [{"suite": "a", "sign_p": 0.0004}, {"suite": "b", "sign_p": 0.0223}, {"suite": "c", "sign_p": None}]
     assert [r["sign_p"] for r in table_rows(rows)] == ["< 0.001", "0.022", ""]
     assert rows[0]["sign_p"] == 0.0004, "the stored rows keep the number"
+
+
+def test_every_asset_says_what_it_is_who_owns_it_and_where_it_queues():
+    """Dagster conventions: kinds, a description, owners and the code version on every asset; the
+    model-loading ones in the CPU pool (one at a time across runs where the instance sets a limit)."""
+    from assets.resources import CODE_VERSION, CPU_POOL, HEAVY
+
+    defs = build_definitions(OpsdlResource())
+    graph = defs.resolve_asset_graph()
+    keys = list(graph.get_all_asset_keys())
+    assert len(keys) >= 10
+    for key in keys:
+        node = graph.get(key)
+        assert node.description and len(node.description) > 20, key
+        assert node.owners == ["team:opsdl"], key
+        assert node.kinds, key
+        assert node.code_version == CODE_VERSION, key
+    heavy = [a for a in [*ALL_ASSETS] if getattr(a, "op", None) and a.op.tags.get("opsdl/cpu") == HEAVY["opsdl/cpu"]]
+    assert heavy and all(a.op.pool == CPU_POOL for a in heavy)
+
+
+def test_dagster_validates_the_code_location(tmp_path):
+    """`dagster definitions validate` on the code location, as the web UI and the CLI load it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w",
+                           "workspace.yaml"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Validation successful" in proc.stdout + proc.stderr

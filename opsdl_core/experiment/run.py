@@ -34,14 +34,13 @@ import os
 import subprocess
 import sys
 import time
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig
 from .plan import (Experiment, Log, PlannedRun, curriculum_families, load_experiment, plan_runs, prompts_seen,
                    task_labels)
-from .suites import (Suite, build_suites, classify_errors, evaluate_external, evaluate_model, gap_snapshot,
+from .suites import (Suite, build_suites, evaluate_external, evaluate_model, gap_snapshot,
                      on_eval_device, ruler_rows, suite_passes)
 
 __all__ = ["run_experiment", "evaluate_external", "main"]
@@ -146,8 +145,6 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                 rec["snapshot"] = gap_snapshot(model, tok, curve_suites[0], exp)
             rec.update(params=params, seconds=round(rec.get("seconds", 0.0) + time.time() - t, 1))
             _save_eval_record(out / "evals", label, rec)
-        elif classify_errors(rec["rows"], suites):  # stored before answers had error kinds
-            _save_eval_record(out / "evals", label, rec)
         wanted = {x.digest for x in suites}  # rows of suites the experiment no longer has stay out of its report
         rec = {**rec, "rows": [r for r in rec["rows"] if r["dataset_digest"] in wanted or r["task"].startswith("ruler:")]}
         run_id = f"exp-{s.name}-{label}-{suites_digest}"
@@ -200,15 +197,11 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
 
 
 def _load_eval_record(folder: Path, label: str, ckpt_id: str) -> dict[str, Any]:
-    """The stored evaluation of ``label`` if it is of checkpoint ``ckpt_id`` (else an empty record);
-    a record of the earlier layout (one file per suite set, ``label-<digest>.json``) is taken over."""
+    """The stored evaluation of ``label`` if it is of checkpoint ``ckpt_id`` (else an empty record)."""
     path = folder / f"{label}.json"
-    candidates = [path] if path.exists() else sorted(folder.glob(f"{glob_escape(label)}-*.json"))
-    for c in candidates:
-        rec = json.loads(c.read_text())
-        if rec.get("checkpoint_id") == ckpt_id and isinstance(rec.get("rows"), list):
-            rec.setdefault("snapshot", [])
-            return rec
+    rec = json.loads(path.read_text()) if path.exists() else {}
+    if rec.get("checkpoint_id") == ckpt_id and isinstance(rec.get("rows"), list):
+        return {"snapshot": [], **rec}
     return {"checkpoint_id": ckpt_id, "rows": [], "snapshot": []}
 
 

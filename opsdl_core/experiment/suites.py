@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from .plan import Experiment, ExperimentSettings, curriculum_families
 
-__all__ = ["Suite", "build_suites", "evaluate_model", "classify_errors", "ruler_rows",
+__all__ = ["Suite", "build_suites", "evaluate_model", "ruler_rows",
            "gap_snapshot", "evaluate_external", "suite_passes", "FOREIGN"]
 
 Log = Callable[[str], None]
@@ -128,22 +128,6 @@ def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: Experimen
     return rows
 
 
-def classify_errors(rows: list[dict[str, Any]], suites: list[Suite]) -> bool:
-    """Give every stored wrong answer its error kind (``synthetic.error_kind``) where it has none, as
-    evaluations written before error kinds existed; the questions are found by id in ``suites``.
-    Returns whether anything was added."""
-    from ..grading import error_kind
-
-    examples = {it.example.id: it.example for x in suites for it in x.items}
-    added = False
-    for r in rows:
-        for a in r.get("answers") or []:
-            if "error" not in a and a["id"] in examples:
-                a["error"] = error_kind(examples[a["id"]], a.get("output") or "", bool(a["correct"]))
-                added = True
-    return added
-
-
 def ruler_rows(model_dir: str, exp: Experiment, out: Path, label: str) -> list[dict[str, Any]]:
     """``experiment.ruler_tasks`` through lm-eval (evals/ruler) on a model folder: rows labelled
     ``ruler:<task>`` per context length."""
@@ -215,8 +199,8 @@ def evaluate_external(exp: Experiment, model_dir: str, label: str, *, families: 
     base: dict[tuple[str, int], float] = {}
     base_answers: dict[tuple[str, int], dict[str, bool]] = {}
     digests = {x.digest for x in suites}
-    folder = exp.out_dir / "evals"  # the base model's scores on the same suites (either layout of the record)
-    for cache in [p for p in [folder / "base.json"] if p.exists()] + sorted(folder.glob("base-*.json")):
+    cache = exp.out_dir / "evals" / "base.json"  # the base model's scores on the same suites
+    for cache in [cache] if cache.exists() else []:
         for r in json.loads(cache.read_text())["rows"]:
             if r["context"] == "long" and r["dataset_digest"] in digests:
                 key = (r["task"].split(":")[-1], int(r["context_length"]))
