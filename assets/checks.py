@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.data.curation import FOREIGN_SUITE, ngrams
-from opsdl_core.data.short_context import SEPARATOR, TeacherContext, TeacherContextError, check_teacher_context
+from opsdl_core.data.short_context import TeacherContextError, check_teacher_context, stored_teacher_context
 
 from .curation import read_examples
 from .evaluation import evaluation
@@ -27,14 +27,12 @@ def c_s_in_c_l_within_budget(opsdl: OpsdlResource, teacher_contexts: dict[str, A
     bad: list[str] = []
     examples = read_examples(teacher_contexts["path"])
     for ex in examples:
-        tc = ex.metadata.get("teacher_context")
-        if not tc:
-            bad.append(f"{ex.id}: no teacher_context")
-            continue
-        ctx = TeacherContext(tc["text"], tuple(tuple(s) for s in tc["spans"]), tc["n_tokens"], tc["strategy"],
-                             tc.get("separator", SEPARATOR))
         try:
-            check_teacher_context(ctx, ex.long_context, max_tokens=tc["budget"], count_tokens=count)
+            stored = stored_teacher_context(ex)
+            if stored is None:
+                bad.append(f"{ex.id}: no teacher_context")
+                continue
+            check_teacher_context(stored[0], ex.long_context, max_tokens=stored[1]["budget"], count_tokens=count)
         except TeacherContextError as e:
             bad.append(f"{ex.id}: {e}")
     return dg.AssetCheckResult(passed=not bad, metadata={"n_checked": len(examples), "n_failed": len(bad),

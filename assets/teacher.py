@@ -12,7 +12,8 @@ from pydantic import Field
 from opsdl_core.config import DataConfig
 from opsdl_core.data.curation import dataset_digest
 from opsdl_core.data.examples import Example, write_json_lines, write_jsonl, write_rejected_jsonl
-from opsdl_core.data.prepare import prepare_examples
+from opsdl_core.data.prepare import prepare_examples, teacher_context_params
+from opsdl_core.data.short_context import teacher_context_record
 
 from .curation import example_rows, md_table, read_examples
 from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
@@ -41,15 +42,12 @@ class TeacherContextConfig(dg.Config):
 def teacher_contexts(context: dg.AssetExecutionContext, config: TeacherContextConfig, opsdl: OpsdlResource,
                      curated_prompts: dict[str, Any]) -> dict[str, Any]:
     examples = read_examples(curated_prompts["path"])
-    prepared, bad = prepare_examples(examples, opsdl.tokenizer(), config.data_config())
+    data_cfg = config.data_config()
+    prepared, bad = prepare_examples(examples, opsdl.tokenizer(), data_cfg)
     out: list[Example] = []
-    for p in prepared:
-        ctx = p.teacher_context
-        meta = {**p.example.metadata, "teacher_context": {"text": ctx.text, "spans": [list(s) for s in ctx.spans],
-                                                           "n_tokens": ctx.n_tokens, "strategy": ctx.strategy,
-                                                           "separator": ctx.separator,
-                                                           "budget": config.short_budget_tokens}}
-        out.append(Example(**{**asdict(p.example), "metadata": meta}))
+    for p in prepared:  # the C_s the training process reads (data.prepare uses a stored C_s as is)
+        rec = teacher_context_record(p.teacher_context, config.short_budget_tokens, teacher_context_params(data_cfg))
+        out.append(Example(**{**asdict(p.example), "metadata": {**p.example.metadata, "teacher_context": rec}}))
     if not out:
         raise dg.Failure(f"no teacher context could be built ({len(bad)} prompts set aside; e.g. "
                          f"{bad[0].reason if bad else 'none'})")

@@ -137,3 +137,49 @@ def test_unknown_strategy_and_sentence_spans():
         build_teacher_context(ex, "nope", count_tokens=words, max_tokens=10)
     text = "First one. Second (quoted!)\n\nThird line\nlast"
     assert [text[a:b] for a, b in sentence_spans(text)] == ["First one.", "Second (quoted!)", "Third line", "last"]
+
+
+def test_training_reads_the_stored_c_s_and_sets_aside_a_damaged_one(tiny_model_and_tokenizer, tmp_path):
+    """One data path: a row carrying the C_s built upstream (the teacher_contexts asset's output) trains
+    on that C_s, not on one rebuilt from config; built with other settings it is built again; a stored
+    C_s that is not made of its C_L's spans, over budget, or malformed sets the row aside naming
+    metadata.teacher_context."""
+    import copy
+    from dataclasses import replace
+
+    from opsdl_core.config import DataConfig
+    from opsdl_core.data.examples import write_jsonl
+    from opsdl_core.data.prepare import prepare_data, prepare_examples, teacher_context_params
+    from opsdl_core.data.short_context import teacher_context_record
+
+    _, tok = tiny_model_and_tokenizer
+    cfg = DataConfig(teacher_context="oracle", short_budget_tokens=256)
+    exs = generate_examples(n=4, split="train", target_tokens=400, count_tokens=lambda s: len(tok.encode(s)), seed=3)
+    built, bad = prepare_examples(exs, tok, cfg)
+    assert len(built) == 4 and not bad
+    # store, for row 0, a C_s the oracle would never pick: the first sentence of its C_L
+    ex0 = exs[0]
+    end = ex0.long_context.index(".") + 1
+    other = TeacherContext(ex0.long_context[:end], ((0, end),), len(tok.encode(ex0.long_context[:end])), "oracle")
+    assert other.text != built[0].teacher_context.text
+    rows = [replace(p.example, metadata={**p.example.metadata, "teacher_context": teacher_context_record(
+        other if i == 0 else p.teacher_context, 256, teacher_context_params(cfg))}) for i, p in enumerate(built)]
+    path = write_jsonl(rows, tmp_path / "teacher.jsonl")
+    data = prepare_data(replace(cfg, source=str(path), train_size=4, heldout_size=0), tok)
+    got = {p.example.id: p for p in data.train}
+    assert got[ex0.id].teacher_context.text == other.text  # the stored one
+    assert got[ex0.id].teacher_ids == prepare_examples([rows[0]], tok, cfg)[0][0].teacher_ids
+    # other settings (budget) than the stored C_s was built with: built again
+    again, _ = prepare_examples([rows[0]], tok, replace(cfg, short_budget_tokens=200))
+    assert again[0].teacher_context.text == built[0].teacher_context.text
+    # damaged: text not its spans, over budget, malformed spans
+    damaged = []
+    for change in ({"text": other.text + " extra"}, {"n_tokens": 999}, {"spans": [[0, "x"]]}, {"budget": "256"}):
+        r = copy.deepcopy(rows[0])
+        r.metadata["teacher_context"].update(change)
+        damaged.append(r)
+    good, bad = prepare_examples(damaged, tok, cfg)
+    assert not good and [b.field for b in bad] == ["metadata.teacher_context"] * 4
+    assert [b.row for b in bad] == [0, 1, 2, 3] and all(ex0.id in b.reason for b in bad)
+    assert "text mismatch" in bad[0].reason and "n_tokens" in bad[1].reason and "spans" in bad[2].reason
+    assert "budget" in bad[3].reason

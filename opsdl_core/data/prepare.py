@@ -16,7 +16,8 @@ from typing import Any, Callable
 from ..config import DataConfig
 from .examples import Example, RejectedRow, load_examples
 from .prompts import chat_prompt_ids
-from .short_context import TeacherContext, TeacherContextError, build_teacher_context
+from .short_context import (TeacherContext, TeacherContextError, build_teacher_context, check_teacher_context,
+                            stored_teacher_context)
 from .tasks.needle import TRAIN_TEMPLATES, generate_examples
 
 
@@ -97,18 +98,46 @@ def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Examp
     return train, heldout, rejected
 
 
+def teacher_context_params(cfg: DataConfig) -> dict[str, int]:
+    """The settings a C_s is built with besides its strategy and budget: a stored C_s built with
+    others is built again."""
+    return {"window_tokens": cfg.window_tokens, "bm25_chunk_tokens": cfg.bm25_chunk_tokens, "bm25_top_k": cfg.bm25_top_k}
+
+
 def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -> tuple[list[Prepared], list[RejectedRow]]:
+    """Each example's C_s and both chat prompts. A row that carries the C_s built for this strategy,
+    budget and settings (``metadata.teacher_context``, as the ``teacher_contexts`` asset stores it, its
+    checks having passed) is used as stored, after the same check; the others are built here. A C_s
+    that cannot be built, or a stored one that fails the check, sets the row aside with the reason."""
     count = token_counter(tokenizer)
+    params = teacher_context_params(cfg)
     good, bad = [], []
     for i, ex in enumerate(examples):
+        def set_aside(field: str, why: str) -> None:
+            bad.append(RejectedRow(source=ex.source or "examples", row=i, field=field, reason=f"example {ex.id}: {why}",
+                                   raw=None))
+
         try:
-            ctx = build_teacher_context(ex, cfg.teacher_context, count_tokens=count,
-                                        max_tokens=cfg.short_budget_tokens, window_tokens=cfg.window_tokens,
-                                        chunk_tokens=cfg.bm25_chunk_tokens, top_k=cfg.bm25_top_k)
+            stored = stored_teacher_context(ex)
         except TeacherContextError as e:
-            bad.append(RejectedRow(source=ex.source or "examples", row=i, field="short_context",
-                                   reason=f"example {ex.id}: {e}", raw=None))
+            set_aside("metadata.teacher_context", str(e).removeprefix(f"example {ex.id}: "))
             continue
+        if stored and stored[0].strategy == cfg.teacher_context and stored[1]["budget"] == cfg.short_budget_tokens \
+                and stored[1].get("params", params) == params:
+            ctx = stored[0]
+            try:
+                check_teacher_context(ctx, ex.long_context, max_tokens=cfg.short_budget_tokens, count_tokens=count)
+            except TeacherContextError as e:
+                set_aside("metadata.teacher_context", f"stored teacher context: {e}")
+                continue
+        else:
+            try:
+                ctx = build_teacher_context(ex, cfg.teacher_context, count_tokens=count,
+                                            max_tokens=cfg.short_budget_tokens, window_tokens=cfg.window_tokens,
+                                            chunk_tokens=cfg.bm25_chunk_tokens, top_k=cfg.bm25_top_k)
+            except TeacherContextError as e:
+                set_aside("short_context", str(e).removeprefix(f"example {ex.id}: "))
+                continue
         good.append(Prepared(ex, ctx, chat_prompt_ids(tokenizer, ex.long_context, ex.question),
                              chat_prompt_ids(tokenizer, ctx.text, ex.question)))
     return good, bad

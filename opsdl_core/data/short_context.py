@@ -39,6 +39,8 @@ __all__ = [
     "bm25_context",
     "build_teacher_context",
     "check_teacher_context",
+    "stored_teacher_context",
+    "teacher_context_record",
     "sentence_spans",
 ]
 
@@ -268,6 +270,47 @@ def bm25_context(ex: Example, *, count_tokens: CountTokens, max_tokens: int, chu
     spans = _merge_adjacent(chosen, chunks)
     ctx = TeacherContext(SEPARATOR.join(text[a:b] for a, b in spans), spans, n_chosen, "bm25")
     return _checked(ctx, ex, max_tokens, count_tokens)
+
+
+STORED_KEY = "teacher_context"  # where a row carries its C_s once built (the teacher_contexts asset writes it)
+
+
+def teacher_context_record(ctx: TeacherContext, budget: int, params: dict | None = None) -> dict:
+    """``ctx`` as a row stores it under ``metadata["teacher_context"]``: with the budget it was built
+    for and the strategy's other settings (``params``: window_tokens, bm25_chunk_tokens, bm25_top_k)."""
+    return {"text": ctx.text, "spans": [list(x) for x in ctx.spans], "n_tokens": ctx.n_tokens,
+            "strategy": ctx.strategy, "separator": ctx.separator, "budget": budget, "params": dict(params or {})}
+
+
+def stored_teacher_context(ex: Example) -> tuple[TeacherContext, dict] | None:
+    """The C_s stored in the row (``metadata["teacher_context"]``) and the record it came from (its
+    ``budget`` and ``params``); ``None`` when the row carries none. Not checked against C_L here
+    (:func:`check_teacher_context` does that).
+
+    Raises:
+        TeacherContextError: the stored record is malformed, naming the field and what was expected.
+    """
+    rec = (ex.metadata or {}).get(STORED_KEY)
+    if rec is None:
+        return None
+    where = f"example {ex.id}: metadata.{STORED_KEY}"
+    if not isinstance(rec, dict):
+        raise TeacherContextError(f"{where}: expected an object with text, spans, n_tokens, strategy, budget")
+    want = {"text": str, "spans": list, "n_tokens": int, "strategy": str, "budget": int}
+    for key, kind in want.items():
+        if not isinstance(rec.get(key), kind) or isinstance(rec.get(key), bool):
+            raise TeacherContextError(f"{where}.{key}: expected {kind.__name__}, got {rec.get(key)!r:.60}")
+    spans = rec["spans"]
+    if not all(isinstance(x, (list, tuple)) and len(x) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                   for v in x) for x in spans):
+        raise TeacherContextError(f"{where}.spans: expected a list of [start, end] integer pairs")
+    sep = rec.get("separator", SEPARATOR)
+    if not isinstance(sep, str):
+        raise TeacherContextError(f"{where}.separator: expected a string, got {sep!r:.60}")
+    if not isinstance(rec.get("params", {}), dict):
+        raise TeacherContextError(f"{where}.params: expected an object, got {rec.get('params')!r:.60}")
+    ctx = TeacherContext(rec["text"], tuple((int(a), int(b)) for a, b in spans), rec["n_tokens"], rec["strategy"], sep)
+    return ctx, rec
 
 
 def build_teacher_context(ex: Example, strategy: str, *, count_tokens: CountTokens, max_tokens: int,
