@@ -12,7 +12,7 @@ from opsdl_core.data.curation import curate, dataset_digest, eval_suites
 from opsdl_core.data.examples import Example, write_jsonl, write_rejected_jsonl
 from opsdl_core.lineage.store import content_hash
 
-from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource, run_config_field
 
 GROUP = "curation"
 
@@ -23,7 +23,7 @@ class EvalSetsConfig(dg.Config):
     in_template_n: int = Field(default=20, description="Questions with fresh keys of the training templates "
                                                        "(0: no in-template suite).")
     seed: int = Field(default=0, description="Seed of the evaluation streams (disjoint from training's).")
-    n_distractors: list[int] = Field(default=[4, 12], description="[min, max] distractor records per context.")
+    n_distractors: list[int] = run_config_field("data.n_distractors")
     templates: list[str] = Field(default=[], description="Training templates asked in the in-template suite "
                                                          "(empty: all); match the curation's templates.")
     families: list[str] = Field(default=[], description="Curriculum families trained on: one in-family suite each "
@@ -39,11 +39,11 @@ class CurationConfig(dg.Config):
     source: str = Field(default="synthetic", description="'synthetic' (built-in needle generator), 'curriculum' "
                                                          "(the built-in task families), 'inbox' (the data inbox "
                                                          "folder), or a JSONL/Parquet file or folder.")
-    size: int = Field(default=256, description="Training prompts to keep.")
-    context_tokens: int = Field(default=1024, description="Synthetic only: target length of C_L in tokens.")
-    seed: int = Field(default=0, description="Synthetic only: generator seed.")
+    size: int = run_config_field("data.train_size")
+    context_tokens: int = run_config_field("data.context_tokens")
+    seed: int = run_config_field("data.seed")
     templates: list[str] = Field(default=[], description="Synthetic only: training templates (empty: all).")
-    n_distractors: list[int] = Field(default=[4, 12], description="Synthetic only: [min, max] distractor records.")
+    n_distractors: list[int] = run_config_field("data.n_distractors")
     ngram: int = Field(default=8, description="Decontamination: shared word n-gram length with eval data.")
     max_tokens: int | None = Field(default=None, description="Set aside examples whose C_L is longer.")
     families: dict[str, float] = Field(default={}, description="Curriculum only: the mixture, family -> weight "

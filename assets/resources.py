@@ -44,6 +44,16 @@ CPU_POOL = "opsdl_cpu"
 OWNERS = ["team:opsdl"]
 
 
+def run_config_field(path: str, **kw: Any) -> Any:
+    """A Launchpad field that is a run-config field (``"data.short_budget_tokens"``): its default and its
+    help come from RunConfig, where they are declared once."""
+    from opsdl_core.config import field_default, field_help
+
+    default = field_default(path)
+    return Field(default=list(default) if isinstance(default, tuple) else default,
+                 description=f"{field_help(path)} ({path})", **kw)
+
+
 def default_home() -> str:
     """``$OPSDL_HOME``, else ``var/`` under the current directory (the project root for ``dagster dev``)."""
     return os.environ.get("OPSDL_HOME", str(Path("var").resolve()))

@@ -9,26 +9,24 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.config import DataConfig
+from opsdl_core.config import TEACHER_CONTEXT_STRATEGIES, DataConfig
 from opsdl_core.data.curation import dataset_digest
 from opsdl_core.data.examples import Example, write_json_lines, write_jsonl, write_rejected_jsonl
 from opsdl_core.data.prepare import prepare_examples, teacher_context_params
 from opsdl_core.data.short_context import teacher_context_record
 
 from .curation import example_rows, md_table, read_examples
-from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource
+from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource, run_config_field
 
 GROUP = "teacher"
 
 
 class TeacherContextConfig(dg.Config):
-    kind: Literal["oracle", "window", "bm25"] = Field(
-        default="oracle", description="oracle: the gold evidence; window: tokens around it; bm25: top chunks "
-                                      "of C_L retrieved for Q.")
-    short_budget_tokens: int = Field(default=128, description="Token budget of C_s.")
-    window_tokens: int = Field(default=256, description="window: tokens around the evidence.")
-    bm25_chunk_tokens: int = Field(default=64, description="bm25: chunk size in tokens.")
-    bm25_top_k: int = Field(default=3, description="bm25: chunks kept.")
+    kind: Literal[TEACHER_CONTEXT_STRATEGIES] = run_config_field("data.teacher_context")
+    short_budget_tokens: int = run_config_field("data.short_budget_tokens")
+    window_tokens: int = run_config_field("data.window_tokens")
+    bm25_chunk_tokens: int = run_config_field("data.bm25_chunk_tokens")
+    bm25_top_k: int = run_config_field("data.bm25_top_k")
 
     def data_config(self, **kw: Any) -> DataConfig:
         return DataConfig(teacher_context=self.kind, short_budget_tokens=self.short_budget_tokens,
@@ -72,10 +70,11 @@ def teacher_contexts(context: dg.AssetExecutionContext, config: TeacherContextCo
 
 class RolloutSnapshotConfig(dg.Config):
     n_prompts: int = Field(default=4, description="Prompts to sample (the first of the teacher-context set).")
-    samples_per_prompt: int = Field(default=2, description="Samples per prompt.")
-    temperature: float = Field(default=1.0, description="Sampling temperature.")
-    top_p: float = Field(default=1.0, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(default=32, description="Tokens per sample at most.")
+    samples_per_prompt: int = Field(default=2, description="Samples per prompt (a snapshot; training's own is "
+                                                           "rollout.samples_per_prompt).")
+    temperature: float = run_config_field("rollout.temperature")
+    top_p: float = run_config_field("rollout.top_p")
+    max_new_tokens: int = run_config_field("rollout.max_new_tokens")
     seed: int = Field(default=0, description="Sampling seed.")
 
 

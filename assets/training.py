@@ -5,12 +5,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Optional
 
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.config import RunConfig, parse_overrides
+from opsdl_core.config import RunConfig, _deep_merge, field_default, field_help, parse_overrides
 from opsdl_core.lineage.store import ingest_training_run
 
 from .curation import md_table
@@ -21,48 +21,80 @@ GROUP = "training"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The headline fields of the Launchpad form: field -> its run-config path. Each means "the run-config
+# file's value (else the library's default)" unless set; every other field is reachable through
+# ``overrides``. Their help and defaults come from RunConfig (opsdl_core.config): declared once.
+HEADLINE_FIELDS = {
+    "steps": "train.steps", "lr": "optim.lr", "loss": "loss.kind", "teacher": "train.teacher",
+    "lora": "lora.enabled", "lora_r": "lora.r", "lora_alpha": "lora.alpha",
+    "samples_per_prompt": "rollout.samples_per_prompt", "prompts_per_step": "train.prompts_per_step",
+    "grad_accum": "train.grad_accum", "temperature": "rollout.temperature", "top_p": "rollout.top_p",
+    "max_new_tokens": "rollout.max_new_tokens", "advantage_clip": "loss.advantage_clip",
+    "short_anchor": "loss.short_anchor", "seed": "train.seed", "save_every": "train.save_every",
+    "num_threads": "train.num_threads", "rollout_backend": "rollout.backend",
+}
+# what the pipeline sets itself (the model from the resource, the data from the teacher_contexts asset,
+# the run folder from the config hash; evaluation is the evaluation asset's)
+PIPELINE_SECTIONS = ("model", "data")
+
+
+def _headline(path: str) -> Any:
+    return Field(default=None, description=f"{field_help(path)} Unset: the run-config file's value, else "
+                                           f"{field_default(path)!r} ({path}).")
+
+
 class TrainingConfig(dg.Config):
-    steps: int = Field(default=40, description="Optimizer steps.")
-    lr: float = Field(default=2e-4, description="AdamW learning rate (LoRA: 1e-4-2e-4; full fine-tuning: ~1e-6).")
-    loss: Literal["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"] = Field(
-        default="pointwise", description="Distillation objective (pointwise = the paper's sampled reverse KL).")
-    teacher: Literal["live", "base", "ema"] = Field(default="base", description="Teacher weights.")
-    lora: bool = Field(default=True, description="LoRA adapters (false: full fine-tuning).")
-    lora_r: int = Field(default=16, description="LoRA rank.")
-    lora_alpha: int = Field(default=32, description="LoRA alpha.")
-    samples_per_prompt: int = Field(default=8, description="On-policy samples per prompt.")
-    prompts_per_step: int = Field(default=1, description="Prompts per micro-batch.")
-    grad_accum: int = Field(default=1, description="Micro-batches per optimizer step.")
-    temperature: float = Field(default=1.0, description="Sampling temperature.")
-    top_p: float = Field(default=1.0, description="Nucleus sampling threshold.")
-    max_new_tokens: int = Field(default=24, description="Tokens per sample at most.")
-    advantage_clip: float | None = Field(default=None, description="Clamp the per-token advantage to [-c, c].")
-    short_anchor: float = Field(default=0.0, description="Retention guard: weight of the same loss on the short "
-                                                          "prompt against the base/ema teacher (0: off).")
-    seed: int = Field(default=0, description="Training seed.")
-    save_every: int = Field(default=10, description="Checkpoint every N steps (a retried step resumes there).")
-    num_threads: int = Field(default=2, description="torch CPU threads of the training process.")
-    rollout_backend: Literal["transformers", "vllm"] = Field(
-        default="transformers", description="Sampler: the trainer's own model (transformers) or a vLLM engine "
-                                            "synced after every step (settings: overrides 'rollout.vllm.FIELD=...').")
-    overrides: list[str] = Field(default=[], description="Any other RunConfig field: 'SECTION.FIELD=VALUE'.")
+    """A run-config file (the same YAML as ``python -m opsdl_core.train --config``), a few headline
+    fields that mean the file's value unless set, and overrides of any other field."""
+
+    run_config_file: Optional[str] = Field(
+        default=None, description="A run-config YAML (configs/demo.yaml's schema); its values are the defaults "
+                                  "of the fields below. Its model and data sections are ignored: the resource's "
+                                  "model and the teacher_contexts asset's data are used. Unset: the library's defaults.")
+    steps: Optional[int] = _headline("train.steps")
+    lr: Optional[float] = _headline("optim.lr")
+    loss: Optional[str] = _headline("loss.kind")  # Dagster has no optional Literal: RunConfig checks the value
+    teacher: Optional[str] = _headline("train.teacher")
+    lora: Optional[bool] = _headline("lora.enabled")
+    lora_r: Optional[int] = _headline("lora.r")
+    lora_alpha: Optional[int] = _headline("lora.alpha")
+    samples_per_prompt: Optional[int] = _headline("rollout.samples_per_prompt")
+    prompts_per_step: Optional[int] = _headline("train.prompts_per_step")
+    grad_accum: Optional[int] = _headline("train.grad_accum")
+    temperature: Optional[float] = _headline("rollout.temperature")
+    top_p: Optional[float] = _headline("rollout.top_p")
+    max_new_tokens: Optional[int] = _headline("rollout.max_new_tokens")
+    advantage_clip: Optional[float] = _headline("loss.advantage_clip")
+    short_anchor: Optional[float] = _headline("loss.short_anchor")
+    seed: Optional[int] = _headline("train.seed")
+    save_every: Optional[int] = _headline("train.save_every")
+    num_threads: Optional[int] = _headline("train.num_threads")
+    rollout_backend: Optional[str] = _headline("rollout.backend")
+    overrides: list[str] = Field(default=[], description="Any other run-config field: 'SECTION.FIELD=VALUE' "
+                                                         "(docs/configuration.md lists them); applied last.")
 
     def run_config(self, *, model: str, model_cache_dir: str | None, data: dict[str, Any], run_dir: str) -> RunConfig:
-        d = {
-            "model": {"name": model, "cache_dir": model_cache_dir},
-            "data": data,
-            "rollout": {"backend": self.rollout_backend, "samples_per_prompt": self.samples_per_prompt,
-                        "temperature": self.temperature,
-                        "top_p": self.top_p, "max_new_tokens": self.max_new_tokens},
-            "loss": {"kind": self.loss, "advantage_clip": self.advantage_clip, "short_anchor": self.short_anchor},
-            "lora": {"enabled": self.lora, "r": self.lora_r, "alpha": self.lora_alpha},
-            "optim": {"lr": self.lr},
-            "train": {"run_dir": run_dir, "steps": self.steps, "prompts_per_step": self.prompts_per_step,
-                      "grad_accum": self.grad_accum, "teacher": self.teacher, "seed": self.seed,
-                      "save_every": self.save_every, "num_threads": self.num_threads},
-            "eval": {"enabled": False},
-        }
-        return RunConfig.from_dict(d, parse_overrides(self.overrides))
+        """File, then headline fields, then overrides; then what the pipeline sets itself."""
+        base: dict[str, Any] = {}
+        if self.run_config_file:
+            path = Path(self.run_config_file)
+            if not path.is_absolute():
+                path = PROJECT_ROOT / path
+            base = {k: v for k, v in RunConfig.from_yaml(path).to_dict().items() if k not in PIPELINE_SECTIONS}
+        headline: dict[str, Any] = {}
+        for name, dotted in HEADLINE_FIELDS.items():
+            if getattr(self, name) is not None:
+                *sections, key = dotted.split(".")
+                node = headline
+                for section in sections:
+                    node = node.setdefault(section, {})
+                node[key] = getattr(self, name)
+        merged = _deep_merge(_deep_merge(base, headline), parse_overrides(self.overrides))
+        for section in PIPELINE_SECTIONS:
+            merged.pop(section, None)
+        pipeline = {"model": {"name": model, "cache_dir": model_cache_dir}, "data": data,
+                    "train": {"run_dir": run_dir}, "eval": {"enabled": False}}
+        return RunConfig.from_dict(_deep_merge(merged, pipeline))
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,
@@ -81,7 +113,7 @@ def opsdl_model(context: dg.AssetExecutionContext, config: TrainingConfig, opsdl
             "bm25_top_k": tc["bm25_top_k"]}
     try:
         cfg = config.run_config(model=opsdl.model, model_cache_dir=opsdl.model_cache_dir, data=data, run_dir="")
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # ConfigError names the field; a missing run_config_file its path
         raise dg.Failure(f"invalid training config: {e}") from None
     run_dir = opsdl.home_path / "runs" / f"opsdl-{cfg.hash()}"
     cfg.train.run_dir = str(run_dir)

