@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from opsdl_core.config import RunConfig
-from opsdl_core.data.prepare import prepare_data
+from opsdl_core.data.prepare import prepare_data, prompt_order
 from opsdl_core.models.scoring import score_responses
 from opsdl_core.models.tiny import build_tiny_model
 from opsdl_core.train import trainer as trainer_mod
@@ -227,7 +227,7 @@ def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_pat
     item = tr.data.train[tr._batch_indices(0)[0]]
     m = tr.train_step()
     # long: teacher on x_S, student on x_L; anchor: teacher and student both on x_S, own samples
-    (t_long, s_long, t_short, s_short) = calls
+    (t_long, t_short, s_long, s_short) = calls  # the step's samples and teacher scores first, then the student
     assert s_long["prompts"] == [item.student_ids] and t_long["prompts"] == [item.teacher_ids]
     assert t_short["prompts"] == s_short["prompts"] == [item.teacher_ids]
     assert t_short["responses"] == s_short["responses"] != s_long["responses"]
@@ -239,15 +239,14 @@ def test_short_anchor_scores_the_short_prompt_and_holds_it_near_the_base(tmp_pat
     assert m["short_anchor_loss"] > 0
     base_model, _ = build_tiny_model(seed=0)
     drifted = _short_kl_to_base(tr, base_model)
-    distill = tr._distill
+    student_loss = tr._student_loss
 
-    def anchor_only(student_prompts, teacher_prompts, seed, timings, **kw):
-        ro, tch, stu, out, sampler = distill(student_prompts, teacher_prompts, seed, timings, **kw)
-        if student_prompts != teacher_prompts:  # the long-context term: weight 0
-            out.loss = out.loss * 0.0
-        return ro, tch, stu, out, sampler
+    def anchor_only(part, timings, control="none"):
+        student_loss(part, timings, control)
+        if part.student_prompts != [p.teacher_ids for p in part.batch]:  # the long-context term: weight 0
+            part.loss.loss = part.loss.loss * 0.0
 
-    monkeypatch.setattr(tr, "_distill", anchor_only)
+    monkeypatch.setattr(tr, "_student_loss", anchor_only)
     kls = [drifted]
     for _ in range(6):
         tr.train_step()
@@ -461,3 +460,93 @@ def test_controls_are_checked_at_config_time(tmp_path):
     hashes = {tiny_cfg(tmp_path, loss={"control": c}).hash() for c in ("long_prompt", "other_context",
                                                                          "constant_advantage")}
     assert len(hashes) == 3 and plain.hash() not in hashes
+
+
+class _ReplayRollout:
+    """A sampler that answers each prompt with fixed token ids (lengths differ by prompt), whatever the
+    seed: the same samples however the prompts are split into micro-batches."""
+
+    weight_version = 0
+
+    def __init__(self, answers):
+        self.answers = answers  # prompt (tuple of ids) -> list of responses
+
+    def generate(self, prompts, *, n, params, seed):
+        from opsdl_core.models.rollout import RolloutBatch
+
+        idx, resp = [], []
+        for i, p in enumerate(prompts):
+            for r in self.answers.get(tuple(p), [[5, 6, 7]] * n)[:n]:  # others: e.g. the baselines' targets
+                idx.append(i)
+                resp.append(list(r))
+        return RolloutBatch(prompt_index=idx, response_ids=resp, sampler_logprobs=[[0.0] * len(r) for r in resp],
+                            finish_reasons=["length"] * len(resp))
+
+    def update_weights(self, version, state_dict=None):
+        self.weight_version = version
+
+    def release(self):
+        pass
+
+
+@pytest.mark.parametrize("method", ["opsdl", "sft"])
+def test_grad_accum_gives_the_gradient_of_one_micro_batch_holding_both(tmp_path, method):
+    """The loss is the token-level mean over the whole step: two micro-batches of one prompt each
+    (answers of 2 and 7 tokens) give the gradient of one micro-batch holding both prompts (not the
+    mean of the two micro-batches' means)."""
+    grads = {}
+    for name, train in (("accum", {"grad_accum": 2, "prompts_per_step": 1}),
+                        ("one", {"grad_accum": 1, "prompts_per_step": 2})):
+        cfg = tiny_cfg(tmp_path / name, loss={"kind": "reverse_kl"}, rollout={"max_logprob_diff": None},
+                       optim={"max_grad_norm": None}, method={"kind": method},
+                       train={**train, "teacher": "base", "steps": 1})
+        model, tok = build_tiny_model(seed=0)
+        data = prepare_data(cfg.data, tok)
+        order = [data.train[prompt_order(len(data.train), cfg.train.seed, c)] for c in (0, 1)]
+        lens = (2, 7)
+        replay = _ReplayRollout({tuple(p.student_ids): [[5 + j] * (lens[order.index(p)] if p in order else 3)
+                                                        for j in range(2)] for p in data.train})
+        tr = OPSDLTrainer(cfg, model, tok, data, rollout=replay, log=lambda s: None)
+        tr.setup()
+        steps_prompts = [tr.data.train[i] for m in range(cfg.train.grad_accum) for i in tr._batch_indices(m)]
+        assert steps_prompts == order  # both runs train on the same two prompts in this step
+        if method == "sft":  # targets of different lengths too
+            for k, p in enumerate(order):
+                i = tr.data.train.index(p)
+                tr.baseline[i]["target_ids"] = [5] * lens[k]
+        seen = []
+        step = tr.optimizer.step
+
+        def spy(*a, **kw):  # called every micro-batch; the accelerated optimizer steps at the last one
+            if tr.accelerator.sync_gradients:
+                seen.append({n: q.grad.detach().clone() for n, q in tr.unwrapped.named_parameters()
+                             if q.requires_grad and q.grad is not None})
+            return step(*a, **kw)
+
+        tr.optimizer.step = spy
+        tr.train_step()
+        grads[name] = seen[-1]
+        assert [p.example.id for p in order] and len(seen) == 1
+    assert grads["accum"].keys() == grads["one"].keys() and grads["one"]
+    for n in grads["one"]:
+        torch.testing.assert_close(grads["accum"][n], grads["one"][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_the_teacher_scores_in_eval_mode_and_the_student_trains_in_train_mode():
+    """Dropout off for the teacher's log-probs (a target, not a sample); the student's mode restored."""
+    from opsdl_core.train.teacher import TeacherWeights
+
+    model, _ = build_tiny_model(seed=0)
+    model.config.attention_dropout = 0.0
+    drop = torch.nn.Dropout(0.5)
+    model.model.norm.register_forward_hook(lambda m, i, o: drop(o))  # a dropout layer inside the network
+    model.add_module("extra_dropout", drop)
+    model.train()
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    teacher = TeacherWeights(model, "live", lora=False)
+    with teacher.scoring():
+        assert not any(m.training for m in model.modules())
+        a, b = model(ids).logits, model(ids).logits
+    torch.testing.assert_close(a, b)
+    assert all(m.training for m in model.modules())
+    assert not torch.allclose(model(ids).logits, model(ids).logits)  # in train mode the dropout is on

@@ -40,6 +40,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..config import LOSS_KINDS  # the choices, declared once
+
 __all__ = [
     "LOSS_KINDS",
     "LossOutput",
@@ -52,8 +54,6 @@ __all__ = [
     "reverse_kl_loss",
     "topk_reverse_kl_loss",
 ]
-
-LOSS_KINDS = ("pointwise", "reverse_kl", "forward_kl", "jsd", "topk_reverse_kl")
 
 
 @dataclass

@@ -35,16 +35,24 @@ class TeacherWeights:
 
     @contextlib.contextmanager
     def scoring(self) -> Iterator[None]:
-        """Inside this block the model carries the teacher's weights (and no grad is recorded)."""
-        with torch.no_grad():
-            if self.kind == "live":
-                yield
-            elif self.kind == "base" and self.lora:
-                with self.model.disable_adapter():
+        """Inside this block the model carries the teacher's weights, in eval mode (no dropout: the
+        teacher's log-probs are a target, not a sample), and no grad is recorded; the student's mode is
+        restored afterwards."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.kind == "live":
                     yield
-            else:
-                with self._swapped():
-                    yield
+                elif self.kind == "base" and self.lora:
+                    with self.model.disable_adapter():
+                        yield
+                else:
+                    with self._swapped():
+                        yield
+        finally:
+            for m, training in modes:
+                m.training = training
 
     @contextlib.contextmanager
     def _swapped(self) -> Iterator[None]:

@@ -45,6 +45,27 @@ from .teacher import TeacherWeights
 
 
 @dataclass
+class Distilled:
+    """One micro-batch of an OPSDL step: its prompts, the samples and the teacher's scores of them
+    (``OPSDLTrainer._sample``), then the student's scores and the loss (``_student_loss``); ``anchor``:
+    the retention guard's own micro-batch on the short prompt."""
+
+    batch: list[Any]
+    student_prompts: list[list[int]]
+    rollout: Any
+    teacher: Any
+    student: Any = None
+    loss: Any = None
+    sampler_logprobs: Any = None
+    anchor: "Distilled | None" = None
+
+    @property
+    def n_tokens(self) -> int:
+        """Response tokens of the micro-batch (the teacher's mask: the same tokens the student scores)."""
+        return max(1, int(self.teacher.mask.sum()))
+
+
+@dataclass
 class TrainResult:
     steps_done: int
     resumed_from: int | None
@@ -245,74 +266,84 @@ class OPSDLTrainer:
         return m
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step. First every micro-batch's samples and their teacher scores (the weights do
+        not change within a step), then every micro-batch's student pass and backward, each weighted by
+        its share of the step's response tokens: the gradient is that of the token-level mean over the
+        whole step, however the prompts are split into micro-batches (``grad_accum``)."""
         if self.cfg.method.kind != "opsdl":
             return self._baseline_step()
         cfg, acc = self.cfg, self.accelerator
         timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
         sums: dict[str, float] = {}
         t_step = time.perf_counter()
+        parts = []
         for micro in range(cfg.train.grad_accum):
             batch = self._batch(micro)
-            seed = hash_seed(cfg.train.seed, self.step, micro)
+            part = self._sample([p.student_ids for p in batch], self._teacher_prompts(micro),
+                                hash_seed(cfg.train.seed, self.step, micro), timings, batch=batch)
+            if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt, own samples
+                short = [p.teacher_ids for p in batch]
+                part.anchor = self._sample(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
+                                           timings, batch=batch)
+            parts.append(part)
+        n_all = sum(p.n_tokens for p in parts)
+        a_all = sum(p.anchor.n_tokens for p in parts if p.anchor)
+        for part in parts:
             self.model.train()
-            with acc.accumulate(self.model):
-                ro, tch, stu, out, sampler = self._distill([p.student_ids for p in batch],
-                                                           self._teacher_prompts(micro), seed, timings,
-                                                           control=cfg.loss.control)
+            with acc.accumulate(self.model):  # accelerate divides each backward by grad_accum: undone here
+                self._student_loss(part, timings, control=cfg.loss.control)
                 t = time.perf_counter()
-                acc.backward(out.loss)
+                acc.backward(part.loss.loss * (part.n_tokens * cfg.train.grad_accum / n_all))
                 timings["student_s"] += time.perf_counter() - t
-                if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt
-                    # its own backward, after the main one's: the main graph is freed before the anchor's
-                    # passes (gradients add up to those of the summed loss)
-                    short = [p.teacher_ids for p in batch]
-                    anchor = self._distill(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
-                                           timings)[3]
+                if part.anchor:  # its own backward, after the main one's: the main graph is freed first
+                    self._student_loss(part.anchor, timings)
                     t = time.perf_counter()
-                    acc.backward(cfg.loss.short_anchor * anchor.loss)
+                    acc.backward(cfg.loss.short_anchor * part.anchor.loss.loss
+                                 * (part.anchor.n_tokens * cfg.train.grad_accum / a_all))
                     timings["student_s"] += time.perf_counter() - t
-                    sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(anchor.loss.detach())
+                    sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(part.anchor.loss.loss.detach())
                 self._optimizer_step(sums, timings)
-            self._accumulate(sums, out, stu, tch, ro, batch, sampler)
+            self._accumulate(sums, part)
         return self._finish_step(sums, timings, t_step)
 
-    def _distill(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
-                 timings: dict[str, float], control: str = "none") -> tuple[Any, Any, Any, Any, torch.Tensor]:
-        """Sample from the student's prompts with the current weights, score the same token ids under
-        the teacher's prompts (teacher weights, no grad) and the student's (with grad); the loss.
-        ``control == "constant_advantage"``: the loss sees A_t = -loss.control_advantage at every
-        sampled token instead of the teacher's gap (the teacher is still scored: the metrics show the
-        real gap)."""
+    def _sample(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
+                timings: dict[str, float], *, batch: list[Prepared]) -> "Distilled":
+        """Sample from the student's prompts with the current weights and score the same token ids
+        under the teacher's prompts (teacher weights, eval mode, no grad)."""
         cfg = self.cfg
-        # 1. on-policy rollout from the current weights
         t = time.perf_counter()
         ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed)
         timings["generate_s"] += time.perf_counter() - t
-        full = needs_full_logits(cfg.loss.kind)
-        # 2. the teacher scores exactly the sampled ids under its prompt
         t = time.perf_counter()
         with self.teacher.scoring():
             tch = score_responses(self.unwrapped, prompts=teacher_prompts, responses=ro.response_ids,
-                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
-                                  temperature=cfg.loss.temperature)
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id,
+                                  return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature)
         timings["teacher_s"] += time.perf_counter() - t
-        # 3. the student, with grad, under its prompt
+        return Distilled(batch=batch, student_prompts=student_prompts, rollout=ro, teacher=tch)
+
+    def _student_loss(self, part: "Distilled", timings: dict[str, float], control: str = "none") -> None:
+        """The student's scores of ``part``'s samples under its prompt (with grad) and the loss.
+        ``control == "constant_advantage"``: the loss sees A_t = -loss.control_advantage at every
+        sampled token instead of the teacher's gap (the teacher is still scored: the metrics show the
+        real gap)."""
+        cfg, ro, tch = self.cfg, part.rollout, part.teacher
         t = time.perf_counter()
         with self.accelerator.autocast():
-            stu = score_responses(self.model, prompts=student_prompts, responses=ro.response_ids,
-                                  prompt_index=ro.prompt_index, pad_id=self.pad_id, return_logits=full,
-                                  temperature=cfg.loss.temperature)
-        sampler = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], same layout as the student's
+            stu = score_responses(self.model, prompts=part.student_prompts, responses=ro.response_ids,
+                                  prompt_index=ro.prompt_index, pad_id=self.pad_id,
+                                  return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature)
+        part.sampler_logprobs = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], the student's layout
         teacher_lp = tch.logprobs
         if control == "constant_advantage":  # lpT - lpS = -c exactly, whatever the teacher says
             teacher_lp = stu.logprobs.detach() - cfg.loss.control_advantage
-        out = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
-                           teacher_logprobs=teacher_lp, student_logits=stu.logits, teacher_logits=tch.logits,
-                           sampler_logprobs=sampler if cfg.loss.is_ratio_clip is not None else None,
-                           advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
-                           jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
+        part.student = stu
+        part.loss = compute_loss(cfg.loss.kind, mask=stu.mask, student_logprobs=stu.logprobs,
+                                 teacher_logprobs=teacher_lp, student_logits=stu.logits, teacher_logits=tch.logits,
+                                 sampler_logprobs=part.sampler_logprobs if cfg.loss.is_ratio_clip is not None else None,
+                                 advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
+                                 jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
         timings["student_s"] += time.perf_counter() - t
-        return ro, tch, stu, out, sampler
 
     def _baseline_step(self) -> dict[str, Any]:
         """Long-SFT or DPO (LongPO form) on the data built in ``setup`` from the initial weights:
@@ -321,8 +352,12 @@ class OPSDLTrainer:
         timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
         sums: dict[str, float] = {}
         t_step = time.perf_counter()
-        for micro in range(cfg.train.grad_accum):
-            idx = self._batch_indices(micro)
+        micros = [self._batch_indices(micro) for micro in range(cfg.train.grad_accum)]
+        # each micro-batch's share of the step: of its target tokens (SFT: the token-level mean over the
+        # step), of its pairs (DPO: the mean over the step's pairs)
+        sizes = [sum(len(self.baseline[i]["target_ids"]) for i in idx) if cfg.method.kind == "sft" else len(idx)
+                 for idx in micros]
+        for idx, size in zip(micros, sizes):
             batch, rows = [self.data.train[i] for i in idx], [self.baseline[i] for i in idx]
             k = len(batch)
             responses = [r["target_ids"] for r in rows]
@@ -343,7 +378,7 @@ class OPSDLTrainer:
                                           ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1],
                                           beta=cfg.method.beta, nll_weight=cfg.method.nll_weight,
                                           chosen_lengths=pol.mask[:k].sum(-1))
-                acc.backward(out.loss)
+                acc.backward(out.loss * (size * cfg.train.grad_accum / sum(sizes)))
                 timings["student_s"] += time.perf_counter() - t
                 self._optimizer_step(sums, timings)
             vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items()
@@ -366,7 +401,11 @@ class OPSDLTrainer:
             state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
         self.rollout.update_weights(self.step, state)
 
-    def _accumulate(self, sums, out, stu, tch, ro, batch, sampler) -> None:
+    def _accumulate(self, sums: dict[str, float], part: "Distilled") -> None:
+        """Add one micro-batch's metrics to the step's sums; stop the run if the sampler's log-probs
+        are not the trainer's (stale or wrong engine weights)."""
+        out, stu, tch, ro, batch, sampler = part.loss, part.student, part.teacher, part.rollout, part.batch, \
+            part.sampler_logprobs
         mask = stu.mask
         ntok = max(1, int(mask.sum()))
         lens = [len(r) for r in ro.response_ids]
