@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from evals.ruler.generate import (DEPTHS, NEEDLE, NIAH_PREFIX, NIAH_TEMPLATE, CountTokens, LengthTooSmall, RulerSample,
-                                  _rand, generation_budget)
+                                  _rand, generation_budget, largest_fitting)
 from opsdl_core.data.essays import ESSAY_TASKS
 
 __all__ = ["ESSAY_TASKS", "QA_TASKS", "DOCUMENT_TASKS", "SOURCES", "generate_document_task", "resolve_source",
@@ -244,18 +244,9 @@ def generate_document_task(task: str, *, length: int, n: int, count_tokens: Coun
         if first[5] > budget:
             raise LengthTooSmall(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
                                  f"{budget}; expected a larger length")
-        hi = max(lo + 1, 2)
-        while build(hi)[5] <= budget:
-            if cap is not None and hi >= cap:
-                raise ValueError(f"{task} at length {length}: all {cap} documents fill only {build(hi)[5]} of "
-                                 f"{budget} tokens; expected a smaller length or a larger data file")
-            lo, hi = hi, min(hi * 2, cap) if cap is not None else hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if build(mid)[5] <= budget:
-                lo = mid
-            else:
-                hi = mid
+        lo = largest_fitting(lambda u: build(u)[5], lo, budget, cap, lambda filled: (
+            f"{task} at length {length}: all {cap} documents fill only {filled} of {budget} tokens; expected a "
+            "smaller length or a larger data file"))
         prompt, refs, prefix, meta, d, n_tok = build(lo)
         out.append(RulerSample(task, length, i, prompt, refs, prefix, n_tok, d if task in ESSAY_TASKS else None,
                                {**meta, "haystack_units": lo, "match": match}))

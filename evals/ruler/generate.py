@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["TASKS", "RulerSample", "LengthTooSmall", "generate", "string_match_all", "string_match_part", "DEPTHS",
-           "generation_budget"]
+           "generation_budget", "largest_fitting"]
 
 CountTokens = Callable[[str], int]
 
@@ -218,6 +218,26 @@ _HAS_DEPTH = {"niah_single_1", "niah_multikey_2", "niah_multikey_3", "vt"}
 _MIN_UNITS = {"cwe": 0, "fwe": 10}
 
 
+
+def largest_fitting(tokens_at: Callable[[int], int], lo: int, budget: int, cap: int | None,
+                    too_few: Callable[[int], str]) -> int:
+    """The largest haystack size ``n >= lo`` (at most ``cap``) whose prompt fits ``budget`` tokens,
+    ``tokens_at(n)`` growing with ``n`` and ``tokens_at(lo) <= budget``: an exponential search for an
+    upper bound, then bisection. ``ValueError(too_few(tokens))`` when all ``cap`` units still fit."""
+    hi = max(lo + 1, 2)
+    while tokens_at(hi) <= budget:
+        if cap is not None and hi >= cap:
+            raise ValueError(too_few(tokens_at(hi)))
+        lo, hi = hi, min(hi * 2, cap) if cap is not None else hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tokens_at(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def _max_units(task: str) -> int | None:
     """The most haystack units a task can use (cwe: its vocabulary), or None (unbounded)."""
     return len(cwe_vocabulary()) - 10 if task == "cwe" else None
@@ -251,18 +271,10 @@ def generate(task: str, *, length: int, n: int, count_tokens: CountTokens, seed:
             raise LengthTooSmall(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
                              f"{budget} (= length - tokens_to_generate {tokens_to_generate} - overhead "
                              f"{overhead_tokens}); expected a larger length")
-        hi, cap = max(lo + 1, 2), _max_units(task)
-        while build(hi)[5] <= budget:  # exponential search for an upper bound, then bisection
-            if cap is not None and hi >= cap:
-                raise ValueError(f"{task} at length {length}: {cap} haystack units (all there are) fill only "
-                                 f"{build(hi)[5]} of {budget} tokens; expected a smaller length")
-            lo, hi = hi, min(hi * 2, cap) if cap is not None else hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if build(mid)[5] <= budget:
-                lo = mid
-            else:
-                hi = mid
+        cap = _max_units(task)
+        lo = largest_fitting(lambda u: build(u)[5], lo, budget, cap, lambda filled: (
+            f"{task} at length {length}: {cap} haystack units (all there are) fill only {filled} of {budget} "
+            "tokens; expected a smaller length"))
         prompt, refs, prefix, meta, d, n_tok = build(lo)
         out.append(RulerSample(task, length, i, prompt, refs, prefix, n_tok, d if task in _HAS_DEPTH else None,
                                {**meta, "haystack_units": lo}))
