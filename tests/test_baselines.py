@@ -11,8 +11,8 @@ from test_trainer import make_trainer, tiny_cfg, trainable  # noqa: E402  (tests
 
 from opsdl_core.config import ConfigError, RunConfig
 from opsdl_core.models.scoring import score_responses
+from opsdl_core.run_dir import read_jsonl
 from opsdl_core.train.baselines import used_prompt_indices
-from opsdl_core.train.checkpoint import read_jsonl
 
 
 def test_method_section_validates_and_leaves_opsdl_hashes_alone(tmp_path):

@@ -101,7 +101,7 @@ def test_summary_is_mean_and_spread_over_seeds_and_curves_start_at_the_base(tmp_
 
 def test_sample_efficiency_at_equal_prompts_and_at_equal_wall_clock(tmp_path):
     from opsdl_core.experiment.report import comparison_markdown
-    from opsdl_core.experiment.run import _seconds_at_step
+    from opsdl_core.run_dir import RunDir
 
     rd = tmp_path / "run"
     rd.mkdir()
@@ -109,8 +109,8 @@ def test_sample_efficiency_at_equal_prompts_and_at_equal_wall_clock(tmp_path):
     (rd / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
         {"step": 1, "step_s": 3.0}, {"step": 2, "step_s": 9.0}, {"step": 2, "step_s": 4.0}, {"step": 3},
         {"step": 4, "step_s": 5.0})) + '{"step": 5, "st')
-    assert _seconds_at_step(rd) == {1: 3.0, 2: 7.0, 4: 12.0}
-    assert _seconds_at_step(tmp_path / "missing") == {}
+    assert RunDir(rd).seconds_at_step() == {1: 3.0, 2: 7.0, 4: 12.0}
+    assert RunDir(tmp_path / "missing").seconds_at_step() == {}
 
     exp = load_experiment(_write(tmp_path, {"methods": ["opsdl", "sft"], "seeds": [0, 1], "lengths": [512]}))
 

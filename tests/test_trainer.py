@@ -17,8 +17,9 @@ from opsdl_core.config import RunConfig
 from opsdl_core.data.prepare import prepare_data, prompt_order
 from opsdl_core.models.scoring import score_responses
 from opsdl_core.models.tiny import build_tiny_model
+from opsdl_core.run_dir import read_jsonl
 from opsdl_core.train import trainer as trainer_mod
-from opsdl_core.train.checkpoint import latest_checkpoint, read_jsonl
+from opsdl_core.train.checkpoint import latest_checkpoint
 from opsdl_core.train.run import run
 from opsdl_core.train.trainer import OPSDLTrainer
 
@@ -550,3 +551,36 @@ def test_the_teacher_scores_in_eval_mode_and_the_student_trains_in_train_mode():
     torch.testing.assert_close(a, b)
     assert all(m.training for m in model.modules())
     assert not torch.allclose(model(ids).logits, model(ids).logits)  # in train mode the dropout is on
+
+
+def test_opsdl_train_ends_with_its_run_and_scores_in_the_lineage_store(tmp_path, tiny_model_dir, capsys):
+    """`python -m opsdl_core.train` (= `opsdl train`) records the run, its checkpoints and its held-out
+    scores before and after, with every answer, in DuckDB; --no-lineage leaves the store alone."""
+    import yaml
+
+    from opsdl_core.lineage.store import LineageStore
+    from opsdl_core.run_dir import RunDir
+    from opsdl_core.train.run import main
+
+    cfg = tiny_cfg(tmp_path / "run", model={"name": str(tiny_model_dir)}, train={"steps": 2, "num_threads": 1})
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    db = tmp_path / "lineage.duckdb"
+    assert main(["--config", str(path), "--db", str(db), "--experiment", "mine"]) == 0
+    assert "lineage: run train-" in capsys.readouterr().out
+    store = LineageStore(db)
+    _, runs = store.query("SELECT run_id, status FROM runs WHERE kind = 'train'")
+    assert len(runs) == 1 and runs[0][1] == "finished"
+    results = json.loads(RunDir(tmp_path / "run").results.read_text())
+    _, scores = store.query("SELECT c.kind, s.task, s.context, s.value, s.n FROM eval_scores s "
+                            "JOIN checkpoints c USING (checkpoint_id) ORDER BY ALL")
+    after = {(t, c): v for k, t, c, v, n in scores if k == "merged"}
+    assert after[("heldout", "long")] == pytest.approx(results["after_long_accuracy"])
+    assert after[("heldout", "short")] == pytest.approx(results["after_short_accuracy"])
+    _, before = store.query("SELECT value FROM eval_scores WHERE checkpoint_id LIKE 'base:%' AND context = 'long'")
+    assert before[0][0] == pytest.approx(results["before_long_accuracy"])
+    _, answers = store.query("SELECT count(*) FROM eval_answers")
+    assert answers[0][0] == 2 * 2 * cfg.data.heldout_size  # long and short, before and after
+    other = tmp_path / "other.duckdb"
+    assert main(["--config", str(path), "--db", str(other), "--no-lineage"]) == 0
+    assert not other.exists()

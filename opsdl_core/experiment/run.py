@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..config import RunConfig
+from ..run_dir import RunDir
 from .plan import (Experiment, Log, PlannedRun, curriculum_families, load_experiment, plan_runs, prompts_seen,
                    task_labels)
 from .suites import (Suite, build_suites, evaluate_external, evaluate_model, gap_snapshot,
@@ -60,8 +61,8 @@ def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
 # -- running -----------------------------------------------------------------------------------
 def _train(run: PlannedRun, exp: Experiment, log: Log) -> dict[str, Any]:
     """``python -m opsdl_core.train`` for one planned run (skipped when its results exist)."""
-    rd = Path(run.cfg.train.run_dir)
-    done = rd / "results.json"
+    files = RunDir(run.cfg.train.run_dir)
+    rd, done = files.root, files.results
     prior = json.loads(done.read_text()) if done.exists() else {}
     if prior.get("config_hash") == run.cfg.hash():
         log(f"[experiment] {run.label}: trained already ({rd})")
@@ -74,12 +75,13 @@ def _train(run: PlannedRun, exp: Experiment, log: Log) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(Path(__file__).resolve().parents[2]),
                                                                    os.environ.get("PYTHONPATH", "")) if p)}
     t0 = time.time()
-    with open(rd / "train.log", "a") as fh:
-        proc = subprocess.run([sys.executable, "-m", "opsdl_core.train", "--config", str(cfg_path), "--no-eval"],
+    with open(files.train_log, "a") as fh:  # the experiment records the run in its own lineage store
+        proc = subprocess.run([sys.executable, "-m", "opsdl_core.train", "--config", str(cfg_path), "--no-eval",
+                               "--no-lineage"],
                               stdout=fh, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
-        tail = (rd / "train.log").read_text(errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"training {run.label} failed (exit {proc.returncode}, {rd / 'train.log'}):\n"
+        tail = files.train_log.read_text(errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"training {run.label} failed (exit {proc.returncode}, {files.train_log}):\n"
                            + "\n".join(tail))
     results = json.loads(done.read_text())
     log(f"[experiment] {run.label}: trained in {time.time() - t0:.0f}s")
@@ -163,15 +165,15 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
     trained = []
     for run in plan_runs(exp):
         results = _train(run, exp, log)
-        rd = Path(run.cfg.train.run_dir)
-        ids = ingest_training_run(store, rd, experiment=s.name)
+        files = RunDir(run.cfg.train.run_dir)
+        ids = ingest_training_run(store, files.root, experiment=s.name)
         common = {"method": run.method, "seed": run.seed, "train_run_id": ids["run_id"],
                   "train_config_hash": run.cfg.hash(), "train_data_digest": results.get("data_digest"),
                   **({"heldout_families": list(run.heldout)} if run.heldout else {})}
         labels = task_labels(exp, run)
         if s.eval_every:
-            for rec in _checkpoint_log(rd):
-                step, path = int(rec["step"]), rd / "checkpoints" / rec["path"]
+            for rec in files.checkpoint_records():
+                step, path = int(rec["step"]), rec["dir"]
                 if step >= run.cfg.train.steps or not path.exists():
                     continue  # the final model stands for the last step
                 evaluate(f"{run.label}-step{step}", content_hash(path),
@@ -179,13 +181,14 @@ def run_experiment(exp: Experiment, *, log: Log = print, store: Any = None) -> d
                          lambda p=path, c=run.cfg: checkpoint_model(base, c, p), suites=curve_suites, labels=labels,
                          final=False)
         steps = int(results.get("steps") or run.cfg.train.steps)
-        final_dir = rd / "final" / "model"
+        final_dir = files.final_model
         evaluate(run.label, ids["final"].get("merged") or content_hash(final_dir),
                  {**common, "step": steps, "prompts_seen": prompts_seen(run.cfg, steps)},
                  lambda d=final_dir: load_model_and_tokenizer(str(d))[0], labels=labels, model_dir=str(final_dir))
         trained.append({"method": run.method, "seed": run.seed, "heldout": list(run.heldout),
                         "train_seconds": results.get("train_seconds"),
-                        "seconds_at_step": _seconds_at_step(rd), "steps": steps, "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
+                        "seconds_at_step": files.seconds_at_step(), "steps": steps,
+                        "prompts": prompts_seen(run.cfg, steps), "train_run_id": ids["run_id"]})
     from .report import summarize, write_comparison
 
     summary = summarize(evals, trained, s)
@@ -210,31 +213,6 @@ def _save_eval_record(folder: Path, label: str, rec: dict[str, Any]) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / f"{label}.json", json.dumps(rec, indent=1))
-
-
-def _seconds_at_step(run_dir: Path) -> dict[int, float]:
-    """Training seconds spent up to the end of each step (the sum of the steps' ``step_s`` in
-    ``metrics.jsonl``: rollout, scoring, backward and optimizer; not model loading or checkpoint
-    writes), for the sample-efficiency curve at equal wall-clock. The last record of a step wins (a
-    resumed run repeats none, but a damaged log might)."""
-    from ..train.checkpoint import read_jsonl
-
-    per_step: dict[int, float] = {}
-    for m in read_jsonl(run_dir / "metrics.jsonl"):
-        if isinstance(m.get("step"), int) and isinstance(m.get("step_s"), (int, float)):
-            per_step[m["step"]] = float(m["step_s"])
-    out, total = {}, 0.0
-    for step in sorted(per_step):
-        total += per_step[step]
-        out[step] = round(total, 1)
-    return out
-
-
-def _checkpoint_log(run_dir: Path) -> list[dict[str, Any]]:
-    from ..train.checkpoint import read_jsonl
-
-    path = run_dir / "checkpoints.jsonl"
-    return read_jsonl(path) if path.exists() else []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -39,6 +39,7 @@ import duckdb
 from filelock import FileLock
 
 from ..grading import ERROR_KINDS
+from ..run_dir import RunDir
 from .schema import _TABLES, _VIEWS, SCHEMA_VERSION
 
 __all__ = [
@@ -328,20 +329,20 @@ def ingest_training_run(store: LineageStore, run_dir: str | Path, *, run_id: str
     from the input datasets and the base model.  Returns ids of what was written."""
     import yaml
 
-    rd = Path(run_dir)
-    info = json.loads((rd / "run.json").read_text())
-    cfg = yaml.safe_load((rd / "config.yaml").read_text()) if (rd / "config.yaml").exists() else {}
+    files = RunDir(run_dir)
+    rd = files.root
+    info = json.loads(files.info.read_text())
+    cfg = yaml.safe_load(files.config.read_text()) if files.config.exists() else {}
     rid = run_id or f"train-{info['config_hash']}-{info.get('data_digest', '')}"
-    metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines() if line.strip()] \
-        if (rd / "metrics.jsonl").exists() else []
-    finished = (rd / "final").exists()
+    metrics = files.metric_records()
+    finished = files.final.exists()
     timings: dict[str, float] = {}
     for m in metrics:
         for k, v in m.items():
             if k.endswith("_s") and isinstance(v, (int, float)):
                 timings[k] = timings.get(k, 0.0) + float(v)
-    started = (rd / "run.json").stat().st_mtime
-    ended = (rd / "final").stat().st_mtime if finished else None
+    started = files.info.stat().st_mtime
+    ended = files.final.stat().st_mtime if finished else None
     store.log_run(rid, experiment=experiment, kind="train", status="finished" if finished else "failed",
                   params=cfg, started_at=started, ended_at=ended, timings=timings or None,
                   config_hash=info.get("config_hash"), base_model=info.get("model"),
@@ -353,20 +354,11 @@ def ingest_training_run(store: LineageStore, run_dir: str | Path, *, run_id: str
     if info.get("model_hash"):
         edges.append((("model", info["model_hash"]), ("run", rid), "base_model"))
     store.log_edges(edges, run_id=rid)
-    ckpts = []
-    log = rd / "checkpoints.jsonl"
-    if log.exists():
-        for line in log.read_text().splitlines():
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            p = rd / "checkpoints" / rec["path"]
-            if p.exists():  # older checkpoints are pruned by keep_checkpoints
-                ckpts.append(store.log_checkpoint(rid, p, kind="full-state", step=rec.get("step")))
+    ckpts = [store.log_checkpoint(rid, rec["dir"], kind="full-state", step=rec.get("step"))
+             for rec in files.checkpoint_records() if rec["dir"].exists()]  # older ones pruned by keep_checkpoints
     final: dict[str, str] = {}
     steps = info.get("steps") or (metrics[-1]["step"] if metrics else None)
-    for sub, kind in (("adapter", "adapter"), ("model", "merged")):
-        p = rd / "final" / sub
+    for p, kind in ((files.final_adapter, "adapter"), (files.final_model, "merged")):
         if p.exists():
             final[kind] = store.log_checkpoint(rid, p, kind=kind, step=steps)
     return {"run_id": rid, "checkpoints": ckpts, "final": final, "metrics": len(metrics),

@@ -22,11 +22,11 @@ from ..data.prepare import PreparedData, prompt_order
 from ..grading import score_example
 from ..models.rollout import RolloutEngine, SamplingParams
 from ..models.scoring import score_responses
+from ..run_dir import RunDir, read_jsonl
 from . import checkpoint as ckpt
 
 __all__ = ["used_prompt_indices", "load_or_build_baseline_data"]
 
-FILE = "baseline_data.jsonl"
 
 
 def used_prompt_indices(cfg: RunConfig, n_prompts: int) -> list[int]:
@@ -80,9 +80,9 @@ def build_baseline_data(cfg: RunConfig, model: Any, tokenizer: Any, data: Prepar
 def load_or_build_baseline_data(cfg: RunConfig, run_dir: Path, **build_args: Any) -> dict[int, dict[str, Any]]:
     """The run's baseline data: read from ``run_dir`` when a run of the same config wrote it (a
     resumed run), else built now and written atomically."""
-    path = Path(run_dir) / FILE
+    path = RunDir(run_dir).baseline_data
     if path.exists():
-        head, *rows = ckpt.read_jsonl(path)
+        head, *rows = read_jsonl(path)
         if head.get("config_hash") == cfg.hash():
             return {int(r.pop("index")): r for r in rows}
     data = build_baseline_data(cfg, **build_args)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-LOG_NAME = "checkpoints.jsonl"
+from ..run_dir import RunDir
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,19 +59,6 @@ def append_jsonl(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log; a torn last line (a crash mid-write) is ignored."""
-    if not Path(path).exists():
-        return []
-    out = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def rng_state() -> dict[str, Any]:
     """Every generator's state in types ``torch.load(weights_only=True)`` reads back (tensors, ints, floats,
     tuples): nothing a run folder holds is unpickled as arbitrary objects on resume."""
@@ -99,7 +86,7 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
                     teacher_state: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically, log it, and prune older ones beyond ``keep``."""
-    root = Path(run_dir) / "checkpoints"
+    root = RunDir(run_dir).checkpoints
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{uuid.uuid4().hex[:8]}"
@@ -118,7 +105,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model: Any, optimizer: Any, sch
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(root)
-    append_jsonl(Path(run_dir) / LOG_NAME, {"step": step, "path": final.name, "time": time.time(),
+    append_jsonl(RunDir(run_dir).checkpoint_log, {"step": step, "path": final.name, "time": time.time(),
                                            **{k: state[k] for k in ("config_hash", "cursor") if k in state}})
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
@@ -130,11 +117,9 @@ def save_checkpoint(run_dir: Path, step: int, *, model: Any, optimizer: Any, sch
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest logged checkpoint whose directory is complete, or None."""
-    root = Path(run_dir) / "checkpoints"
-    for rec in reversed(read_jsonl(Path(run_dir) / LOG_NAME)):
-        path = root / str(rec.get("path", ""))
-        if (path / "state.json").is_file():
-            return path
+    for rec in reversed(RunDir(run_dir).checkpoint_records()):
+        if (rec["dir"] / "state.json").is_file():
+            return rec["dir"]
     return None
 
 

@@ -25,6 +25,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from ..config import RunConfig, parse_overrides  # noqa: E402
+from ..run_dir import RunDir  # noqa: E402
 
 
 def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Callable[[str], None] = print,
@@ -77,6 +78,11 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
                                       progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
                 results[f"{tag}_{name}_accuracy"] = r.accuracy
                 results[f"{tag}_{name}_eval"] = r.summary()
+                results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
+                    "task": "in_template" if prefix else "heldout", "context": context,
+                    "context_length": round(r.mean_prompt_tokens) if context == "long" else 0, "metric": "accuracy",
+                    "value": r.accuracy, "n": r.n, "dataset_digest": suite_digest(items), "harness": "opsdl",
+                    "answers": r.answer_rows(items)})
                 log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
                     f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
 
@@ -97,7 +103,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if do_eval:
         _eval("after", trainer.unwrapped)
     results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
-    Path(cfg.train.run_dir, "results.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+    RunDir(cfg.train.run_dir).results.write_text(json.dumps(results, indent=1, sort_keys=True))
     if do_eval:
         log("[opsdl] held-out accuracy                       before   after")
         held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
@@ -110,6 +116,34 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     return results
 
 
+def suite_digest(items: list[Any]) -> str:
+    """The identity of an evaluation suite: a digest of its examples' content, in order."""
+    import hashlib
+
+    return hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
+
+
+def record_lineage(results: dict[str, Any], run_dir: str | Path, *, db: str | Path | None = None,
+                   experiment: str = "default") -> dict[str, Any]:
+    """The finished run in the lineage store: the run, its config, metrics and checkpoints
+    (``ingest_training_run``), and its held-out scores (before: the base model's checkpoint id, after:
+    the final model's) with every answer, so ``opsdl train`` ends with its scores queryable in SQL."""
+    from ..lineage.store import LineageStore, ingest_training_run
+
+    store = LineageStore(db)
+    ids = ingest_training_run(store, run_dir, experiment=experiment)
+    final = ids["final"].get("merged") or ids["final"].get("adapter")
+    checkpoints = {"before": f"base:{results['model_hash']}" if results.get("model_hash") else None, "after": final}
+    n = 0
+    for tag, rows in (results.get("scores") or {}).items():
+        if not checkpoints.get(tag):
+            continue
+        for r in rows:
+            store.log_dataset(r["dataset_digest"], name=r["task"], kind="eval", n_rows=r["n"])
+        n += store.log_eval_scores(ids["run_id"], checkpoints[tag], rows)
+    return {**ids, "scores": n, "db": str(store.path)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="opsdl-train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, help="YAML file with the run's sections (model, data, train, ...)")
@@ -117,9 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one field (repeatable)")
     ap.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
     ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in run_dir")
+    ap.add_argument("--db", default=None, help="lineage DuckDB file the run and its scores go to (default: "
+                                               "$OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
+    ap.add_argument("--experiment", default="default", help="the run's experiment name in the lineage store")
+    ap.add_argument("--no-lineage", action="store_true", help="do not record the run in the lineage store")
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set)
     cfg = RunConfig.from_yaml(args.config, overrides) if args.config else RunConfig.from_dict({}, overrides)
-    run(cfg, evaluate=not args.no_eval, resume=not args.no_resume,
-        log=lambda s: print(s, flush=True))
+    results = run(cfg, evaluate=not args.no_eval, resume=not args.no_resume, log=lambda s: print(s, flush=True))
+    if not args.no_lineage:
+        rec = record_lineage(results, cfg.train.run_dir, db=args.db, experiment=args.experiment)
+        print(f"[opsdl] lineage: run {rec['run_id']}, {len(rec['checkpoints']) + len(rec['final'])} checkpoints and "
+              f"{rec['scores']} scores in {rec['db']} (opsdl lineage sql \"SELECT * FROM v_scores\")", flush=True)
     return 0

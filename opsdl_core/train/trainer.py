@@ -37,6 +37,7 @@ from ..data.prompts import pad_token_id, stop_token_ids
 from ..grading import rollout_judgement
 from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
 from ..models.scoring import score_responses
+from ..run_dir import RunDir, read_jsonl
 from . import checkpoint as ckpt
 from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
 from .baselines import load_or_build_baseline_data
@@ -109,6 +110,7 @@ class OPSDLTrainer:
         self.rollout = rollout
         self.lineage = dict(lineage or {})
         self.run_dir = Path(cfg.train.run_dir)
+        self.files = RunDir(self.run_dir)
         self.metrics: list[dict[str, Any]] = []
         self.step = 0
         self.resumed_from: int | None = None
@@ -168,8 +170,8 @@ class OPSDLTrainer:
         self.log(f"[opsdl] trainable parameters: {n_trainable:,} ({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full'})"
                  f"; teacher={cfg.train.teacher}; loss={cfg.loss.kind}; config {cfg.hash()}")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.run_dir / "config.yaml")
-        ckpt.atomic_write_text(self.run_dir / "run.json", json.dumps(
+        cfg.to_yaml(self.files.config)
+        ckpt.atomic_write_text(self.files.info, json.dumps(
             {"config_hash": cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1, sort_keys=True))
         self.baseline: dict[int, dict[str, Any]] | None = None
         if cfg.method.kind != "opsdl":  # targets / pairs from the initial weights, before any resume
@@ -197,8 +199,8 @@ class OPSDLTrainer:
             self.teacher.load_state_dict(teacher_state)
         self.step = self.resumed_from = int(state["step"])
         self.sync_weights()
-        kept = [m for m in ckpt.read_jsonl(self.run_dir / "metrics.jsonl") if m.get("step", 0) <= self.step]
-        ckpt.atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        kept = [m for m in read_jsonl(self.files.metrics) if m.get("step", 0) <= self.step]
+        ckpt.atomic_write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
         self.metrics = kept
         self.log(f"[opsdl] resumed from {path} (step {self.step})")
 
@@ -212,7 +214,7 @@ class OPSDLTrainer:
         while self.step < last:
             m = self.train_step()
             self.metrics.append(m)
-            ckpt.append_jsonl(self.run_dir / "metrics.jsonl", m)
+            ckpt.append_jsonl(self.files.metrics, m)
             if self.step % self.cfg.train.log_every == 0 or self.step == last:
                 self.log(_format_step(m, self.cfg.train.steps))
             if on_step is not None:
@@ -450,7 +452,7 @@ class OPSDLTrainer:
 
     def save_final(self, *, merged: bool = True) -> Path:
         """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder."""
-        final = self.run_dir / "final"
+        final = self.files.final
         tmp = self.run_dir / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
