@@ -1,9 +1,7 @@
 """Asset checks that gate the pipeline (blocking: a failure stops what depends on the asset)."""
 
 
-import json
 import math
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -11,6 +9,7 @@ from pydantic import Field
 
 from opsdl_core.data.curation import FOREIGN_SUITE, ngrams
 from opsdl_core.data.short_context import TeacherContextError, check_teacher_context, stored_teacher_context
+from opsdl_core.run_dir import RunDir
 
 from .curation import read_examples
 from .evaluation import evaluation
@@ -65,8 +64,7 @@ def no_eval_overlap(curated_prompts: dict[str, Any], eval_sets: dict[str, Any]) 
 
 @dg.asset_check(asset=opsdl_model, blocking=True, description="Every logged training loss and KL is finite.")
 def training_loss_finite(opsdl_model: dict[str, Any]) -> dg.AssetCheckResult:
-    path = Path(opsdl_model["run_dir"]) / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = RunDir(opsdl_model["run_dir"]).metric_records()
     bad = [r["step"] for r in rows if not all(math.isfinite(r.get(k, 0.0)) for k in ("loss", "kl_estimate"))]
     return dg.AssetCheckResult(passed=bool(rows) and not bad,
                                metadata={"steps": len(rows), "non_finite_steps": str(bad[:20]) or "none"})

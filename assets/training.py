@@ -1,7 +1,6 @@
 """Distillation training, launched as its own process through Dagster Pipes."""
 
 
-import json
 import math
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from pydantic import Field
 
 from opsdl_core.config import RunConfig, _deep_merge, field_default, field_help, parse_overrides
 from opsdl_core.lineage.store import ingest_training_run
+from opsdl_core.run_dir import RunDir
 
 from .curation import md_table
 from .plots import png_markdown, training_curves_png
@@ -132,7 +132,7 @@ def opsdl_model(context: dg.AssetExecutionContext, config: TrainingConfig, opsdl
     results = next((m["results"] for m in messages if isinstance(m, dict) and m.get("kind") == "results"), None)
     if results is None:
         raise dg.Failure(f"the training process ended without results (see its logs; run folder {run_dir})")
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    metrics = RunDir(run_dir).metric_records()
     store = opsdl.store()
     ingested = ingest_training_run(store, run_dir, run_id=f"train-{cfg.hash()}", experiment="opsdl",
                                    input_datasets=[teacher_contexts["digest"], teacher_contexts["prompts_digest"]],
