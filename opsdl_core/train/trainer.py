@@ -117,6 +117,24 @@ class OPSDLTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = True) -> "OPSDLTrainer":
+        """Named steps, in order: the device and seeds; the sampler's copy of the weights (before LoRA
+        wraps the model); the model, optimizer and schedule; the teacher; the rollout engine; the run
+        folder; the baselines' data; then resume from the last complete checkpoint."""
+        self._setup_accelerator()
+        engine_dir, sampler_model = self._setup_sampler_weights()
+        params = self._setup_model_and_optimizer()
+        self._setup_teacher()
+        self._setup_rollout(engine_dir, sampler_model)
+        self.log(f"[opsdl] trainable parameters: {sum(p.numel() for p in params):,} "
+                 f"({'LoRA r=%d' % self.cfg.lora.r if self.cfg.lora.enabled else 'full'}); "
+                 f"teacher={self.cfg.train.teacher}; loss={self.cfg.loss.kind}; config {self.cfg.hash()}")
+        self._setup_run_dir()
+        self._setup_baseline_data()
+        if resume:
+            self._maybe_resume()
+        return self
+
+    def _setup_accelerator(self) -> None:
         from accelerate import Accelerator
 
         cfg = self.cfg
@@ -125,16 +143,24 @@ class OPSDLTrainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
                                        gradient_accumulation_steps=cfg.train.grad_accum)
         torch.manual_seed(cfg.train.seed)
-        sampler_model = None
-        use_vllm = self.rollout is None and cfg.rollout.backend == "vllm"
-        if use_vllm:  # before LoRA wraps the model: an exported folder holds the plain weights
+
+    def _setup_sampler_weights(self) -> tuple[Any, Any]:
+        """Before LoRA wraps the model: the folder a vLLM engine starts from (the plain weights), or a
+        LoRA-free copy for the transformers sampler, synced each step (``rollout.merged_sampler``)."""
+        cfg, engine_dir, sampler_model = self.cfg, None, None
+        self._use_vllm = self.rollout is None and cfg.rollout.backend == "vllm"
+        if self._use_vllm:
             from ..models.rollout_vllm import engine_model_dir
 
             engine_dir = engine_model_dir(cfg, self.base_model, self.tokenizer, self.model_dir, self.run_dir)
-        if self.rollout is None and not use_vllm and cfg.lora.enabled and cfg.rollout.merged_sampler:
-            sampler_model = copy.deepcopy(self.base_model).eval()  # LoRA-free copy, synced each step
+        if self.rollout is None and not self._use_vllm and cfg.lora.enabled and cfg.rollout.merged_sampler:
+            sampler_model = copy.deepcopy(self.base_model).eval()
             for p in sampler_model.parameters():
                 p.requires_grad_(False)
+        return engine_dir, sampler_model
+
+    def _setup_model_and_optimizer(self) -> list[torch.nn.Parameter]:
+        cfg = self.cfg
         model = apply_lora(self.base_model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -143,17 +169,24 @@ class OPSDLTrainer:
             optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps))
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
-        if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
-            sampler_model.to(self.accelerator.device)
+        self.pad_id = pad_token_id(self.tokenizer)
+        return params
+
+    def _setup_teacher(self) -> None:
+        cfg = self.cfg
         self.teacher = TeacherWeights(self.unwrapped, cfg.train.teacher, lora=cfg.lora.enabled,
                                       ema_decay=cfg.train.ema_decay)
-        self.pad_id = pad_token_id(self.tokenizer)
         if cfg.loss.control == "other_context":
             from ..data.prepare import other_context_prompts
 
             self._other_context_ids = other_context_prompts(self.data.train, self.tokenizer)
-        self._full_sync = use_vllm  # an engine with its own copy of the weights gets all of them
-        if use_vllm:
+
+    def _setup_rollout(self, engine_dir: Any, sampler_model: Any) -> None:
+        cfg = self.cfg
+        if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
+            sampler_model.to(self.accelerator.device)
+        self._full_sync = self._use_vllm  # an engine with its own copy of the weights gets all of them
+        if self._use_vllm:
             from ..models.rollout_vllm import VLLMRollout
 
             self.rollout = VLLMRollout(engine_dir, cfg.rollout.vllm, dtype=cfg.model.dtype, seed=cfg.train.seed,
@@ -166,25 +199,27 @@ class OPSDLTrainer:
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=stop_token_ids(self.tokenizer, self.unwrapped.config))
-        n_trainable = sum(p.numel() for p in params)
-        self.log(f"[opsdl] trainable parameters: {n_trainable:,} ({'LoRA r=%d' % cfg.lora.r if cfg.lora.enabled else 'full'})"
-                 f"; teacher={cfg.train.teacher}; loss={cfg.loss.kind}; config {cfg.hash()}")
+
+    def _setup_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.to_yaml(self.files.config)
+        self.cfg.to_yaml(self.files.config)
         ckpt.atomic_write_text(self.files.info, json.dumps(
-            {"config_hash": cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1, sort_keys=True))
+            {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1,
+            sort_keys=True))
+
+    def _setup_baseline_data(self) -> None:
+        """Long-SFT / DPO: targets and pairs from the initial weights, before any resume."""
+        cfg = self.cfg
         self.baseline: dict[int, dict[str, Any]] | None = None
-        if cfg.method.kind != "opsdl":  # targets / pairs from the initial weights, before any resume
-            t = time.perf_counter()
-            self.baseline = load_or_build_baseline_data(
-                cfg, self.run_dir, model=self.unwrapped, tokenizer=self.tokenizer, data=self.data,
-                rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id)
-            right = [r["target_correct"] for r in self.baseline.values() if "target_correct" in r]
-            self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
-                     f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
-        if resume:
-            self._maybe_resume()
-        return self
+        if cfg.method.kind == "opsdl":
+            return
+        t = time.perf_counter()
+        self.baseline = load_or_build_baseline_data(
+            cfg, self.run_dir, model=self.unwrapped, tokenizer=self.tokenizer, data=self.data,
+            rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id)
+        right = [r["target_correct"] for r in self.baseline.values() if "target_correct" in r]
+        self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
+                 f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
 
     def _maybe_resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
