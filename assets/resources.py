@@ -47,7 +47,7 @@ OWNERS = ["team:opsdl"]
 def run_config_field(path: str, **kw: Any) -> Any:
     """A Launchpad field that is a run-config field (``"data.short_budget_tokens"``): its default and its
     help come from RunConfig, where they are declared once."""
-    from opsdl_core.config import field_default, field_help
+    from opsdl_core.config_reference import field_default, field_help
 
     default = field_default(path)
     return Field(default=list(default) if isinstance(default, tuple) else default,

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.config import RunConfig, _deep_merge, field_default, field_help, parse_overrides
+from opsdl_core.config import RunConfig, _deep_merge, parse_overrides
+from opsdl_core.config_reference import field_default, field_help
 from opsdl_core.lineage.store import ingest_training_run
 from opsdl_core.run_dir import RunDir
 

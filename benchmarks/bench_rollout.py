@@ -51,7 +51,7 @@ def main() -> int:
     from opsdl_core.models.rollout import SamplingParams, TransformersRollout, sampler_weights
     from opsdl_core.models.rollout_vllm import VLLMRollout
     from opsdl_core.models.scoring import score_responses
-    from opsdl_core.train.trainer import apply_lora
+    from opsdl_core.train.lora import apply_lora
 
     torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)

@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(data_main(args.rest) or 0)
     if args.group == "config":
-        from .config import reference_markdown
+        from .config_reference import reference_markdown
 
         print(reference_markdown(), end="")
         return 0

@@ -95,11 +95,11 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_every_field_has_help_and_the_reference_page_is_generated_from_it():
     import dataclasses
 
-    import opsdl_core.config as config
+    import opsdl_core.config_reference as reference
 
     def fields(cls, prefix=""):
         for f in dataclasses.fields(cls):
-            sub = config._section_types(cls).get(f.name)
+            sub = reference.section_types(cls).get(f.name)
             if prefix or sub is None:  # RunConfig's sections are described by their classes' docstrings
                 yield prefix + f.name, f
             if sub is not None:
@@ -109,10 +109,10 @@ def test_every_field_has_help_and_the_reference_page_is_generated_from_it():
     assert len(found) > 80
     missing = [p for p, f in found if len(f.metadata.get("help", "")) < 10]
     assert missing == []
-    assert config.field_help("optim.lr").startswith("AdamW learning rate")
-    assert config.field_default("optim.lr") == RunConfig().optim.lr == 1e-4
+    assert reference.field_help("optim.lr").startswith("AdamW learning rate")
+    assert reference.field_default("optim.lr") == RunConfig().optim.lr == 1e-4
     with pytest.raises(KeyError, match="optim.nope"):
-        config.field_help("optim.nope")
+        reference.field_help("optim.nope")
     page = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
-    assert page == config.reference_markdown(), "docs/configuration.md is stale: opsdl config reference > it"
+    assert page == reference.reference_markdown(), "docs/configuration.md is stale: opsdl config reference > it"
     assert "| `rollout.vllm.kv_cache_gib` |" in page and "*Not hashed.*" in page

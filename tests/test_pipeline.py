@@ -296,7 +296,8 @@ def test_launchpad_fields_mean_the_run_config_files_value_and_defaults_live_in_r
     from assets.curation import CurationConfig
     from assets.teacher import TeacherContextConfig
     from assets.training import HEADLINE_FIELDS, TrainingConfig
-    from opsdl_core.config import RunConfig, field_default, field_help
+    from opsdl_core.config import RunConfig
+    from opsdl_core.config_reference import field_default, field_help
 
     def build(cfg: TrainingConfig) -> RunConfig:
         return cfg.run_config(model="m", model_cache_dir=None, data={"source": "x.jsonl"}, run_dir=str(tmp_path / "r"))

@@ -51,7 +51,7 @@ def checkpoint_model(base: Any, cfg: RunConfig, ckpt_dir: Path) -> Any:
     """The model of an intermediate checkpoint: a copy of ``base`` with the checkpoint's trainable
     weights (LoRA adapters merged in)."""
     from ..train.checkpoint import load_trainable
-    from ..train.trainer import apply_lora
+    from ..train.lora import apply_lora
 
     model = apply_lora(copy.deepcopy(base), cfg)
     load_trainable(Path(ckpt_dir), model)

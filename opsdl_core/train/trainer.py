@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,63 +39,10 @@ from ..run_dir import RunDir, read_jsonl
 from . import checkpoint as ckpt
 from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
 from .baselines import load_or_build_baseline_data
+from .lora import apply_lora, canonical_adapter_config, lr_lambda
 from .losses import compute_loss, needs_full_logits
+from .records import Distilled, TrainResult
 from .teacher import TeacherWeights
-
-
-@dataclass
-class Distilled:
-    """One micro-batch of an OPSDL step: its prompts, the samples and the teacher's scores of them
-    (``OPSDLTrainer._sample``), then the student's scores and the loss (``_student_loss``); ``anchor``:
-    the retention guard's own micro-batch on the short prompt."""
-
-    batch: list[Any]
-    student_prompts: list[list[int]]
-    rollout: Any
-    teacher: Any
-    student: Any = None
-    loss: Any = None
-    sampler_logprobs: Any = None
-    anchor: "Distilled | None" = None
-
-    @property
-    def n_tokens(self) -> int:
-        """Response tokens of the micro-batch (the teacher's mask: the same tokens the student scores)."""
-        return max(1, int(self.teacher.mask.sum()))
-
-
-@dataclass
-class TrainResult:
-    steps_done: int
-    resumed_from: int | None
-    metrics: list[dict[str, Any]] = field(repr=False)
-    seconds: float = 0.0
-    final_dir: Path | None = None
-
-
-def apply_lora(model: Any, cfg: RunConfig) -> Any:
-    """Wrap ``model`` with LoRA adapters (PEFT) when enabled; otherwise train every weight."""
-    if not cfg.lora.enabled:
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - frac if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return f
 
 
 class OPSDLTrainer:
@@ -494,7 +439,7 @@ class OPSDLTrainer:
         model = self.unwrapped
         if self.cfg.lora.enabled:
             model.save_pretrained(tmp / "adapter")
-            _canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
+            canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
             if merged:
                 model = model.merge_and_unload()
                 self.unwrapped = model
@@ -508,15 +453,6 @@ class OPSDLTrainer:
             shutil.rmtree(final)
         tmp.rename(final)
         return final
-
-
-def _canonical_adapter_config(path: Path) -> None:
-    """PEFT writes ``target_modules`` from a set, in an order that changes between processes;
-    sort it so the same adapter always has the same bytes (and content hash)."""
-    cfg = json.loads(path.read_text())
-    if isinstance(cfg.get("target_modules"), list):
-        cfg["target_modules"] = sorted(cfg["target_modules"])
-    ckpt.atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def hash_seed(*parts: Any) -> int:
