@@ -192,7 +192,7 @@ def main() -> int:
             res[name].append(json.loads(line[len("RESULT "):]))
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in res[name][-1].items()), flush=True)
     med = {n: {k: statistics.median(x[k] for x in xs) for k in (*PHASES, "peak_gib")} for n, xs in res.items()}
-    from flops import distill_step_flops, matmul_peak
+    from flops import distill_step_flops, matmul_peak, read_bandwidth, step_limit_s, weight_bytes
     from transformers import AutoConfig, AutoTokenizer
 
     from opsdl_core.models.load import resolve_model
@@ -200,14 +200,18 @@ def main() -> int:
     path = resolve_model(args.model).path
     _, data = _data(args, AutoTokenizer.from_pretrained(path))
     p = data.train[0]
-    flops = distill_step_flops(AutoConfig.from_pretrained(path), long_prompt=len(p.student_ids),
-                               short_prompt=len(p.teacher_ids), samples=args.samples,
-                               response=statistics.median(x["response_len"] for x in res["opsdl"]))
-    peak = matmul_peak(args.threads)
-    print(f"step FLOPs (opsdl's way: prompt once, head at answer positions; backward ~1x forward): "
-          f"{flops / 1e9:.0f} GFLOP; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads) -> limit "
-          f"{flops / peak:.2f} s; opsdl's step at {flops / peak / med['opsdl']['step_s']:.0%} of it, TRL's at "
-          f"{flops / peak / med['trl']['step_s']:.0%}")
+    config = AutoConfig.from_pretrained(path)
+    response = statistics.median(x["response_len"] for x in res["opsdl"])
+    flops = distill_step_flops(config, long_prompt=len(p.student_ids), short_prompt=len(p.teacher_ids),
+                               samples=args.samples, response=response)
+    peak, bandwidth = matmul_peak(args.threads), read_bandwidth(args.threads)
+    limit = step_limit_s(config, flops=flops, response=response, peak=peak, bandwidth=bandwidth)
+    print(f"step FLOPs (opsdl's way: prompt encoded once, by the student; head at answer positions; backward ~1x "
+          f"forward): {flops / 1e9:.0f} GFLOP; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads) "
+          f"-> {flops / peak:.2f} s; the decode's weight reads ({response - 1:.1f} steps x "
+          f"{weight_bytes(config) / 2**20:.0f} MiB at {bandwidth / 1e9:.1f} GB/s read bandwidth) -> "
+          f"{limit - flops / peak:.2f} s; limit {limit:.2f} s: opsdl's step at {limit / med['opsdl']['step_s']:.0%} "
+          f"of it, TRL's at {limit / med['trl']['step_s']:.0%}")
     print(f"| phase (median of {args.rounds}) | opsdl | TRL SDFTTrainer | opsdl / TRL |")
     print("|---|---:|---:|---:|")
     names = {"generate_s": "rollout s", "teacher_s": "teacher scoring s",

@@ -22,6 +22,31 @@ def matmul_peak(threads: int, dtype: str = "float32") -> float:
     return 2 * 2048 ** 3 / best
 
 
+def read_bandwidth(threads: int, mib: int = 512) -> float:
+    """Bytes/s of reading a ``mib``-MiB float32 tensor from memory (its sum) on ``threads`` torch threads, best
+    of 5: what a decode step, which reads every weight once, is bounded by."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(mib * 2**20 // 4)  # written, so really in memory (an untouched tensor reads zero pages)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best
+
+
+def weight_bytes(config, dtype_bytes: int = 4) -> float:
+    """The weights a forward step reads: every layer's matmul weights and the LM head (norms are negligible)."""
+    h, L = config.hidden_size, config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", heads) or heads
+    d = getattr(config, "head_dim", None) or h // heads
+    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * config.intermediate_size
+    return dtype_bytes * (L * per_layer + h * config.vocab_size)
+
+
 def forward_flops(config, new_tokens: int, context: int, *, head_tokens: int | None = None) -> float:
     """Forward FLOPs of ``new_tokens`` tokens run on top of ``context`` cached tokens: 2 * (matmul weights)
     per token in the layers, causal attention to the context and among themselves, and the LM head at
@@ -42,12 +67,23 @@ def question_flops(config, prompt_len: int, new_tokens: float) -> float:
     return forward_flops(config, prompt_len, 0, head_tokens=1) + forward_flops(config, int(round(new_tokens)), prompt_len)
 
 
-def distill_step_flops(config, *, long_prompt: int, short_prompt: int, samples: int, response: float) -> float:
-    """One on-policy step as opsdl computes it: the rollout (prefill once, ``samples`` answers decoded), the
+def distill_step_flops(config, *, long_prompt: int, short_prompt: int, samples: int, response: float,
+                       shared_prefill: bool = True) -> float:
+    """One on-policy step as opsdl computes it: the rollout (``samples`` answers decoded; with
+    ``shared_prefill`` it decodes from the student's own prefill, otherwise it encodes the prompt itself), the
     teacher on the short prompt, the student on the long one (prompt encoded once, answers on top), and the
     student's backward (~1x its forward for activations; the LoRA weight gradients are negligible)."""
     r = int(round(response))
-    rollout = forward_flops(config, long_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, long_prompt)
+    rollout = samples * forward_flops(config, r, long_prompt)
+    if not shared_prefill:
+        rollout += forward_flops(config, long_prompt, 0, head_tokens=1)
     teacher = forward_flops(config, short_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, short_prompt)
     student = forward_flops(config, long_prompt, 0, head_tokens=1) + samples * forward_flops(config, r, long_prompt)
     return rollout + teacher + 2 * student
+
+
+def step_limit_s(config, *, flops: float, response: float, peak: float, bandwidth: float) -> float:
+    """The step's FLOP-and-bandwidth limit: its FLOPs at the matmul peak plus the decode's weight reads (one
+    read of every weight per decoded token after the first, the samples of a step decoding together) at the
+    read bandwidth."""
+    return flops / peak + max(0.0, response - 1) * weight_bytes(config) / bandwidth

@@ -216,6 +216,10 @@ class RolloutConfig:
     merged_sampler: bool = _f(True, "LoRA runs: sample from a copy of the model with the adapter merged into its "
                                     "weights, re-synced after every step (decoding without the adapter's extra matmuls "
                                     "is faster); false samples from the trainer's own LoRA model.")
+    shared_prefill: bool = _f(True, "Transformers backend: the long prompt is encoded once per step, by the student "
+                                    "with gradient; the rollout decodes from a detached copy of that cache and the "
+                                    "student's scoring reuses it (false: encoded once to sample and again to score). "
+                                    "Used where it is exact: grad_accum 1, no mixed precision, no dropout.")
     max_logprob_diff: Optional[float] = _f(0.1, "Health check of the weight sync: a mean |log p_trainer - log "
                                                 "p_sampler| over the sampled tokens above this stops the run (stale or "
                                                 "corrupted sampler weights); null: no check.")

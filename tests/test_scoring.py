@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opsdl_core.models.rollout import SamplingParams, TransformersRollout, sample_next
-from opsdl_core.models.scoring import score_responses
+from opsdl_core.models.scoring import prefill, score_responses
 
 V, PAD = 97, 0
 
@@ -63,7 +63,8 @@ def test_lm_head_never_sees_the_prompt_positions(model):
                             prompt_index=[0, 0], pad_id=PAD)
     finally:
         hook.remove()
-    assert seen == [(1, 1, 32), (2, 2, 32)]  # prompt: last position only; responses: R-1 positions
+    # prompt: last position only; responses: R-1 positions each, the two packed in one row
+    assert seen == [(1, 1, 32), (1, 4, 32)]
 
 
 def test_gradients_through_shared_prompt_match_separate_forwards(model):
@@ -121,3 +122,128 @@ def test_top_p_keeps_only_the_nucleus():
     gen = torch.Generator().manual_seed(0)
     picks = {int(sample_next(logits, temperature=1.0, top_p=0.7, generator=gen)[0]) for _ in range(300)}
     assert picks == {0, 1}
+
+
+def _scored_with_grads(model, packed, prompts, responses, index, prefilled=False):
+    model.zero_grad()
+    pre = prefill(model, prompts, pad_id=PAD) if prefilled else None
+    s = score_responses(model, prompts=prompts, responses=responses, prompt_index=index, pad_id=PAD,
+                        return_logits=True, packed=packed, prefilled=pre)
+    (s.logprobs.sum() + 0.1 * s.logits.logsumexp(-1)[s.mask].sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    return s, grads
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_responses_equal_one_row_per_response(model, seed):
+    """Each prompt's answers packed in one row under a block mask give the log-probs, logits and gradients
+    of one row per answer on a copy of the prompt's cache: left-padded prompts of different lengths,
+    answers of different lengths (one of a single token), prompts with 0, 1 or 3 answers, in any order."""
+    g = torch.Generator().manual_seed(10 + seed)
+    prompts = [_rand_ids(g, n) for n in (13, 4, 9, 7)]
+    lens = torch.randint(1, 9, (6,), generator=g).tolist()
+    responses = [_rand_ids(g, n) for n in lens]
+    index = [2, 0, 2, 1, 2, 0]  # prompt 3 has no answer
+    one, g_one = _scored_with_grads(model, False, prompts, responses, index)
+    packed, g_packed = _scored_with_grads(model, True, prompts, responses, index)
+    torch.testing.assert_close(packed.logprobs, one.logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.logits[packed.mask], one.logits[one.mask], atol=1e-5, rtol=1e-5)
+    for n in g_one:
+        torch.testing.assert_close(g_packed[n], g_one[n], atol=1e-5, rtol=1e-4, msg=n)
+    for b, (gi, resp) in enumerate(zip(index, responses)):  # and both are the plain full forward's
+        torch.testing.assert_close(packed.logprobs[b, :len(resp)], _full_forward_logprobs(model, prompts[gi], resp)[1],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_scoring_on_a_given_prefill_equals_scoring_from_scratch(model):
+    """``prefilled=``: the answers run on a prefill made before (with gradient) give the same log-probs
+    and gradients as a call that encodes the prompts itself; a prefill of other prompts is refused."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [_rand_ids(g, 11), _rand_ids(g, 6)]
+    responses = [_rand_ids(g, 5), _rand_ids(g, 3), _rand_ids(g, 7)]
+    index = [0, 1, 1]
+    fresh, g_fresh = _scored_with_grads(model, None, prompts, responses, index)
+    given, g_given = _scored_with_grads(model, None, prompts, responses, index, prefilled=True)
+    torch.testing.assert_close(given.logprobs, fresh.logprobs, atol=1e-6, rtol=1e-6)
+    for n in g_fresh:
+        torch.testing.assert_close(g_given[n], g_fresh[n], atol=1e-6, rtol=1e-5, msg=n)
+    with pytest.raises(ValueError, match="prefilled holds 2 prompts"):
+        score_responses(model, prompts=prompts[:1], responses=responses[:1], prompt_index=[0], pad_id=PAD,
+                        prefilled=prefill(model, prompts, pad_id=PAD))
+
+
+def test_rollout_from_a_gradient_prefill_samples_what_a_fresh_rollout_samples(model):
+    """The trainer's shared prefill: decoding from a detached copy of a prefill made with gradient gives the
+    same tokens and sampler log-probs as a rollout that encodes the prompts itself (same seed), leaves the
+    prefill's cache as it was (the student scores on it next) and lets no gradient into the decode."""
+    g = torch.Generator().manual_seed(6)
+    prompts = [_rand_ids(g, 15), _rand_ids(g, 8), _rand_ids(g, 12)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=10, stop_token_ids=(5, 6))
+    engine = TransformersRollout(model, pad_id=PAD, max_batch_size=4)  # 2 prompts x 2 samples per chunk
+    fresh = engine.generate(prompts, n=2, params=params, seed=3)
+    pre = prefill(model, prompts, pad_id=PAD)
+    shapes = [tuple(layer.keys.shape) for layer in pre.cache.layers]
+    shared = engine.generate(prompts, n=2, params=params, seed=3, prefilled=pre)
+    assert shared.response_ids == fresh.response_ids and shared.prompt_index == fresh.prompt_index
+    torch.testing.assert_close(torch.tensor(sum(shared.sampler_logprobs, [])),
+                               torch.tensor(sum(fresh.sampler_logprobs, [])), atol=1e-6, rtol=1e-6)
+    assert [tuple(layer.keys.shape) for layer in pre.cache.layers] == shapes
+    assert all(layer.keys.requires_grad for layer in pre.cache.layers)
+    s = score_responses(model, prompts=prompts, responses=shared.response_ids, prompt_index=shared.prompt_index,
+                        pad_id=PAD, prefilled=pre)
+    s.logprobs.sum().backward()  # the graph of the prefill is intact after the decode
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_packed_decode_samples_what_one_row_per_sample_samples(model, monkeypatch, temperature):
+    """The n samples of a prompt decoding in one packed row (block mask) give the tokens, sampler log-probs
+    and finish reasons of one row per sample on a copy of the cache: left-padded prompts, samples that
+    stop at different steps (stop tokens), the same seed."""
+    import opsdl_core.models.rollout as rollout_mod
+
+    g = torch.Generator().manual_seed(7)
+    prompts = [_rand_ids(g, 15), _rand_ids(g, 6), _rand_ids(g, 10)]
+    params = SamplingParams(temperature=temperature, max_new_tokens=9, stop_token_ids=(5, 6, 7, 8, 9))
+    engine = TransformersRollout(model, pad_id=PAD, max_batch_size=8)  # 2 prompts x 4 samples per chunk
+    packed = engine.generate(prompts, n=4, params=params, seed=4)
+    monkeypatch.setattr(rollout_mod, "packable", lambda *a: False)
+    rows = engine.generate(prompts, n=4, params=params, seed=4)
+    assert packed.response_ids == rows.response_ids and packed.finish_reasons == rows.finish_reasons
+    assert len({len(r) for r in rows.response_ids}) > 1  # the samples really end at different steps
+    torch.testing.assert_close(torch.tensor(sum(packed.sampler_logprobs, [])),
+                               torch.tensor(sum(rows.sampler_logprobs, [])), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_prefill_equals_one_batched_prefill(model, monkeypatch):
+    """Prompts encoded in groups of at most ``max_tokens`` padded tokens and assembled into one left-padded
+    cache give the keys and values (at real positions), last logits, mask and lengths of one batched prefill,
+    and the same greedy answers when decoded."""
+    from opsdl_core.models.scoring import prefill_grouped
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [_rand_ids(g, n) for n in (30, 28, 5, 6, 4, 31)]
+    import opsdl_core.models.scoring as scoring_mod
+
+    calls = []
+    monkeypatch.setattr(scoring_mod, "prefill",
+                        lambda m, p, pad_id: calls.append(len(p)) or prefill(m, p, pad_id=pad_id))
+    with torch.no_grad():
+        one = prefill(model, prompts, pad_id=PAD)
+        grouped = prefill_grouped(model, prompts, pad_id=PAD, max_tokens=40)
+    assert calls == [1, 1, 3, 1]  # [30], [28], [5, 6, 4], [31]
+    assert torch.equal(grouped.attention, one.attention) and torch.equal(grouped.lengths, one.lengths)
+    torch.testing.assert_close(grouped.last_logits, one.last_logits, atol=1e-5, rtol=1e-5)
+    real = one.attention.bool()
+    for a, b in zip(grouped.cache.layers, one.cache.layers):
+        torch.testing.assert_close(a.keys.transpose(1, 2)[real], b.keys.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.values.transpose(1, 2)[real], b.values.transpose(1, 2)[real], atol=1e-5,
+                                   rtol=1e-5)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    grouped_answers = TransformersRollout(model, pad_id=PAD, max_batch_size=8, prefill_tokens=40).generate(
+        prompts, n=1, params=params, seed=0).response_ids
+    one_answers = TransformersRollout(model, pad_id=PAD, max_batch_size=8, prefill_tokens=10**6).generate(
+        prompts, n=1, params=params, seed=0).response_ids
+    assert grouped_answers == one_answers and all(len(a) == 8 for a in one_answers)

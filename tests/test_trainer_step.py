@@ -135,3 +135,113 @@ def test_opsdl_train_ends_with_its_run_and_scores_in_the_lineage_store(tmp_path,
     other = tmp_path / "other.duckdb"
     assert main(["--config", str(path), "--db", str(other), "--no-lineage"]) == 0
     assert not other.exists()
+
+
+@pytest.mark.parametrize("merged_sampler", [True, False])
+def test_shared_prefill_trains_as_encoding_the_prompt_twice(tmp_path, monkeypatch, merged_sampler):
+    """``rollout.shared_prefill``: the student encodes its long prompts once per step, with gradient; the
+    rollout decodes from that prefill (it is really used: the decode-cache builder is called once per step)
+    and the student's scoring runs on it. Two steps give the samples, metrics and weights of the run that
+    encodes the prompt again for sampling (to float tolerance)."""
+    from test_trainer import make_trainer, trainable
+
+    import opsdl_core.models.rollout as rollout_mod
+
+    calls = []
+    real = rollout_mod.decode_cache
+    monkeypatch.setattr(rollout_mod, "decode_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = {}
+    for shared in (True, False):
+        cfg = tiny_cfg(tmp_path / str(shared), rollout={"shared_prefill": shared, "merged_sampler": merged_sampler},
+                       train={"steps": 2, "teacher": "base"})
+        tr = make_trainer(cfg).setup(resume=False)
+        assert tr._shared_prefill is shared
+        ms = [tr.train_step() for _ in range(2)]
+        runs[shared] = ms, trainable(tr)
+    assert len(calls) == 2
+    (ms_s, w_s), (ms_t, w_t) = runs[True], runs[False]
+    for a, b in zip(ms_s, ms_t):
+        for key in ("loss", "kl_estimate", "response_len", "sampler_logprob_absdiff", "tokens"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    for n in w_t:
+        torch.testing.assert_close(w_s[n], w_t[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+def test_shared_prefill_is_off_where_it_would_not_be_exact(tmp_path):
+    """Gradient accumulation (every micro-batch is sampled before any backward), dropout and the vLLM
+    backend fall back to encoding the prompt twice (so does mixed precision: accelerate's state is one per
+    process, so it is not switched here)."""
+    from test_trainer import make_trainer
+
+    for name, sections in (("accum", {"train": {"grad_accum": 2}}), ("dropout", {"lora": {"dropout": 0.1}})):
+        tr = make_trainer(tiny_cfg(tmp_path / name, **sections)).setup(resume=False)
+        assert tr._shared_prefill is False, name
+    tr = make_trainer(tiny_cfg(tmp_path / "default")).setup(resume=False)
+    assert tr._shared_prefill is True
+
+
+def test_fused_lora_forward_is_peft_s_forward(tmp_path):
+    """The fused LoRA forward (adapter added inside the second matmul) gives PEFT's outputs and gradients
+    for every adapted layer, with non-zero B (after a step), and with the adapter disabled (the base teacher)
+    gives the base model's outputs; PEFT's own forward stays behind it for every other case."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    from opsdl_core.config import RunConfig
+    from opsdl_core.train.lora import apply_lora
+
+    model, _ = build_tiny_model(seed=0)
+    base_out = model(input_ids=torch.tensor([[3, 4, 5, 6, 7, 8]])).logits.detach()
+    peft_model = apply_lora(model, RunConfig.from_dict({"lora": {"r": 4, "alpha": 8}}))
+    layers = [m for m in peft_model.modules() if type(m) is LoraLinear]
+    assert layers and all("forward" in vars(m) for m in layers)  # every adapted layer got the fused forward
+    torch.manual_seed(1)
+    for m in layers:  # a trained adapter: B is zero at initialisation
+        torch.nn.init.normal_(m.lora_B["default"].weight, std=0.2)
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14]])
+
+    def run(fused: bool):
+        for m in layers:
+            if not fused:
+                vars(m)["_saved"] = vars(m).pop("forward")
+            elif "_saved" in vars(m):
+                m.forward = vars(m).pop("_saved")
+        peft_model.zero_grad()
+        out = peft_model(input_ids=ids).logits
+        (out.float().pow(2).mean()).backward()
+        return out.detach(), {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+
+    plain, g_plain = run(fused=False)
+    fused, g_fused = run(fused=True)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    for n in g_plain:
+        torch.testing.assert_close(g_fused[n], g_plain[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert not torch.allclose(fused[:1], base_out, atol=1e-3)  # the adapter really contributes
+    with torch.no_grad(), peft_model.disable_adapter():
+        torch.testing.assert_close(peft_model(input_ids=ids[:1]).logits, base_out, atol=1e-6, rtol=1e-6)
+
+
+def test_merging_lora_into_the_sampler_equals_the_merged_state_dict():
+    """The merged sampler's sync writes W + s·B·A straight into the sampler's weights: the values of
+    ``merged_lora_weights`` for every adapted weight (a trained adapter), the other weights untouched."""
+    import copy
+
+    from opsdl_core.config import RunConfig
+    from opsdl_core.models.rollout import merge_lora_into, merged_lora_weights
+    from opsdl_core.train.lora import apply_lora
+
+    model, _ = build_tiny_model(seed=0)
+    sampler = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in sampler.named_parameters()}
+    peft_model = apply_lora(model, RunConfig.from_dict({"lora": {"r": 4, "alpha": 8}}))
+    torch.manual_seed(2)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+    want = merged_lora_weights(peft_model)
+    assert merge_lora_into(peft_model, sampler) == len(want) > 0
+    for n, p in sampler.named_parameters():
+        if n in want:
+            torch.testing.assert_close(p, want[n], atol=1e-6, rtol=1e-6, msg=n)
+            assert not torch.allclose(p, before[n])
+        else:
+            assert torch.equal(p, before[n]), n

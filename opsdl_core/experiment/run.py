@@ -41,8 +41,8 @@ from ..config import RunConfig
 from ..run_dir import RunDir
 from .plan import (Experiment, Log, PlannedRun, curriculum_families, load_experiment, plan_runs, prompts_seen,
                    task_labels)
-from .suites import (Suite, build_suites, evaluate_external, evaluate_model, gap_snapshot,
-                     on_eval_device, ruler_rows, suite_passes)
+from .suites import (Suite, build_suites, evaluate_external, evaluate_model, gap_snapshot, on_eval_device, ruler_rows,
+                     suite_passes)
 
 __all__ = ["run_experiment", "evaluate_external", "main"]
 

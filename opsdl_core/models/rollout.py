@@ -14,6 +14,7 @@ weight sync, and they serve the importance ratio of the loss.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from .scoring import prefill, step
+from .scoring import Prefilled, packable, prefill_grouped, step
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,16 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, gener
 
 
 class PreallocatedLayer(DynamicLayer):
-    """A KV-cache layer with room reserved up front: decoding writes in place, no per-token copy."""
+    """A KV-cache layer with room reserved up front: decoding writes in place, no per-token copy.
+    ``repeat``: each row of ``keys``/``values`` is repeated that many times (one copy, into the new buffer)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int, repeat: int = 1):
         super().__init__()
         B, H, L, _ = keys.shape
-        self._k = keys.new_empty((B, H, L + extra, keys.shape[-1]))
-        self._v = values.new_empty((B, H, L + extra, values.shape[-1]))
-        self._k[:, :, :L], self._v[:, :, :L] = keys, values
+        self._k = keys.new_empty((B * repeat, H, L + extra, keys.shape[-1]))
+        self._v = values.new_empty((B * repeat, H, L + extra, values.shape[-1]))
+        for buf, src in ((self._k, keys), (self._v, values)):
+            buf.view(B, repeat, *buf.shape[1:])[:, :, :, :L] = src.unsqueeze(1)
         self._len = L
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.keys, self.values = self._k[:, :, :L], self._v[:, :, :L]
@@ -99,18 +102,38 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def preallocate_cache(cache: Any, extra_tokens: int) -> Any:
-    """Give each layer of a filled ``DynamicCache`` room for ``extra_tokens`` more positions.
+def _filled_dynamic(cache: Any) -> bool:
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def preallocate_cache(cache: Any, extra_tokens: int, repeat: int = 1) -> Any:
+    """Give each layer of a filled ``DynamicCache`` room for ``extra_tokens`` more positions (each row
+    repeated ``repeat`` times), in place.
 
     A ``DynamicCache`` grows by ``torch.cat``, copying the whole cache at every decoded token
     (O(T) per token: ~30% of a decode step at 1K context on a CPU). Caches of other kinds
-    (sliding windows, quantized, ...) are returned unchanged.
+    (sliding windows, quantized, ...) are only repeated.
     """
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+    if not _filled_dynamic(cache):
+        if repeat > 1:
+            cache.batch_repeat_interleave(repeat)
         return cache
-    cache.layers = [PreallocatedLayer(layer.keys, layer.values, extra_tokens) for layer in layers]
+    cache.layers = [PreallocatedLayer(layer.keys, layer.values, extra_tokens, repeat) for layer in cache.layers]
     return cache
+
+
+def decode_cache(pre: Prefilled, rows: slice, extra_tokens: int, repeat: int = 1) -> Any:
+    """A new cache to decode from: ``rows`` of a prefill's cache (each repeated ``repeat`` times), detached
+    (no gradient reaches the prefill from the decode), with room for ``extra_tokens`` more positions. The
+    prefill's own cache is left as it was (the student's scoring runs on it next)."""
+    if not _filled_dynamic(pre.cache):
+        raise ValueError("decoding from a prefill needs a cache of filled DynamicLayers, got "
+                         f"{type(pre.cache).__name__}")
+    out = copy.copy(pre.cache)
+    out.layers = [PreallocatedLayer(layer.keys[rows].detach(), layer.values[rows].detach(), extra_tokens, repeat)
+                  for layer in pre.cache.layers]
+    return out
 
 
 def merged_lora_weights(peft_model: Any) -> dict[str, torch.Tensor]:
@@ -131,6 +154,35 @@ def merged_lora_weights(peft_model: Any) -> dict[str, torch.Tensor]:
                         w = w + module.get_delta_weight(adapter).to(w.dtype)
                 out[f"{name}.weight"] = w.detach()
     return out
+
+
+def merge_lora_into(peft_model: Any, target: Any) -> int:
+    """Write ``W + ΔW`` of every LoRA-adapted weight of ``peft_model`` straight into the parameter of the same
+    name of ``target`` (a plain copy of the model, e.g. the merged sampler): one ``addmm`` into the target's
+    storage per weight, where building :func:`merged_lora_weights` and copying it allocates and writes every
+    merged weight twice. Layers the one-matmul form does not cover get :func:`merged_lora_weights`'s value.
+    Returns the number of weights written."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    params = dict(target.named_parameters())
+    fallback = None
+    n = 0
+    with torch.no_grad():
+        for name, module in peft_model.get_base_model().named_modules():
+            if not hasattr(module, "base_layer") or not hasattr(module, "lora_A"):
+                continue
+            dst = params[f"{name}.weight"]
+            active = [a for a in module.active_adapters if a in module.lora_A]
+            W = module.base_layer.weight
+            a = active[0] if len(active) == 1 else None
+            if (type(module) is LoraLinear and a is not None and not module.fan_in_fan_out
+                    and a not in module.lora_variant and dst.dtype == W.dtype == module.lora_A[a].weight.dtype):
+                torch.addmm(W, module.lora_B[a].weight, module.lora_A[a].weight, alpha=module.scaling[a], out=dst)
+            else:
+                fallback = merged_lora_weights(peft_model) if fallback is None else fallback
+                dst.copy_(fallback[f"{name}.weight"])
+            n += 1
+    return n
 
 
 def sampler_weights(model: Any) -> dict[str, torch.Tensor]:
@@ -158,10 +210,11 @@ class TransformersRollout:
     of (weights, prompts, params, seed): resumed runs reproduce it exactly.
     """
 
-    def __init__(self, model: Any, *, pad_id: int, max_batch_size: int = 16):
+    def __init__(self, model: Any, *, pad_id: int, max_batch_size: int = 16, prefill_tokens: int = 2048):
         self.model = model
         self.pad_id = int(pad_id)
         self.max_batch_size = max_batch_size
+        self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (prefill_grouped)
         self.weight_version = 0
 
     def update_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -180,7 +233,11 @@ class TransformersRollout:
         self.model = None
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[Sequence[int]], *, n: int, params: SamplingParams, seed: int) -> RolloutBatch:
+    def generate(self, prompts: Sequence[Sequence[int]], *, n: int, params: SamplingParams, seed: int,
+                 prefilled: Prefilled | None = None) -> RolloutBatch:
+        """``n`` samples per prompt. ``prefilled``: these prompts already encoded (``prefill`` on the same
+        weights, e.g. the trainer's with gradient): decoding starts from a detached copy of its cache and
+        its last logits instead of encoding the prompts again."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if self.model is None:
@@ -194,7 +251,8 @@ class TransformersRollout:
         try:
             for start in range(0, len(prompts), per_chunk):
                 chunk = prompts[start : start + per_chunk]
-                ids, lps, reasons = self._generate_chunk(chunk, n, params, gen)
+                rows = slice(start, start + len(chunk))
+                ids, lps, reasons = self._generate_chunk(chunk, n, params, gen, prefilled, rows)
                 out.prompt_index += [start + i // n for i in range(len(ids))]
                 out.response_ids += ids
                 out.sampler_logprobs += lps
@@ -203,20 +261,41 @@ class TransformersRollout:
             self.model.train(was_training)
         return out
 
-    def _generate_chunk(self, prompts, n: int, params: SamplingParams, gen: torch.Generator):
+    def _generate_chunk(self, prompts, n: int, params: SamplingParams, gen: torch.Generator,
+                        prefilled: Prefilled | None = None, rows: slice = slice(None)):
+        """Sample ``n`` answers for each of ``prompts`` (``prefilled``: all the call's prompts encoded
+        already; this chunk is ``rows`` of it, decoded from a detached copy of its cache).
+
+        Where the model's attention takes a prepared mask, the ``n`` samples of a prompt decode *packed*:
+        one row per prompt whose step ``t`` feeds the n samples' tokens at the same position, each
+        seeing the prompt and only its own earlier tokens (a block mask), so the prompt's cache is
+        neither copied per sample nor read once per sample at every step. Otherwise each sample decodes
+        in its own row on a copy of the cache. The same tokens either way (tests)."""
         model = self.model
         device = next(model.parameters()).device
-        last, cache, attn, lengths = prefill(model, prompts, pad_id=self.pad_id)
-        B = len(prompts) * n
+        P, B, steps = len(prompts), len(prompts) * n, params.max_new_tokens
+        if prefilled is None:
+            pre = prefill_grouped(model, prompts, pad_id=self.pad_id, max_tokens=self.prefill_tokens)
+            packed = n > 1 and packable(model, pre.cache)
+            cache = preallocate_cache(pre.cache, n * steps if packed else steps, 1 if packed else n)
+        else:
+            pre = Prefilled(prefilled.last_logits[rows].detach(), prefilled.cache, prefilled.attention[rows],
+                            prefilled.lengths[rows], P)
+            packed = n > 1 and packable(model, pre.cache)
+            cache = decode_cache(prefilled, rows, n * steps if packed else steps, 1 if packed else n)
+        logits, attn, lengths = pre.last_logits, pre.attention, pre.lengths
         if n > 1:
-            cache.batch_repeat_interleave(n)
-            last, attn, lengths = (t.repeat_interleave(n, dim=0) for t in (last, attn, lengths))
-        cache = preallocate_cache(cache, params.max_new_tokens)
+            logits = logits.repeat_interleave(n, dim=0)  # [B, V], samples of a prompt contiguous
+            if not packed:
+                attn, lengths = attn.repeat_interleave(n, dim=0), lengths.repeat_interleave(n, dim=0)
+        if packed:  # the block mask: query j (sample j of its prompt) sees the keys of sample j only
+            prompt_keys = attn.bool().unsqueeze(1).expand(P, n, attn.shape[1])  # [P, n, Lp]
+            own = torch.eye(n, dtype=torch.bool, device=device)  # [n, n] per step
+            new_keys = torch.zeros((P, 0), dtype=torch.bool, device=device)  # [P, n*t] which fed tokens are real
         stop = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         toks, lps = [], []
-        logits = last
-        for t in range(params.max_new_tokens):
+        for t in range(steps):
             tok, lp = sample_next(logits, temperature=params.temperature, top_p=params.top_p,
                                   generator=gen)
             tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
@@ -224,12 +303,20 @@ class TransformersRollout:
             lps.append(lp)
             newly = torch.isin(tok, stop) & ~done if len(stop) else torch.zeros_like(done)
             done = done | newly
-            if bool(done.all()) or t == params.max_new_tokens - 1:
+            if bool(done.all()) or t == steps - 1:
                 break
-            attn = torch.cat([attn, (~done | newly).long().unsqueeze(1)], dim=1)
-            pos = (lengths + t).unsqueeze(1)
-            logits, cache = step(model, cache, tok.unsqueeze(1), attn, pos)
-            logits = logits[:, -1, :]
+            real = ~done | newly  # the token fed now is a real key (a finished sample feeds padding)
+            if packed:
+                new_keys = torch.cat([new_keys, real.view(P, n)], dim=1)
+                mask = torch.cat([prompt_keys, own.repeat(1, t + 1).unsqueeze(0) & new_keys.unsqueeze(1)], dim=2)
+                pos = (lengths + t).unsqueeze(1).expand(P, n)
+                logits, cache = step(model, cache, tok.view(P, n), mask.unsqueeze(1), pos)
+                logits = logits.reshape(B, -1)
+            else:
+                attn = torch.cat([attn, real.long().unsqueeze(1)], dim=1)
+                pos = (lengths + t).unsqueeze(1)
+                logits, cache = step(model, cache, tok.unsqueeze(1), attn, pos)
+                logits = logits[:, -1, :]
         T = torch.stack(toks, 1).tolist()
         L = torch.stack(lps, 1).tolist()
         stop_set = set(params.stop_token_ids)

@@ -7,10 +7,21 @@ position predicts the first response token), the KV cache is shared by the n res
 a prompt, and the responses are then run on top of it. No ``[T_context, vocab]`` tensor is
 ever built for the long context, and the long prompt is encoded once per prompt rather than
 once per sample (gradients flow back through the shared cache).
+
+The n responses of a prompt run as one packed row ``[y_1 | y_2 | … | y_n]`` on top of that prompt's
+cache, with a block mask (each response sees the whole prompt and its own earlier tokens, never
+another response), so the prompt's cache is not copied once per response (nor its gradient
+scattered back in the backward). Models whose attention does not take a prepared 4-D mask (other
+than SDPA) get the per-response layout instead; both give the same log-probs (tests).
+
+A prefill can be made once and handed to both the rollout (which decodes from a detached copy of
+its cache) and :func:`score_responses` (``prefilled=``): the trainer encodes the long prompt once
+per step, with gradient, instead of once to sample and again to score.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from dataclasses import dataclass
@@ -18,6 +29,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
+
+from .attention import NAME as GQA_ATTENTION
+
+# attention implementations that take a prepared boolean [B, 1, Tq, Tk] mask as it is
+_PACKABLE_ATTENTION = ("sdpa", GQA_ATTENTION)
 
 
 @dataclass
@@ -83,16 +100,76 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device |
     return ids.to(device), mask.to(device)
 
 
-def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int):
-    """Encode left-padded prompts once.
+@dataclass
+class Prefilled:
+    """Left-padded prompts encoded once: the logits at each prompt's last position (they predict the
+    first new token), the KV cache, the attention mask over the prompt positions and the lengths.
+    Made with gradient, its cache carries the gradient into whatever is scored on top of it; a cache is
+    extended in place by the first call that runs on it, so a prefill is scored on once."""
 
-    Returns ``(last_logits [P, V], cache, attention [P, Lp], lengths [P])``; ``last_logits``
-    are the logits at each prompt's last position (predicting the first new token).
-    """
+    last_logits: torch.Tensor  # [P, V]
+    cache: Any
+    attention: torch.Tensor  # [P, Lp] long
+    lengths: torch.Tensor  # [P]
+    n_prompts: int
+
+
+def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int) -> Prefilled:
+    """Encode left-padded prompts once (the LM head at each prompt's last position only)."""
     device = next(model.parameters()).device
     ids, attn, pos, lengths = left_pad(prompts, pad_id, device)
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1, :], _out_cache(out), attn, lengths
+    return Prefilled(out.logits[:, -1, :], _out_cache(out), attn, lengths, len(prompts))
+
+
+def prefill_grouped(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int, max_tokens: int = 2048) -> Prefilled:
+    """:func:`prefill` in groups of consecutive prompts of at most ``max_tokens`` padded tokens, assembled into
+    one left-padded cache (no gradient: for sampling and greedy decoding).
+
+    One forward over 8 prompts of ~1K tokens builds ``[8K, 1536]`` activations (slow to allocate and to stream
+    on a CPU) and needs a padding mask in every attention call; a prompt that fills a group alone is encoded
+    without padding, on the causal attention kernel. Short prompts still share a forward. The same keys,
+    values and last logits as one :func:`prefill` of all of them (to float rounding), for models whose cache
+    is transformers' plain dynamic one; others get :func:`prefill`."""
+    groups: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        g = groups[-1] if groups else None
+        if g is not None and (len(g) + 1) * max(len(p), max(len(prompts[j]) for j in g)) <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    if len(groups) == 1:
+        return prefill(model, prompts, pad_id=pad_id)
+    parts = [prefill(model, [prompts[i] for i in g], pad_id=pad_id) for g in groups]
+    if not all(isinstance(getattr(pt.cache, "layers", None), list) and all(type(layer) is DynamicLayer
+               for layer in pt.cache.layers) for pt in parts):
+        return prefill(model, prompts, pad_id=pad_id)
+    P, L = len(prompts), max(pt.attention.shape[1] for pt in parts)
+    device = parts[0].attention.device
+    attention = torch.zeros((P, L), dtype=parts[0].attention.dtype, device=device)
+    layers = []
+    for li, first in enumerate(parts[0].cache.layers):
+        k = first.keys.new_zeros((P, *first.keys.shape[1:2], L, first.keys.shape[-1]))
+        v = first.values.new_zeros((P, *first.values.shape[1:2], L, first.values.shape[-1]))
+        start = 0
+        for pt in parts:
+            n, lp = pt.attention.shape
+            k[start:start + n, :, L - lp:] = pt.cache.layers[li].keys
+            v[start:start + n, :, L - lp:] = pt.cache.layers[li].values
+            start += n
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        layers.append(layer)
+    start = 0
+    for pt in parts:
+        n, lp = pt.attention.shape
+        attention[start:start + n, L - lp:] = pt.attention
+        start += n
+    cache = copy.copy(parts[0].cache)
+    cache.layers = layers
+    return Prefilled(torch.cat([pt.last_logits for pt in parts]), cache, attention,
+                     torch.cat([pt.lengths for pt in parts]), P)
 
 
 def step(model: Any, cache: Any, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor):
@@ -111,12 +188,18 @@ def score_responses(
     pad_id: int,
     return_logits: bool = False,
     temperature: float = 1.0,
+    prefilled: Prefilled | None = None,
+    packed: bool | None = None,
 ) -> Scored:
     """Log-probs of ``responses[b]`` as a continuation of ``prompts[prompt_index[b]]``.
 
     prompts:      P token-id lists (each encoded once).
     responses:    B token-id lists (the sampled answers, stop token included).
     prompt_index: B ints in [0, P): which prompt each response continues.
+    prefilled:    ``prefill(model, prompts)`` made earlier (e.g. the one the rollout decoded from); its
+                  cache is extended here, so it serves one call.
+    packed:       run each prompt's responses as one packed row (default: wherever the model's attention
+                  takes a prepared mask) rather than one row per response on a copy of the prompt's cache.
     Gradients flow when called outside ``torch.no_grad``. Logits are computed only at the
     R response positions: ``[B, R, V]`` (+ ``[P, 1, V]`` for the prompts' last positions).
     """
@@ -124,18 +207,18 @@ def score_responses(
         raise ValueError(f"responses ({len(responses)}) and prompt_index ({len(prompt_index)}) differ in length")
     if any(not 0 <= g < len(prompts) for g in prompt_index):
         raise ValueError(f"prompt_index must lie in [0, {len(prompts)}), got {list(prompt_index)}")
+    if prefilled is not None and prefilled.n_prompts != len(prompts):
+        raise ValueError(f"prefilled holds {prefilled.n_prompts} prompts, got {len(prompts)}")
     device = next(model.parameters()).device
     y, mask = right_pad(responses, pad_id, device)  # [B, R]
     g = torch.as_tensor(list(prompt_index), dtype=torch.long, device=device)
-    last_logits, cache, attn, lengths = prefill(model, prompts, pad_id=pad_id)
-    first = last_logits[g].unsqueeze(1)  # [B, 1, V]: predicts y_0
+    pre = prefilled if prefilled is not None else prefill(model, prompts, pad_id=pad_id)
+    first = pre.last_logits[g].unsqueeze(1)  # [B, 1, V]: predicts y_0
     if y.shape[1] > 1:
-        cache.batch_select_indices(g)  # [P, ...] -> [B, ...], each response gets its prompt's cache
-        inp = y[:, :-1]  # [B, R-1]
-        attention = torch.cat([attn[g], mask[:, :-1].long()], dim=1)
-        positions = lengths[g].unsqueeze(1) + torch.arange(inp.shape[1], device=device).unsqueeze(0)
-        rest, _ = step(model, cache, inp, attention, positions)  # [B, R-1, V]
-        logits = torch.cat([first, rest], dim=1)
+        if packed is None:
+            packed = packable(model, pre.cache)
+        run = _packed_rest if packed else _per_response_rest
+        logits = torch.cat([first, run(model, pre, y, mask, list(prompt_index), pad_id)], dim=1)
     else:
         logits = first
     logits = logits.float()
@@ -144,3 +227,57 @@ def score_responses(
     logp = F.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1) * mask
     return Scored(logprobs=token_logp, mask=mask, response_ids=y, logits=logits if return_logits else None)
+
+
+def packable(model: Any, cache: Any) -> bool:
+    """Whether several sequences can share a row on ``cache`` under a block mask: the model's attention takes a
+    prepared boolean 4-D mask as it is, and the cache is transformers' plain dynamic one."""
+    impl = getattr(getattr(_hf_model(model), "config", None), "_attn_implementation", None)
+    layers = getattr(cache, "layers", None)
+    return impl in _PACKABLE_ATTENTION and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def _per_response_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor, index: list[int],
+                       pad_id: int) -> torch.Tensor:
+    """Logits ``[B, R-1, V]`` at response positions 1.., one row per response on its own copy of its
+    prompt's cache."""
+    device = y.device
+    g = torch.as_tensor(index, dtype=torch.long, device=device)
+    pre.cache.batch_select_indices(g)  # [P, ...] -> [B, ...], each response gets its prompt's cache
+    inp = y[:, :-1]  # [B, R-1]
+    attention = torch.cat([pre.attention[g], mask[:, :-1].long()], dim=1)
+    positions = pre.lengths[g].unsqueeze(1) + torch.arange(inp.shape[1], device=device).unsqueeze(0)
+    rest, _ = step(model, pre.cache, inp, attention, positions)
+    return rest
+
+
+def _packed_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor, index: list[int],
+                 pad_id: int) -> torch.Tensor:
+    """Logits ``[B, R-1, V]`` at response positions 1.., the responses of each prompt packed in one row
+    ``[y_1 | … | y_n]`` on that prompt's cache. Block j of row p holds the inputs of p's j-th response at
+    positions ``len(p) + t``; a block sees the prompt's real tokens and its own real earlier inputs."""
+    device = y.device
+    T = y.shape[1] - 1
+    P, Lp = pre.attention.shape
+    slot, filled = [], [0] * P
+    for p in index:  # the j-th response of prompt p goes to block j of row p
+        slot.append(filled[p])
+        filled[p] += 1
+    M = max(filled) * T
+    ids = torch.full((P, M), pad_id, dtype=torch.long, device=device)
+    keys = torch.zeros((P, M), dtype=torch.bool, device=device)  # which packed inputs are real
+    block = torch.full((P, M), -1, dtype=torch.long, device=device)  # which block a packed position is in
+    rows = torch.as_tensor(index, dtype=torch.long, device=device)
+    cols = torch.as_tensor(slot, dtype=torch.long, device=device).unsqueeze(1) * T + torch.arange(T, device=device)
+    ids[rows.unsqueeze(1), cols] = y[:, :-1]
+    keys[rows.unsqueeze(1), cols] = mask[:, :-1]
+    block[rows.unsqueeze(1), cols] = torch.as_tensor(slot, device=device).unsqueeze(1).expand(-1, T)
+    offset = torch.arange(M, device=device) % T
+    positions = pre.lengths.unsqueeze(1) + offset.unsqueeze(0)  # [P, M]
+    causal = offset.unsqueeze(1) >= offset.unsqueeze(0)  # [M, M] within a block: earlier or same position
+    same = (block.unsqueeze(2) == block.unsqueeze(1)) & (block.unsqueeze(2) >= 0)  # [P, M, M]
+    own = same & causal & keys.unsqueeze(1)
+    prompt = pre.attention.bool().unsqueeze(1).expand(P, M, Lp)
+    attention = torch.cat([prompt, own], dim=2).unsqueeze(1)  # [P, 1, M, Lp + M]
+    logits, _ = step(model, pre.cache, ids, attention, positions)  # [P, M, V]
+    return logits[rows.unsqueeze(1), cols]  # [B, T, V]

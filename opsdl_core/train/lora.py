@@ -8,10 +8,12 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..config import RunConfig
 from .checkpoint import atomic_write_text
 
-__all__ = ["apply_lora", "canonical_adapter_config", "lr_lambda"]
+__all__ = ["apply_lora", "canonical_adapter_config", "fuse_lora_forward", "lr_lambda"]
 
 
 def apply_lora(model: Any, cfg: RunConfig) -> Any:
@@ -24,7 +26,45 @@ def apply_lora(model: Any, cfg: RunConfig) -> Any:
 
     lcfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, lcfg)
+    peft_model = get_peft_model(model, lcfg)
+    fuse_lora_forward(peft_model)
+    return peft_model
+
+
+def fuse_lora_forward(peft_model: Any) -> int:
+    """Give each plain LoRA ``Linear`` of ``peft_model`` a forward that adds the adapter inside the second
+    matmul: ``y = x W^T`` then ``y += s * (x A^T) B^T`` in one ``addmm_``, instead of PEFT's
+    ``y + B(A(x)) * s``, which writes the ``[tokens, out]`` product, scales it and adds it (three passes
+    over a tensor as large as the layer's output, and the scaling's own pass in the backward). The same
+    function of the same parameters; any call the fused form does not cover (adapter disabled or merged,
+    several adapters, dropout, DoRA and other variants, a bias on B, other dtypes or layer kinds) goes to
+    PEFT's forward. Returns the number of layers given it."""
+    import types
+
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    n = 0
+    for module in peft_model.modules():
+        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear:
+            module.forward = types.MethodType(_fused_forward, module)
+            n += 1
+    return n
+
+
+def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = self.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (args or kwargs or self.disable_adapters or self.merged or name not in self.lora_A
+            or torch.is_autocast_enabled(x.device.type)
+            or name in self.lora_variant or not isinstance(self.lora_dropout[name], torch.nn.Identity)):
+        return type(self).forward(self, x, *args, **kwargs)
+    A, B, W = self.lora_A[name], self.lora_B[name], self.base_layer
+    if B.bias is not None or A.bias is not None or not (x.dtype == A.weight.dtype == B.weight.dtype == W.weight.dtype):
+        return type(self).forward(self, x, *args, **kwargs)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.mm(x2, W.weight.t()) if W.bias is None else torch.addmm(W.bias, x2, W.weight.t())
+    y.addmm_(torch.mm(x2, A.weight.t()), B.weight.t(), alpha=self.scaling[name])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:

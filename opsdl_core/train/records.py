@@ -23,6 +23,7 @@ class Distilled:
     loss: Any = None
     sampler_logprobs: Any = None
     anchor: "Distilled | None" = None
+    prefilled: Any = None  # the student prompts' prefill (with grad) the rollout decoded from, scored on once
 
     @property
     def n_tokens(self) -> int:

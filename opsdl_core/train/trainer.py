@@ -33,8 +33,8 @@ from ..config import RunConfig
 from ..data.prepare import Prepared, PreparedData, prompt_order
 from ..data.prompts import pad_token_id, stop_token_ids
 from ..grading import rollout_judgement
-from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merged_lora_weights, sampler_weights
-from ..models.scoring import score_responses
+from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
+from ..models.scoring import prefill, score_responses
 from ..run_dir import RunDir, read_jsonl
 from . import checkpoint as ckpt
 from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
@@ -141,6 +141,13 @@ class OPSDLTrainer:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
                                                pad_id=self.pad_id)
         self._merged_sampler = sampler_model is not None
+        built_here = isinstance(self.rollout, TransformersRollout) and any(
+            self.rollout.model is m for m in (sampler_model, self.unwrapped))
+        self._shared_prefill = bool(
+            cfg.rollout.shared_prefill and built_here and not self._use_vllm and cfg.train.grad_accum == 1
+            and cfg.train.mixed_precision == "no" and self.accelerator.num_processes == 1
+            and (not cfg.lora.enabled or cfg.lora.dropout == 0)
+            and not getattr(self.unwrapped.config, "attention_dropout", 0.0))
         self.sampling = SamplingParams(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                        max_new_tokens=cfg.rollout.max_new_tokens,
                                        stop_token_ids=stop_token_ids(self.tokenizer, self.unwrapped.config))
@@ -262,7 +269,8 @@ class OPSDLTrainer:
         for micro in range(cfg.train.grad_accum):
             batch = self._batch(micro)
             part = self._sample([p.student_ids for p in batch], self._teacher_prompts(micro),
-                                hash_seed(cfg.train.seed, self.step, micro), timings, batch=batch)
+                                hash_seed(cfg.train.seed, self.step, micro), timings, batch=batch,
+                                shared_prefill=self._shared_prefill)
             if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt, own samples
                 short = [p.teacher_ids for p in batch]
                 part.anchor = self._sample(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
@@ -289,12 +297,21 @@ class OPSDLTrainer:
         return self._finish_step(sums, timings, t_step)
 
     def _sample(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
-                timings: dict[str, float], *, batch: list[Prepared]) -> "Distilled":
+                timings: dict[str, float], *, batch: list[Prepared], shared_prefill: bool = False) -> "Distilled":
         """Sample from the student's prompts with the current weights and score the same token ids
-        under the teacher's prompts (teacher weights, eval mode, no grad)."""
+        under the teacher's prompts (teacher weights, eval mode, no grad). ``shared_prefill``: the student
+        encodes its prompts here, with gradient; the rollout decodes from that prefill and the student's
+        scoring runs on it (``rollout.shared_prefill``)."""
         cfg = self.cfg
         t = time.perf_counter()
-        ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed)
+        pre = None
+        if shared_prefill:
+            self.model.train()
+            with self.accelerator.autocast():
+                pre = prefill(self.model, student_prompts, pad_id=self.pad_id)
+        more = {} if pre is None else {"prefilled": pre}
+        ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed,
+                                   **more)
         timings["generate_s"] += time.perf_counter() - t
         t = time.perf_counter()
         with self.teacher.scoring():
@@ -302,7 +319,7 @@ class OPSDLTrainer:
                                   prompt_index=ro.prompt_index, pad_id=self.pad_id,
                                   return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature)
         timings["teacher_s"] += time.perf_counter() - t
-        return Distilled(batch=batch, student_prompts=student_prompts, rollout=ro, teacher=tch)
+        return Distilled(batch=batch, student_prompts=student_prompts, rollout=ro, teacher=tch, prefilled=pre)
 
     def _student_loss(self, part: "Distilled", timings: dict[str, float], control: str = "none") -> None:
         """The student's scores of ``part``'s samples under its prompt (with grad) and the loss.
@@ -314,7 +331,9 @@ class OPSDLTrainer:
         with self.accelerator.autocast():
             stu = score_responses(self.model, prompts=part.student_prompts, responses=ro.response_ids,
                                   prompt_index=ro.prompt_index, pad_id=self.pad_id,
-                                  return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature)
+                                  return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature,
+                                  prefilled=part.prefilled)
+        part.prefilled = None  # its cache now holds the answers too
         part.sampler_logprobs = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], the student's layout
         teacher_lp = tch.logprobs
         if control == "constant_advantage":  # lpT - lpS = -c exactly, whatever the teacher says
@@ -377,10 +396,11 @@ class OPSDLTrainer:
 
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
+        state = None
         if self._full_sync:
             state = sampler_weights(self.unwrapped)
-        else:
-            state = merged_lora_weights(self.unwrapped) if self._merged_sampler else None
+        elif self._merged_sampler:  # the sampler is our own plain copy: merged straight into its weights
+            merge_lora_into(self.unwrapped, self.rollout.model)
         self.rollout.update_weights(self.step, state)
 
     def _accumulate(self, sums: dict[str, float], part: "Distilled") -> None:
