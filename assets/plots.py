@@ -6,13 +6,11 @@ import base64
 from pathlib import Path
 from typing import Any, Sequence
 
+from opsdl_core.evaluation.plots import pyplot, save_figure
+
 
 def training_curves_png(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
     for ax, key, title in zip(axes, ("kl_estimate", "loss", "rollout_accuracy"),
@@ -24,11 +22,7 @@ def training_curves_png(metrics: Sequence[dict[str, Any]], path: Path) -> Path:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _rolling_mean(ys: Sequence[float], k: int) -> list[float]:
@@ -38,11 +32,7 @@ def _rolling_mean(ys: Sequence[float], k: int) -> list[float]:
 
 def accuracy_bars_png(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """``rows``: dicts with suite, context, before, after."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [f"{r['suite']}\n{r['context']}" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(rows)), 3))
@@ -53,11 +43,7 @@ def accuracy_bars_png(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def png_markdown(path: Path, alt: str = "plot") -> str:

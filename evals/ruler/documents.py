@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from evals.ruler.generate import (DEPTHS, NEEDLE, NIAH_PREFIX, NIAH_TEMPLATE, CountTokens, LengthTooSmall, RulerSample,
-                                  _rand, generation_budget, largest_fitting)
+from evals.ruler.generate import (DEPTHS, NEEDLE, NIAH_PREFIX, NIAH_TEMPLATE, CountTokens, RulerSample, _rand,
+                                  fit_samples, generation_budget)
 from opsdl_core.data.essays import ESSAY_TASKS
 
 __all__ = ["ESSAY_TASKS", "QA_TASKS", "DOCUMENT_TASKS", "SOURCES", "generate_document_task", "resolve_source",
@@ -229,25 +229,8 @@ def generate_document_task(task: str, *, length: int, n: int, count_tokens: Coun
         builder, lo0, match = (lambda rng, units, d, i: _qa(items, pool, rng, units, i)), 1, "part"
         cap = len(pool)
     budget = length - generation_budget(tokens_to_generate, length) - overhead_tokens
-    out = []
-    for i in range(n):
-        fixed = float(depths[i % len(depths)]) if depths else None
-
-        def build(units: int, i=i, fixed=fixed):
-            rng = random.Random(f"ruler:{task}:{length}:{seed}:{i}")
-            d = fixed if fixed is not None else float(rng.choice(DEPTHS))
-            prompt, refs, prefix, meta = builder(rng, units, d, i)
-            return prompt, refs, prefix, meta, d, count_tokens(prompt + "\n" + prefix)
-
-        lo = lo0
-        first = build(lo)
-        if first[5] > budget:
-            raise LengthTooSmall(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
-                                 f"{budget}; expected a larger length")
-        lo = largest_fitting(lambda u: build(u)[5], lo, budget, cap, lambda filled: (
-            f"{task} at length {length}: all {cap} documents fill only {filled} of {budget} tokens; expected a "
-            "smaller length or a larger data file"))
-        prompt, refs, prefix, meta, d, n_tok = build(lo)
-        out.append(RulerSample(task, length, i, prompt, refs, prefix, n_tok, d if task in ESSAY_TASKS else None,
-                               {**meta, "haystack_units": lo, "match": match}))
-    return out
+    return fit_samples(
+        task, length=length, n=n, seed=seed, depths=depths, budget=budget, count_tokens=count_tokens,
+        build_prompt=builder, lo=lo0, cap=cap, has_depth=task in ESSAY_TASKS, meta={"match": match},
+        too_few=lambda filled: (f"{task} at length {length}: all {cap} documents fill only {filled} of {budget} "
+                                "tokens; expected a smaller length or a larger data file"))

@@ -255,29 +255,43 @@ def generate(task: str, *, length: int, n: int, count_tokens: CountTokens, seed:
         raise ValueError(f"unknown RULER task {task!r}; expected one of {TASKS}")
     tokens_to_generate = generation_budget(tokens_to_generate, length)
     budget = length - tokens_to_generate - overhead_tokens
+    cap = _max_units(task)
+    return fit_samples(
+        task, length=length, n=n, seed=seed, depths=depths, budget=budget, count_tokens=count_tokens,
+        build_prompt=lambda rng, units, d, i: _BUILDERS[task](rng, units, d, length), lo=_MIN_UNITS.get(task, 1),
+        cap=cap, has_depth=task in _HAS_DEPTH,
+        budget_note=f" (= length - tokens_to_generate {tokens_to_generate} - overhead {overhead_tokens})",
+        too_few=lambda filled: (f"{task} at length {length}: {cap} haystack units (all there are) fill only {filled} "
+                                f"of {budget} tokens; expected a smaller length"))
+
+
+def fit_samples(task: str, *, length: int, n: int, seed: int, depths: Sequence[float] | None, budget: int,
+                count_tokens: CountTokens, build_prompt: Callable[..., tuple[str, list[str], str, dict]], lo: int,
+                cap: int | None, has_depth: bool, too_few: Callable[[int], str], budget_note: str = "",
+                meta: dict[str, Any] | None = None) -> list[RulerSample]:
+    """``n`` samples of ``task``, each with the most haystack units (from ``lo``, at most ``cap``) whose prompt
+    and answer prefix fit ``budget`` model tokens. ``build_prompt(rng, units, depth, i)`` gives (prompt,
+    references, answer prefix, metadata); sample ``i``'s generator is seeded by (task, length, seed, i) and
+    draws its needle depth first (``depths``, cycled, fixes it). Raises :class:`LengthTooSmall` when even
+    ``lo`` units do not fit."""
     out = []
     for i in range(n):
-        depth = float(depths[i % len(depths)]) if depths else None
+        fixed = float(depths[i % len(depths)]) if depths else None
 
-        def build(units: int, i=i, depth=depth):
+        def build(units: int, i=i, fixed=fixed):
             rng = random.Random(f"ruler:{task}:{length}:{seed}:{i}")
-            d = depth if depth is not None else float(rng.choice(DEPTHS))
-            prompt, refs, prefix, meta = _BUILDERS[task](rng, units, d, length)
-            return prompt, refs, prefix, meta, d, count_tokens(prompt + "\n" + prefix)
+            d = fixed if fixed is not None else float(rng.choice(DEPTHS))
+            prompt, refs, prefix, extra = build_prompt(rng, units, d, i)
+            return prompt, refs, prefix, extra, d, count_tokens(prompt + "\n" + prefix)
 
-        lo = _MIN_UNITS.get(task, 1)
         first = build(lo)
         if first[5] > budget:
             raise LengthTooSmall(f"{task} at length {length}: the smallest prompt has {first[5]} tokens, more than "
-                             f"{budget} (= length - tokens_to_generate {tokens_to_generate} - overhead "
-                             f"{overhead_tokens}); expected a larger length")
-        cap = _max_units(task)
-        lo = largest_fitting(lambda u: build(u)[5], lo, budget, cap, lambda filled: (
-            f"{task} at length {length}: {cap} haystack units (all there are) fill only {filled} of {budget} "
-            "tokens; expected a smaller length"))
-        prompt, refs, prefix, meta, d, n_tok = build(lo)
-        out.append(RulerSample(task, length, i, prompt, refs, prefix, n_tok, d if task in _HAS_DEPTH else None,
-                               {**meta, "haystack_units": lo}))
+                                 f"{budget}{budget_note}; expected a larger length")
+        units = largest_fitting(lambda u: build(u)[5], lo, budget, cap, too_few)
+        prompt, refs, prefix, extra, d, n_tok = build(units)
+        out.append(RulerSample(task, length, i, prompt, refs, prefix, n_tok, d if has_depth else None,
+                               {**extra, "haystack_units": units, **(meta or {})}))
     return out
 
 

