@@ -247,3 +247,20 @@ def test_grouped_prefill_equals_one_batched_prefill(model, monkeypatch):
     one_answers = TransformersRollout(model, pad_id=PAD, max_batch_size=8, prefill_tokens=10**6).generate(
         prompts, n=1, params=params, seed=0).response_ids
     assert grouped_answers == one_answers and all(len(a) == 8 for a in one_answers)
+
+
+def test_a_prefill_with_another_cache_kind_is_encoded_again_not_copied(model):
+    """A prefill whose cache is not transformers' plain dynamic one (sliding-window, quantized, ... layers:
+    stood in for here by preallocated layers) is not decoded from: the rollout encodes the prompts itself
+    and samples what a fresh rollout samples."""
+    from opsdl_core.models.rollout import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(9)
+    prompts = [_rand_ids(g, 12), _rand_ids(g, 7)]
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    engine = TransformersRollout(model, pad_id=PAD)
+    fresh = engine.generate(prompts, n=2, params=params, seed=5)
+    with torch.no_grad():
+        pre = prefill(model, prompts, pad_id=PAD)
+    pre.cache.layers = [PreallocatedLayer(layer.keys, layer.values, 0) for layer in pre.cache.layers]
+    assert engine.generate(prompts, n=2, params=params, seed=5, prefilled=pre).response_ids == fresh.response_ids

@@ -237,7 +237,10 @@ class TransformersRollout:
                  prefilled: Prefilled | None = None) -> RolloutBatch:
         """``n`` samples per prompt. ``prefilled``: these prompts already encoded (``prefill`` on the same
         weights, e.g. the trainer's with gradient): decoding starts from a detached copy of its cache and
-        its last logits instead of encoding the prompts again."""
+        its last logits instead of encoding the prompts again (a cache of another kind than transformers'
+        plain dynamic one, e.g. sliding-window layers, is not copied: the prompts are encoded here)."""
+        if prefilled is not None and not _filled_dynamic(prefilled.cache):
+            prefilled = None
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if self.model is None:
