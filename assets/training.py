@@ -9,8 +9,9 @@ from typing import Any, Optional
 import dagster as dg
 from pydantic import Field
 
-from opsdl_core.config import RunConfig, _deep_merge, parse_overrides
+from opsdl_core.config import RunConfig
 from opsdl_core.config_reference import field_default, field_help
+from opsdl_core.config_schema import deep_merge, parse_overrides
 from opsdl_core.lineage.store import ingest_training_run
 from opsdl_core.run_dir import RunDir
 
@@ -90,12 +91,12 @@ class TrainingConfig(dg.Config):
                 for section in sections:
                     node = node.setdefault(section, {})
                 node[key] = getattr(self, name)
-        merged = _deep_merge(_deep_merge(base, headline), parse_overrides(self.overrides))
+        merged = deep_merge(deep_merge(base, headline), parse_overrides(self.overrides))
         for section in PIPELINE_SECTIONS:
             merged.pop(section, None)
         pipeline = {"model": {"name": model, "cache_dir": model_cache_dir}, "data": data,
                     "train": {"run_dir": run_dir}, "eval": {"enabled": False}}
-        return RunConfig.from_dict(_deep_merge(merged, pipeline))
+        return RunConfig.from_dict(deep_merge(merged, pipeline))
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "duckdb"}, code_version=CODE_VERSION, op_tags=HEAVY, pool=CPU_POOL, owners=OWNERS,

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Optional, Union
+
+from .config_schema import ConfigError, build, check, deep_merge, hashed_fields
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Bumped when the hash's rule changes (``RunConfig.hash``: every field but those declared with
@@ -48,15 +48,6 @@ TEACHER_CONTEXT_STRATEGIES = ("oracle", "window", "bm25")
 ROLLOUT_BACKENDS = ("transformers", "vllm")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
-
-
-def _check(cond: bool, field_name: str, expected: str, got: Any) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
-
-
 @dataclass
 class ModelConfig:
     """Which model to train and how to load it."""
@@ -74,7 +65,7 @@ class ModelConfig:
                                         " $OPSDL_CACHE_DIR).", hashed=False)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
+        check(bool(self.name), "model.name", "a model name, folder or hub id", self.name)
 
 
 CURRICULUM_FAMILIES = ("kv_lookup", "record_lookup", "prose_attribute", "event_date", "multi_hop", "comparison",
@@ -101,16 +92,16 @@ class CurriculumConfig:
                                                 "easier training prompts, whose rollouts are right more often.")
 
     def __post_init__(self) -> None:
-        _check(self.distractors is None or (len(self.distractors) == 2 and 0 <= self.distractors[0]
+        check(self.distractors is None or (len(self.distractors) == 2 and 0 <= self.distractors[0]
                                             <= self.distractors[1]),
                "data.curriculum.distractors", "null or [min, max] with 0 <= min <= max", self.distractors)
         for name, weights, known in (("families", self.families, CURRICULUM_FAMILIES),
                                      ("haystacks", self.haystacks, HAYSTACK_KINDS)):
             bad = [k for k in weights if k not in known]
-            _check(not bad, f"data.curriculum.{name}", f"names among {list(known)}", bad)
-            _check(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0, f"data.curriculum.{name}",
+            check(not bad, f"data.curriculum.{name}", f"names among {list(known)}", bad)
+            check(all(w >= 0 for w in weights.values()) and sum(weights.values()) > 0, f"data.curriculum.{name}",
                    "weights >= 0 with a positive sum", weights)
-        _check(self.lengths is None or (bool(self.lengths) and all(n >= 64 for n in self.lengths)),
+        check(self.lengths is None or (bool(self.lengths) and all(n >= 64 for n in self.lengths)),
                "data.curriculum.lengths", "null or a non-empty list of token counts >= 64", self.lengths)
 
     def active_families(self) -> list[str]:
@@ -152,17 +143,17 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.curriculum, dict):
-            self.curriculum = _build(CurriculumConfig, self.curriculum, "data.curriculum")
+            self.curriculum = build(CurriculumConfig, self.curriculum, "data.curriculum")
         if self.source == "curriculum" and self.curriculum is None:
             self.curriculum = CurriculumConfig()
-        _check(self.train_size > 0, "data.train_size", "a positive integer", self.train_size)
-        _check(self.heldout_size >= 0, "data.heldout_size", "an integer >= 0", self.heldout_size)
-        _check(self.in_template_size >= 0, "data.in_template_size", "an integer >= 0", self.in_template_size)
-        _check(self.context_tokens >= 32, "data.context_tokens", "an integer >= 32", self.context_tokens)
-        _check(self.short_budget_tokens > 0, "data.short_budget_tokens", "a positive integer", self.short_budget_tokens)
+        check(self.train_size > 0, "data.train_size", "a positive integer", self.train_size)
+        check(self.heldout_size >= 0, "data.heldout_size", "an integer >= 0", self.heldout_size)
+        check(self.in_template_size >= 0, "data.in_template_size", "an integer >= 0", self.in_template_size)
+        check(self.context_tokens >= 32, "data.context_tokens", "an integer >= 32", self.context_tokens)
+        check(self.short_budget_tokens > 0, "data.short_budget_tokens", "a positive integer", self.short_budget_tokens)
         lo, hi = self.n_distractors
-        _check(0 <= lo <= hi, "data.n_distractors", "[min, max] with 0 <= min <= max", self.n_distractors)
-        _check(self.teacher_context in TEACHER_CONTEXT_STRATEGIES, "data.teacher_context",
+        check(0 <= lo <= hi, "data.n_distractors", "[min, max] with 0 <= min <= max", self.n_distractors)
+        check(self.teacher_context in TEACHER_CONTEXT_STRATEGIES, "data.teacher_context",
                f"one of {TEACHER_CONTEXT_STRATEGIES}", self.teacher_context)
 
 
@@ -189,16 +180,16 @@ class VLLMConfig:
                                           "VLLM_CPU_OMP_THREADS_BIND, if set, wins.", hashed=False)
 
     def __post_init__(self) -> None:
-        _check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,
+        check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,
                "rollout.vllm.max_num_batched_tokens", f"null or an integer >= max_model_len ({self.max_model_len}): "
                "a prompt is prefilled in one engine step", self.max_num_batched_tokens)
-        _check(self.cpu_threads is None or self.cpu_threads >= 1, "rollout.vllm.cpu_threads", "null or an integer >= 1",
+        check(self.cpu_threads is None or self.cpu_threads >= 1, "rollout.vllm.cpu_threads", "null or an integer >= 1",
                self.cpu_threads)
-        _check(self.max_model_len >= 16, "rollout.vllm.max_model_len", "an integer >= 16", self.max_model_len)
-        _check(self.kv_cache_gib >= 0, "rollout.vllm.kv_cache_gib", "a number >= 0", self.kv_cache_gib)
-        _check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "a float in (0, 1]",
+        check(self.max_model_len >= 16, "rollout.vllm.max_model_len", "an integer >= 16", self.max_model_len)
+        check(self.kv_cache_gib >= 0, "rollout.vllm.kv_cache_gib", "a number >= 0", self.kv_cache_gib)
+        check(0 < self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization", "a float in (0, 1]",
                self.gpu_memory_utilization)
-        _check(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "an integer >= 1",
+        check(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size", "an integer >= 1",
                self.tensor_parallel_size)
 
 
@@ -226,10 +217,10 @@ class RolloutConfig:
     vllm: VLLMConfig = _f(factory=VLLMConfig, help="The vLLM engine (backend 'vllm').")
 
     def __post_init__(self) -> None:
-        _check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
-        _check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)
-        _check(0 < self.top_p <= 1, "rollout.top_p", "a float in (0, 1]", self.top_p)
-        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
+        check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)
+        check(0 < self.top_p <= 1, "rollout.top_p", "a float in (0, 1]", self.top_p)
+        check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
 
 
 @dataclass
@@ -256,20 +247,20 @@ class LossConfig:
     control_advantage: float = _f(1.0, "control 'constant_advantage': the constant c of A_t = -c.")
 
     def __post_init__(self) -> None:
-        _check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
-        _check(self.control in CONTROL_KINDS, "loss.control", f"one of {CONTROL_KINDS}", self.control)
-        _check(self.control_advantage > 0, "loss.control_advantage", "a float > 0", self.control_advantage)
-        _check(self.control != "constant_advantage" or self.kind == "pointwise", "loss.control",
+        check(self.kind in LOSS_KINDS, "loss.kind", f"one of {LOSS_KINDS}", self.kind)
+        check(self.control in CONTROL_KINDS, "loss.control", f"one of {CONTROL_KINDS}", self.control)
+        check(self.control_advantage > 0, "loss.control_advantage", "a float > 0", self.control_advantage)
+        check(self.control != "constant_advantage" or self.kind == "pointwise", "loss.control",
                "'constant_advantage' with loss.kind 'pointwise' (the other kinds have no per-token advantage to "
                f"replace; got kind {self.kind!r})", self.control)
-        _check(self.advantage_clip is None or self.advantage_clip > 0, "loss.advantage_clip", "null or > 0",
+        check(self.advantage_clip is None or self.advantage_clip > 0, "loss.advantage_clip", "null or > 0",
                self.advantage_clip)
-        _check(self.is_ratio_clip is None or self.is_ratio_clip >= 1, "loss.is_ratio_clip", "null or >= 1",
+        check(self.is_ratio_clip is None or self.is_ratio_clip >= 1, "loss.is_ratio_clip", "null or >= 1",
                self.is_ratio_clip)
-        _check(0 < self.jsd_beta < 1, "loss.jsd_beta", "a float in (0, 1)", self.jsd_beta)
-        _check(self.topk >= 1, "loss.topk", "an integer >= 1", self.topk)
-        _check(self.temperature > 0, "loss.temperature", "a float > 0", self.temperature)
-        _check(self.short_anchor >= 0, "loss.short_anchor", "a float >= 0", self.short_anchor)
+        check(0 < self.jsd_beta < 1, "loss.jsd_beta", "a float in (0, 1)", self.jsd_beta)
+        check(self.topk >= 1, "loss.topk", "an integer >= 1", self.topk)
+        check(self.temperature > 0, "loss.temperature", "a float > 0", self.temperature)
+        check(self.short_anchor >= 0, "loss.short_anchor", "a float >= 0", self.short_anchor)
 
 
 @dataclass
@@ -284,8 +275,8 @@ class LoRAConfig:
                                                              "module names.")
 
     def __post_init__(self) -> None:
-        _check(self.r >= 1, "lora.r", "an integer >= 1", self.r)
-        _check(0 <= self.dropout < 1, "lora.dropout", "a float in [0, 1)", self.dropout)
+        check(self.r >= 1, "lora.r", "an integer >= 1", self.r)
+        check(0 <= self.dropout < 1, "lora.dropout", "a float in [0, 1)", self.dropout)
 
 
 @dataclass
@@ -302,10 +293,10 @@ class OptimConfig:
     max_grad_norm: Optional[float] = _f(1.0, "Clip the gradient norm to this; null: no clipping.")
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0, "optim.lr", "a float > 0", self.lr)
-        _check(self.schedule in ("constant", "linear", "cosine"), "optim.schedule",
+        check(self.lr > 0, "optim.lr", "a float > 0", self.lr)
+        check(self.schedule in ("constant", "linear", "cosine"), "optim.schedule",
                "one of ('constant', 'linear', 'cosine')", self.schedule)
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
+        check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
 
 
 @dataclass
@@ -332,13 +323,13 @@ class TrainConfig:
                                                                    "ascending).")
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
-        _check(self.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", self.prompts_per_step)
-        _check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
-        _check(self.teacher in TEACHER_KINDS, "train.teacher", f"one of {TEACHER_KINDS}", self.teacher)
-        _check(0 < self.ema_decay < 1, "train.ema_decay", "a float in (0, 1)", self.ema_decay)
-        _check(self.save_every >= 1, "train.save_every", "an integer >= 1", self.save_every)
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
+        check(self.prompts_per_step >= 1, "train.prompts_per_step", "an integer >= 1", self.prompts_per_step)
+        check(self.grad_accum >= 1, "train.grad_accum", "an integer >= 1", self.grad_accum)
+        check(self.teacher in TEACHER_KINDS, "train.teacher", f"one of {TEACHER_KINDS}", self.teacher)
+        check(0 < self.ema_decay < 1, "train.ema_decay", "a float in (0, 1)", self.ema_decay)
+        check(self.save_every >= 1, "train.save_every", "an integer >= 1", self.save_every)
+        check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
 
 
 @dataclass
@@ -351,8 +342,8 @@ class EvalConfig:
     batch_size: int = _f(8, "Prompts per generation batch.", hashed=False)
 
     def __post_init__(self) -> None:
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
-        _check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
+        check(self.max_new_tokens >= 1, "eval.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        check(self.batch_size >= 1, "eval.batch_size", "an integer >= 1", self.batch_size)
 
 
 METHOD_KINDS = ("opsdl", "sft", "dpo")
@@ -381,11 +372,11 @@ class MethodConfig:
     nll_weight: float = _f(0.0, "dpo: weight of the chosen answer's per-token NLL (LongPO / RPO); 0: none.")
 
     def __post_init__(self) -> None:
-        _check(self.kind in METHOD_KINDS, "method.kind", f"one of {METHOD_KINDS}", self.kind)
-        _check(self.target in ("self_short", "reference"), "method.target", "'self_short' or 'reference'",
+        check(self.kind in METHOD_KINDS, "method.kind", f"one of {METHOD_KINDS}", self.kind)
+        check(self.target in ("self_short", "reference"), "method.target", "'self_short' or 'reference'",
                self.target)
-        _check(self.beta > 0, "method.beta", "a float > 0", self.beta)
-        _check(self.nll_weight >= 0, "method.nll_weight", "a float >= 0", self.nll_weight)
+        check(self.beta > 0, "method.beta", "a float > 0", self.beta)
+        check(self.nll_weight >= 0, "method.nll_weight", "a float >= 0", self.nll_weight)
 
 
 @dataclass
@@ -418,8 +409,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> "RunConfig":
-        merged = _deep_merge(data or {}, overrides or {})
-        return _build(cls, merged, "")
+        merged = deep_merge(data or {}, overrides or {})
+        return build(cls, merged, "")
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
@@ -442,111 +433,6 @@ class RunConfig:
     def hash(self) -> str:
         """Stable 16-hex digest of the fields that can change what a run computes (every field but
         those declared ``hashed=False``), with the hash schema, as sorted-key canonical JSON."""
-        d = {"hash_schema": HASH_SCHEMA, **_hashed_fields(self)}
+        d = {"hash_schema": HASH_SCHEMA, **hashed_fields(self)}
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _hashed_fields(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _hashed_fields(getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                if f.metadata.get("hash", True)}
-    if isinstance(obj, (list, tuple)):
-        return [_hashed_fields(x) for x in obj]
-    if isinstance(obj, dict):
-        return {str(k): _hashed_fields(v) for k, v in obj.items()}
-    return obj
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["train.steps=10", "loss.kind=jsd"]`` -> nested dict; values parsed as YAML scalars."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected SECTION.FIELD=VALUE")
-        key, raw = item.split("=", 1)
-        parts = key.strip().split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(raw)
-    return out
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    where = path or "config"
-    if isinstance(data, cls):
-        return data
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
-    kwargs = {k: _coerce(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, name: str) -> Any:
-    origin, args = get_origin(tp), get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, name)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{name}: {value!r} matches none of {errors}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{name}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{name}: expected {len(args)} values, got {list(value)!r}")
-            return tuple(_coerce(a, v, f"{name}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        seq = [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-        return tuple(seq) if origin is tuple else seq
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(args[1] if args else Any, v, f"{name}.{k}") for k, v in value.items()}
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: expected a string, got {value!r}")
-        return value
-    return value

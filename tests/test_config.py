@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from opsdl_core.config import ConfigError, RunConfig, parse_overrides
+from opsdl_core.config import ConfigError, RunConfig
+from opsdl_core.config_schema import parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOP = ("opsdl_core", "assets", "pipelines", "evals")
 # opsdl_core's subpackages bottom-up: a module may import its own subpackage and the ones below it
-LAYERS = [("config", "config_reference", "wheels", "grading", "run_dir"), ("models",), ("data",), ("lineage",), ("evaluation",), ("train",),
+LAYERS = [("config_schema", "config", "config_reference", "wheels", "grading", "run_dir"), ("models",), ("data",), ("lineage",), ("evaluation",), ("train",),
           ("experiment",), ("cli",)]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 # what each top-level package may import (besides itself)

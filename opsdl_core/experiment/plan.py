@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..config import METHOD_KINDS, ConfigError, RunConfig, _build, _check, _deep_merge, parse_overrides
+from ..config import METHOD_KINDS, ConfigError, RunConfig
+from ..config_schema import build, check, deep_merge, parse_overrides
 
 __all__ = ["ExperimentSettings", "Experiment", "load_experiment", "PlannedRun", "plan_runs", "folds",
            "curriculum_families", "prompts_seen", "task_labels"]
@@ -66,42 +67,42 @@ class ExperimentSettings:
     ruler_lengths: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
-        _check(bool(self.methods) and all(m in METHOD_KINDS or m in self.variants for m in self.methods),
+        check(bool(self.methods) and all(m in METHOD_KINDS or m in self.variants for m in self.methods),
                "experiment.methods", f"a non-empty list of {METHOD_KINDS} or names of experiment.variants "
                f"{sorted(self.variants)}", self.methods)
         for name, over in self.variants.items():
-            _check(VARIANT_NAME.fullmatch(name) is not None and name not in METHOD_KINDS and name != "base",
+            check(VARIANT_NAME.fullmatch(name) is not None and name not in METHOD_KINDS and name != "base",
                    f"experiment.variants.{name}", "a name of letters, digits and . _ = + - (not a method kind "
                    "or 'base')", name)
             train = (over.get("train") or {}) if isinstance(over, dict) else None
-            _check(isinstance(train, dict) and "data" not in over and set(train) <= _VARIANT_TRAIN,
+            check(isinstance(train, dict) and "data" not in over and set(train) <= _VARIANT_TRAIN,
                    f"experiment.variants.{name}", "overrides of the run section without 'data' (every variant "
                    f"trains on the same prompts) and without train fields other than {sorted(_VARIANT_TRAIN)}",
                    over)
-        _check(len(set(self.methods)) == len(self.methods), "experiment.methods", "no repeats", self.methods)
-        _check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "experiment.seeds",
+        check(len(set(self.methods)) == len(self.methods), "experiment.methods", "no repeats", self.methods)
+        check(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "experiment.seeds",
                "a non-empty list of distinct integers", self.seeds)
-        _check(bool(self.lengths) and all(n >= 64 for n in self.lengths), "experiment.lengths",
+        check(bool(self.lengths) and all(n >= 64 for n in self.lengths), "experiment.lengths",
                "a non-empty list of token counts >= 64", self.lengths)
-        _check(self.eval_n >= 1, "experiment.eval_n", "an integer >= 1", self.eval_n)
-        _check(self.eval_every >= 0, "experiment.eval_every", "an integer >= 0", self.eval_every)
-        _check(self.curve_length is None or self.curve_length in self.lengths, "experiment.curve_length",
+        check(self.eval_n >= 1, "experiment.eval_n", "an integer >= 1", self.eval_n)
+        check(self.eval_every >= 0, "experiment.eval_every", "an integer >= 0", self.eval_every)
+        check(self.curve_length is None or self.curve_length in self.lengths, "experiment.curve_length",
                f"null or one of experiment.lengths {self.lengths}", self.curve_length)
-        _check(self.protocol in ("split", "leave_one_out"), "experiment.protocol", "'split' or 'leave_one_out'",
+        check(self.protocol in ("split", "leave_one_out"), "experiment.protocol", "'split' or 'leave_one_out'",
                self.protocol)
         from ..config import CURRICULUM_FAMILIES, HAYSTACK_KINDS
 
         bad = [f for f in self.heldout_families if f not in CURRICULUM_FAMILIES]
-        _check(not bad, "experiment.heldout_families", f"names among {list(CURRICULUM_FAMILIES)}", bad)
-        _check(self.eval_haystack in HAYSTACK_KINDS, "experiment.eval_haystack", f"one of {HAYSTACK_KINDS}",
+        check(not bad, "experiment.heldout_families", f"names among {list(CURRICULUM_FAMILIES)}", bad)
+        check(self.eval_haystack in HAYSTACK_KINDS, "experiment.eval_haystack", f"one of {HAYSTACK_KINDS}",
                self.eval_haystack)
         from ..evaluation.accuracy import EVAL_BACKENDS
 
-        _check(self.eval_backend in EVAL_BACKENDS, "experiment.eval_backend", f"one of {EVAL_BACKENDS}",
+        check(self.eval_backend in EVAL_BACKENDS, "experiment.eval_backend", f"one of {EVAL_BACKENDS}",
                self.eval_backend)
-        _check(self.ruler_n >= 1, "experiment.ruler_n", "an integer >= 1", self.ruler_n)
-        _check(self.foreign_n >= 0, "experiment.foreign_n", "an integer >= 0", self.foreign_n)
-        _check(self.in_family_n is None or self.in_family_n >= 1, "experiment.in_family_n", "null or an integer >= 1",
+        check(self.ruler_n >= 1, "experiment.ruler_n", "an integer >= 1", self.ruler_n)
+        check(self.foreign_n >= 0, "experiment.foreign_n", "an integer >= 0", self.foreign_n)
+        check(self.in_family_n is None or self.in_family_n >= 1, "experiment.in_family_n", "null or an integer >= 1",
                self.in_family_n)
 
     @property
@@ -130,11 +131,11 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         if not path.is_file():
             raise FileNotFoundError(f"experiment config not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
-    data = _deep_merge(data, parse_overrides(list(overrides)))
+    data = deep_merge(data, parse_overrides(list(overrides)))
     unknown = set(data) - {"experiment", "run"}
     if unknown:
         raise ConfigError(f"experiment config: unknown section(s) {sorted(unknown)}; expected 'experiment' and 'run'")
-    settings = _build(ExperimentSettings, data.get("experiment") or {}, "experiment")
+    settings = build(ExperimentSettings, data.get("experiment") or {}, "experiment")
     return Experiment(settings, RunConfig.from_dict(data.get("run") or {}))
 
 
@@ -177,9 +178,9 @@ def plan_runs(exp: Experiment) -> list[PlannedRun]:
             for method in s.methods:
                 run = PlannedRun(method, seed, exp.run, fold)
                 variant = copy.deepcopy(s.variants.get(method) or {})
-                over: dict[str, Any] = _deep_merge(
+                over: dict[str, Any] = deep_merge(
                     {"method": {"kind": method if method in METHOD_KINDS else "opsdl"}}, variant)
-                over = _deep_merge(over, {"train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / run.label)}})
+                over = deep_merge(over, {"train": {"seed": seed, "run_dir": str(exp.out_dir / "runs" / run.label)}})
                 if fold:
                     mix = dict(exp.run.data.curriculum.families)
                     over["data"] = {"curriculum": {"families": {f: (0.0 if f in fold else w) for f, w in mix.items()}}}
@@ -190,7 +191,7 @@ def plan_runs(exp: Experiment) -> list[PlannedRun]:
                     over["train"].update(save_every=s.eval_every,
                                          keep_checkpoints=exp.run.train.steps // s.eval_every + 1)
                 try:
-                    cfg = RunConfig.from_dict(_deep_merge(base, over))
+                    cfg = RunConfig.from_dict(deep_merge(base, over))
                 except ConfigError as e:
                     if method not in s.variants:
                         raise

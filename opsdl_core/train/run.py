@@ -24,7 +24,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
-from ..config import RunConfig, parse_overrides  # noqa: E402
+from ..config import RunConfig  # noqa: E402
+from ..config_schema import parse_overrides  # noqa: E402
 from ..run_dir import RunDir  # noqa: E402
 
 
