@@ -37,29 +37,33 @@ def read_bandwidth(threads: int, mib: int = 512) -> float:
     return a.numel() * 4 / best
 
 
-def weight_bytes(config, dtype_bytes: int = 4) -> float:
-    """The weights a forward step reads: every layer's matmul weights and the LM head (norms are negligible)."""
-    h, L = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
+def _shape(config) -> tuple[int, int, int, int]:
+    """(hidden size, layers, query heads × head dim, key/value heads × head dim)."""
+    h, heads = config.hidden_size, config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) or heads
     d = getattr(config, "head_dim", None) or h // heads
-    per_layer = h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * config.intermediate_size
-    return dtype_bytes * (L * per_layer + h * config.vocab_size)
+    return h, config.num_hidden_layers, heads * d, kv * d
+
+
+def layer_weights(config) -> int:
+    """Matmul weights of one decoder layer: q, k, v, o and the three MLP projections."""
+    h, _, q, kv = _shape(config)
+    return 2 * h * q + 2 * h * kv + 3 * h * config.intermediate_size
+
+
+def weight_bytes(config, dtype_bytes: int = 4) -> float:
+    """The weights a forward step reads: every layer's matmul weights and the LM head (norms are negligible)."""
+    return dtype_bytes * (config.num_hidden_layers * layer_weights(config) + config.hidden_size * config.vocab_size)
 
 
 def forward_flops(config, new_tokens: int, context: int, *, head_tokens: int | None = None) -> float:
     """Forward FLOPs of ``new_tokens`` tokens run on top of ``context`` cached tokens: 2 * (matmul weights)
     per token in the layers, causal attention to the context and among themselves, and the LM head at
     ``head_tokens`` positions (default: every new token)."""
-    h, L = config.hidden_size, config.num_hidden_layers
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", heads) or heads
-    d = getattr(config, "head_dim", None) or h // heads
-    inter = config.intermediate_size
-    per_token = 2 * L * (h * heads * d + 2 * h * kv * d + heads * d * h + 3 * h * inter)
-    attn = 2 * 2 * L * heads * d * new_tokens * (context + new_tokens / 2)
+    h, L, q, _ = _shape(config)
+    attn = 2 * 2 * L * q * new_tokens * (context + new_tokens / 2)
     head = 2 * h * config.vocab_size * (new_tokens if head_tokens is None else head_tokens)
-    return per_token * new_tokens + attn + head
+    return 2 * L * layer_weights(config) * new_tokens + attn + head
 
 
 def question_flops(config, prompt_len: int, new_tokens: float) -> float:

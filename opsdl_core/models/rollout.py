@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from .scoring import Prefilled, packable, prefill_grouped, step
+from .scoring import Prefilled, packable, plain_dynamic, prefill_grouped, step
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,6 @@ class PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def _filled_dynamic(cache: Any) -> bool:
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
-
-
 def preallocate_cache(cache: Any, extra_tokens: int, repeat: int = 1) -> Any:
     """Give each layer of a filled ``DynamicCache`` room for ``extra_tokens`` more positions (each row
     repeated ``repeat`` times), in place.
@@ -115,7 +110,7 @@ def preallocate_cache(cache: Any, extra_tokens: int, repeat: int = 1) -> Any:
     (O(T) per token: ~30% of a decode step at 1K context on a CPU). Caches of other kinds
     (sliding windows, quantized, ...) are only repeated.
     """
-    if not _filled_dynamic(cache):
+    if not plain_dynamic(cache):
         if repeat > 1:
             cache.batch_repeat_interleave(repeat)
         return cache
@@ -127,7 +122,7 @@ def decode_cache(pre: Prefilled, rows: slice, extra_tokens: int, repeat: int = 1
     """A new cache to decode from: ``rows`` of a prefill's cache (each repeated ``repeat`` times), detached
     (no gradient reaches the prefill from the decode), with room for ``extra_tokens`` more positions. The
     prefill's own cache is left as it was (the student's scoring runs on it next)."""
-    if not _filled_dynamic(pre.cache):
+    if not plain_dynamic(pre.cache):
         raise ValueError("decoding from a prefill needs a cache of filled DynamicLayers, got "
                          f"{type(pre.cache).__name__}")
     out = copy.copy(pre.cache)
@@ -239,7 +234,7 @@ class TransformersRollout:
         weights, e.g. the trainer's with gradient): decoding starts from a detached copy of its cache and
         its last logits instead of encoding the prompts again (a cache of another kind than transformers'
         plain dynamic one, e.g. sliding-window layers, is not copied: the prompts are encoded here)."""
-        if prefilled is not None and not _filled_dynamic(prefilled.cache):
+        if prefilled is not None and not plain_dynamic(prefilled.cache):
             prefilled = None
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")

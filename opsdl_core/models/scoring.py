@@ -131,41 +131,39 @@ def prefill_grouped(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int
     without padding, on the causal attention kernel. Short prompts still share a forward. The same keys,
     values and last logits as one :func:`prefill` of all of them (to float rounding), for models whose cache
     is transformers' plain dynamic one; others get :func:`prefill`."""
-    groups: list[list[int]] = []
-    for i, p in enumerate(prompts):
-        g = groups[-1] if groups else None
-        if g is not None and (len(g) + 1) * max(len(p), max(len(prompts[j]) for j in g)) <= max_tokens:
-            g.append(i)
+    groups: list[list[Sequence[int]]] = []
+    longest = 0  # of the last group
+    for p in prompts:
+        if groups and (len(groups[-1]) + 1) * max(longest, len(p)) <= max_tokens:
+            groups[-1].append(p)
+            longest = max(longest, len(p))
         else:
-            groups.append([i])
+            groups.append([p])
+            longest = len(p)
     if len(groups) == 1:
         return prefill(model, prompts, pad_id=pad_id)
-    parts = [prefill(model, [prompts[i] for i in g], pad_id=pad_id) for g in groups]
-    if not all(isinstance(getattr(pt.cache, "layers", None), list) and all(type(layer) is DynamicLayer
-               for layer in pt.cache.layers) for pt in parts):
+    parts = [prefill(model, g, pad_id=pad_id) for g in groups]
+    if not all(plain_dynamic(pt.cache) for pt in parts):
         return prefill(model, prompts, pad_id=pad_id)
     P, L = len(prompts), max(pt.attention.shape[1] for pt in parts)
-    device = parts[0].attention.device
-    attention = torch.zeros((P, L), dtype=parts[0].attention.dtype, device=device)
+    attention = parts[0].attention.new_zeros((P, L))
+    first = parts[0].cache.layers
+    keys = [layer.keys.new_zeros((P, layer.keys.shape[1], L, layer.keys.shape[-1])) for layer in first]
+    values = [layer.values.new_zeros((P, layer.values.shape[1], L, layer.values.shape[-1])) for layer in first]
+    start = 0
+    for pt in parts:  # right-aligned: each part's rows are left-padded to the longest prompt of all
+        n, lp = pt.attention.shape
+        attention[start:start + n, L - lp:] = pt.attention
+        for k, v, layer in zip(keys, values, pt.cache.layers):
+            k[start:start + n, :, L - lp:] = layer.keys
+            v[start:start + n, :, L - lp:] = layer.values
+        start += n
     layers = []
-    for li, first in enumerate(parts[0].cache.layers):
-        k = first.keys.new_zeros((P, *first.keys.shape[1:2], L, first.keys.shape[-1]))
-        v = first.values.new_zeros((P, *first.values.shape[1:2], L, first.values.shape[-1]))
-        start = 0
-        for pt in parts:
-            n, lp = pt.attention.shape
-            k[start:start + n, :, L - lp:] = pt.cache.layers[li].keys
-            v[start:start + n, :, L - lp:] = pt.cache.layers[li].values
-            start += n
+    for k, v in zip(keys, values):
         layer = DynamicLayer()
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v
         layers.append(layer)
-    start = 0
-    for pt in parts:
-        n, lp = pt.attention.shape
-        attention[start:start + n, L - lp:] = pt.attention
-        start += n
     cache = copy.copy(parts[0].cache)
     cache.layers = layers
     return Prefilled(torch.cat([pt.last_logits for pt in parts]), cache, attention,
@@ -229,12 +227,18 @@ def score_responses(
     return Scored(logprobs=token_logp, mask=mask, response_ids=y, logits=logits if return_logits else None)
 
 
+def plain_dynamic(cache: Any) -> bool:
+    """Whether ``cache`` is transformers' plain dynamic cache, every layer filled: the kind whose tensors can
+    be sliced, copied, padded and packed directly (not sliding-window, quantized, offloaded, ... layers)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
 def packable(model: Any, cache: Any) -> bool:
     """Whether several sequences can share a row on ``cache`` under a block mask: the model's attention takes a
-    prepared boolean 4-D mask as it is, and the cache is transformers' plain dynamic one."""
+    prepared boolean 4-D mask as it is, and the cache is :func:`plain_dynamic`."""
     impl = getattr(getattr(_hf_model(model), "config", None), "_attn_implementation", None)
-    layers = getattr(cache, "layers", None)
-    return impl in _PACKABLE_ATTENTION and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+    return impl in _PACKABLE_ATTENTION and plain_dynamic(cache)
 
 
 def _per_response_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor, index: list[int],

@@ -128,6 +128,7 @@ class OPSDLTrainer:
 
     def _setup_rollout(self, engine_dir: Any, sampler_model: Any) -> None:
         cfg = self.cfg
+        ours = self.rollout is None  # not an engine the caller passed in
         if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
             sampler_model.to(self.accelerator.device)
         self._full_sync = self._use_vllm  # an engine with its own copy of the weights gets all of them
@@ -141,10 +142,8 @@ class OPSDLTrainer:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
                                                pad_id=self.pad_id)
         self._merged_sampler = sampler_model is not None
-        built_here = isinstance(self.rollout, TransformersRollout) and any(
-            self.rollout.model is m for m in (sampler_model, self.unwrapped))
         self._shared_prefill = bool(
-            cfg.rollout.shared_prefill and built_here and not self._use_vllm and cfg.train.grad_accum == 1
+            cfg.rollout.shared_prefill and ours and not self._use_vllm and cfg.train.grad_accum == 1
             and cfg.train.mixed_precision == "no" and self.accelerator.num_processes == 1
             and (not cfg.lora.enabled or cfg.lora.dropout == 0)
             and not getattr(self.unwrapped.config, "attention_dropout", 0.0))
@@ -304,14 +303,14 @@ class OPSDLTrainer:
         scoring runs on it (``rollout.shared_prefill``)."""
         cfg = self.cfg
         t = time.perf_counter()
-        pre = None
-        if shared_prefill:
+        n, pre = cfg.rollout.samples_per_prompt, None
+        if shared_prefill:  # only our own TransformersRollout takes a prefill
             self.model.train()
             with self.accelerator.autocast():
                 pre = prefill(self.model, student_prompts, pad_id=self.pad_id)
-        more = {} if pre is None else {"prefilled": pre}
-        ro = self.rollout.generate(student_prompts, n=cfg.rollout.samples_per_prompt, params=self.sampling, seed=seed,
-                                   **more)
+            ro = self.rollout.generate(student_prompts, n=n, params=self.sampling, seed=seed, prefilled=pre)
+        else:
+            ro = self.rollout.generate(student_prompts, n=n, params=self.sampling, seed=seed)
         timings["generate_s"] += time.perf_counter() - t
         t = time.perf_counter()
         with self.teacher.scoring():
