@@ -101,6 +101,10 @@ class OpsdlResource(dg.ConfigurableResource):
         return p
 
     def artifacts(self, *parts: str) -> Path:
+        """``OPSDL_HOME/artifacts/<parts>``, created; a part that would leave that folder is refused."""
+        for part in parts:
+            if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
+                raise ValueError(f"artifact folder name {part!r}: expected one folder name (no '/', '..' or NUL)")
         p = self.home_path.joinpath("artifacts", *parts)
         p.mkdir(parents=True, exist_ok=True)
         return p

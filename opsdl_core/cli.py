@@ -32,19 +32,27 @@ def _format_table(cols: list[str], rows: list[tuple], max_width: int = 60) -> st
 
 
 def _lineage(args: argparse.Namespace) -> int:
-    from .lineage.store import LineageStore, default_db_path, ingest_training_run
+    import duckdb
+
+    from .lineage.store import LineageLockTimeout, LineageStore, default_db_path, ingest_training_run
 
     db = args.db or default_db_path()
-    if args.cmd == "sql":
+    if args.cmd in ("sql", "tables"):  # reads: the file opened read-only, DuckDB's external access off
         from pathlib import Path
 
         if not Path(db).exists():
             print(f"opsdl lineage: no lineage database at {db} (run the pipeline first, or pass --db)", file=sys.stderr)
             return 2
-        store = LineageStore(db)
+        store = LineageStore(db, read_only=True)
+        if args.cmd == "tables":
+            cols, rows = store.query("SELECT table_name, table_type FROM information_schema.tables "
+                                     "WHERE table_schema = 'main' ORDER BY table_type, table_name")
+            out = [(name, kind, store.count(name) if kind == "BASE TABLE" else None) for name, kind in rows]
+            print(_format_table(["name", "type", "rows"], out))
+            return 0
         try:
             cols, rows = store.query(args.query)
-        except Exception as e:  # duckdb's own message names the table/column at fault
+        except (duckdb.Error, LineageLockTimeout) as e:  # duckdb's own message names the table/column at fault
             print(f"opsdl lineage sql: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
         if args.json:
@@ -53,12 +61,6 @@ def _lineage(args: argparse.Namespace) -> int:
             print(_format_table(cols, rows))
         return 0
     store = LineageStore(db)
-    if args.cmd == "tables":
-        cols, rows = store.query("SELECT table_name, table_type FROM information_schema.tables "
-                                 "WHERE table_schema = 'main' ORDER BY table_type, table_name")
-        out = [(name, kind, store.count(name) if kind == "BASE TABLE" else None) for name, kind in rows]
-        print(_format_table(["name", "type", "rows"], out))
-        return 0
     if args.cmd == "ingest":
         res = ingest_training_run(store, args.run_dir, experiment=args.experiment)
         print(json.dumps(res, indent=1, default=str))

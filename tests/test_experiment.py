@@ -32,6 +32,9 @@ def test_config_names_the_bad_field(tmp_path):
         load_experiment(None, ["runs.train.steps=3"])
     with pytest.raises(ConfigError, match="train.steps"):
         load_experiment(_write(tmp_path, {}), ["run.train.steps=0"])
+    for name in ("../../etc", "a/b", "..", ".hidden", "", "x" * 65, "a\\b", "a\0b", 7):  # each would leave its folder
+        with pytest.raises(ConfigError, match="experiment.name"):
+            load_experiment(_write(tmp_path, {"name": name}))
 
 
 def test_plan_gives_every_method_of_a_seed_the_same_prompts_and_its_own_folder(tmp_path):

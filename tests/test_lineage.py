@@ -190,6 +190,107 @@ def test_concurrent_writer_processes_lose_nothing(tmp_path):
     assert store.count("experiments") == 2
 
 
+def _outside_reader(db: str, stop: str, out: str) -> None:
+    """A user's own DuckDB session polling the file read-only, as the duckdb CLI does."""
+    import time
+
+    polls = 0
+    while not Path(stop).exists():
+        try:
+            con = duckdb.connect(db, read_only=True)
+        except duckdb.IOException:  # a write holds the file right now
+            time.sleep(0.002)
+            continue
+        con.execute("SELECT count(*) FROM metrics").fetchone()
+        time.sleep(0.02)  # held open a while, as an interactive query would be
+        con.close()
+        polls += 1
+    Path(out).write_text(str(polls))
+
+
+def test_writers_beside_an_outside_read_only_session_lose_nothing(tmp_path):
+    db = str(tmp_path / "l.duckdb")
+    LineageStore(db)
+    ctx = mp.get_context("spawn")
+    stop, polls = tmp_path / "stop", tmp_path / "polls"
+    reader = ctx.Process(target=_outside_reader, args=(db, str(stop), str(polls)))
+    reader.start()
+    writers = [ctx.Process(target=_writer, args=(db, k, 4)) for k in range(3)]
+    for p in writers:
+        p.start()
+    import time
+
+    waits = []  # the store's own reads meanwhile: they queue behind no writer, only behind an open write
+    while any(p.is_alive() for p in writers):
+        t0 = time.monotonic()
+        LineageStore(db, read_only=True).query("SELECT count(*) FROM metrics")
+        waits.append(time.monotonic() - t0)
+        time.sleep(0.05)
+    for p in writers:
+        p.join(180)
+    stop.touch()
+    reader.join(60)
+    assert [p.exitcode for p in writers] == [0, 0, 0] and reader.exitcode == 0
+    assert int(polls.read_text()) > 0  # the outside session did hold the file between writes
+    assert waits and max(waits) < 30, max(waits)  # a read waited up to 68 s when reads queued on the writers' lock
+    store = LineageStore(db, read_only=True)
+    assert store.count("runs") == 12 and store.count("metrics") == 12 * 5 and store.count("lineage_edges") == 12
+
+
+def test_a_write_blocked_past_the_timeout_fails_naming_the_holder_and_stores_nothing_partial(tmp_path):
+    from opsdl_core.lineage.store import LineageLockTimeout
+
+    db = str(tmp_path / "l.duckdb")
+    _fill(LineageStore(db), "r1")
+    ctx = mp.get_context("spawn")
+    ready, stop = tmp_path / "ready", tmp_path / "stop"
+    holder = ctx.Process(target=_hold_read_only, args=(db, str(ready), str(stop)))
+    holder.start()
+    try:
+        while not ready.exists():
+            assert holder.is_alive()
+        store = LineageStore(db, lock_timeout_s=0.5)
+        with pytest.raises(LineageLockTimeout, match=r"held by .*PID"):
+            store.log_metrics("r1", [{"step": 3, "loss": 0.1}])
+    finally:
+        stop.touch()
+        holder.join(30)
+    assert LineageStore(db).log_metrics("r1", [{"step": 3, "loss": 0.1}]) == 1  # the retry after it stores it
+    assert LineageStore(db, read_only=True).count("metrics", "WHERE step = 3") == 1
+
+
+def _hold_read_only(db: str, ready: str, stop: str) -> None:
+    import time
+
+    con = duckdb.connect(db, read_only=True)
+    Path(ready).touch()
+    while not Path(stop).exists():
+        time.sleep(0.01)
+    con.close()
+
+
+def test_reads_write_nothing_and_sql_cannot_touch_files(tmp_path, capsys):
+    import hashlib
+
+    db = tmp_path / "l.duckdb"
+    _fill(LineageStore(db), "r1")
+    before = (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns)
+    LineageStore(db).query("SELECT count(*) FROM runs")  # opening a current store writes nothing either
+    for sql in ("COPY runs TO 'out.csv'", f"COPY (SELECT 1) TO '{tmp_path / 'o.csv'}'",
+                f"EXPORT DATABASE '{tmp_path / 'export'}'", f"ATTACH '{tmp_path / 'x.duckdb'}' AS x",
+                "SELECT * FROM read_csv('/etc/hostname')", "SET enable_external_access = true",
+                "CREATE TABLE t AS SELECT 1", "DELETE FROM runs"):
+        assert cli_main(["lineage", "--db", str(db), "sql", sql]) == 1, sql
+        assert "Error" in capsys.readouterr().err
+    assert cli_main(["lineage", "--db", str(db), "sql", "SELECT count(*) AS n FROM runs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"n": 1}]
+    assert cli_main(["lineage", "--db", str(db), "tables"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.duckdb", "l.duckdb.lock"]
+    assert (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns) == before
+    with pytest.raises(PermissionError, match="read-only"):
+        LineageStore(db, read_only=True).log_metrics("r1", [{"step": 9, "loss": 1.0}])
+
+
 def test_flatten_params():
     assert flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None}) == {"a.b": "1", "a.c": "[1, 2]", "d": "null"}
 

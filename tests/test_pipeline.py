@@ -327,3 +327,14 @@ def test_launchpad_fields_mean_the_run_config_files_value_and_defaults_live_in_r
     assert TeacherContextConfig().window_tokens == lib.data.window_tokens
     assert CurationConfig().size == lib.data.train_size and CurationConfig().n_distractors == list(lib.data.n_distractors)
     assert field_help("data.short_budget_tokens") in TeacherContextConfig.model_fields["short_budget_tokens"].description
+
+
+def test_artifact_folders_stay_under_the_home(tmp_path):
+    from assets.resources import OpsdlResource
+
+    res = OpsdlResource(home=str(tmp_path / "home"))
+    assert res.artifacts("experiments", "headline") == tmp_path / "home" / "artifacts" / "experiments" / "headline"
+    for bad in ("../../outside", "..", "a/b", "", "x\0y"):
+        with pytest.raises(ValueError, match="artifact folder name"):
+            res.artifacts("experiments", bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]

@@ -67,6 +67,9 @@ class ExperimentSettings:
     ruler_lengths: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
+        # the name is a folder under OPSDL_HOME/artifacts/experiments: no separators, no '..'
+        check(isinstance(self.name, str) and VARIANT_NAME.fullmatch(self.name) is not None, "experiment.name",
+               "a name of letters, digits and . _ = + - starting with a letter or digit (at most 64)", self.name)
         check(bool(self.methods) and all(m in METHOD_KINDS or m in self.variants for m in self.methods),
                "experiment.methods", f"a non-empty list of {METHOD_KINDS} or names of experiment.variants "
                f"{sorted(self.variants)}", self.methods)

@@ -5,6 +5,8 @@ SCHEMA_VERSION = 4
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS schema_info (version INTEGER NOT NULL);
+-- which tables and views this file holds: a digest of this text (opening writes only when it differs)
+CREATE TABLE IF NOT EXISTS schema_digest (digest VARCHAR NOT NULL);
 CREATE TABLE IF NOT EXISTS experiments (
     experiment_id VARCHAR PRIMARY KEY,
     name          VARCHAR NOT NULL,

@@ -8,10 +8,15 @@ content hash, evaluation scores by task and context length, and lineage edges
 
 Concurrency.  DuckDB lets one process open a database file for writing, and a writer blocks
 every other process, readers included.  Dagster runs steps in separate processes, so the
-store never holds a connection open: every write is one short transaction inside an
-exclusive file lock (``<db>.lock``), and every read opens the file read-only inside the same
-lock.  Writes are idempotent upserts on natural primary keys, so re-materializing an asset
-replaces its rows instead of duplicating them.
+store never holds a connection open: every write is one short transaction, writers queue on an
+exclusive file lock (``<db>.lock``), and every read opens the file read-only without that lock.
+A process that finds the file held by another (a writer, or a user's own DuckDB session beside
+the pipeline) waits and retries until ``lock_timeout_s``; then it fails naming the holder, so
+a write is either stored or raises, never dropped.  Writes are idempotent upserts on natural
+primary keys, so re-materializing an asset replaces its rows instead of duplicating them.
+Reads run with DuckDB's external access off (no ``COPY ... TO``, ``EXPORT DATABASE``,
+``ATTACH`` or file reads from a query), and opening a store whose schema is current writes
+nothing.
 
 Usage::
 
@@ -27,6 +32,8 @@ import hashlib
 import json
 import math
 import os
+import random
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ..grading import ERROR_KINDS
 from ..run_dir import RunDir
@@ -44,12 +51,47 @@ from .schema import _TABLES, _VIEWS, SCHEMA_VERSION
 
 __all__ = [
     "LineageStore",
+    "LineageLockTimeout",
     "default_db_path",
     "content_hash",
     "flatten_params",
     "ingest_training_run",
     "SCHEMA_VERSION",
 ]
+
+_SCHEMA_DIGEST = hashlib.sha256((_TABLES + _VIEWS).encode()).hexdigest()[:16]
+_HELD = re.compile(r"Conflicting lock is held in (?P<holder>.+?\(PID \d+\))")
+
+
+class LineageLockTimeout(TimeoutError):
+    """The lineage file stayed held by another process for longer than the store waits."""
+
+
+def _is_lock_conflict(err: BaseException) -> bool:
+    return isinstance(err, duckdb.IOException) and "lock" in str(err).lower()
+
+
+def _connect(path: Path, *, read_only: bool, deadline: float) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection to ``path``, retried with jittered backoff while another process holds
+    the file; past ``deadline`` a ``LineageLockTimeout`` naming the holder."""
+    config = {"enable_external_access": False, "lock_configuration": True} if read_only else {}
+    delay, start = 0.005, time.monotonic()
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as err:
+            if not _is_lock_conflict(err):
+                raise
+            if time.monotonic() + delay > deadline:
+                held = _HELD.search(str(err))
+                holder = held.group("holder").strip() if held else "another process"
+                raise LineageLockTimeout(
+                    f"lineage store {path}: could not open it {'read-only' if read_only else 'for writing'} for "
+                    f"{time.monotonic() - start:.1f} s: the file is held by {holder}; close that DuckDB session "
+                    f"(a read-only one blocks writers too) or raise lock_timeout_s") from err
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+
 
 def default_db_path() -> Path:
     """``$OPSDL_LINEAGE_DB``, else ``$OPSDL_HOME/lineage.duckdb``, else ``var/lineage.duckdb``."""
@@ -113,11 +155,35 @@ class LineageStore:
     path: Path
     lock_timeout_s: float = 600.0
 
-    def __init__(self, path: str | Path | None = None, *, lock_timeout_s: float = 600.0):
+    def __init__(self, path: str | Path | None = None, *, lock_timeout_s: float = 600.0, read_only: bool = False):
+        """``read_only``: never write, not even the schema (``opsdl lineage sql``); the file must exist."""
         self.path = Path(path) if path is not None else default_db_path()
         self.lock_timeout_s = lock_timeout_s
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.read_only = read_only
         self._lock = FileLock(str(self.path) + ".lock", timeout=lock_timeout_s)
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no lineage database at {self.path}")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._schema_current():
+            self._migrate()
+
+    def _schema_current(self) -> bool:
+        """Whether the file exists with this code's tables and views (then opening writes nothing)."""
+        if not self.path.is_file():
+            return False
+        try:
+            with self.reader() as con:
+                version = con.execute("SELECT max(version) FROM schema_info").fetchone()[0]
+                digest = con.execute("SELECT max(digest) FROM schema_digest").fetchone()[0]
+        except duckdb.CatalogException:  # an older file (no schema_digest) or an empty one
+            return False
+        if version is not None and version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self.path} has lineage schema v{version}; this opsdl knows v{SCHEMA_VERSION}")
+        return version == SCHEMA_VERSION and digest == _SCHEMA_DIGEST
+
+    def _migrate(self) -> None:
         with self.transaction() as con:
             con.execute(_TABLES)
             row = con.execute("SELECT max(version) FROM schema_info").fetchone()
@@ -128,13 +194,23 @@ class LineageStore:
             elif row[0] < SCHEMA_VERSION:  # the ALTERs above migrated it
                 con.execute("UPDATE schema_info SET version = ?", [SCHEMA_VERSION])
             con.execute(_VIEWS)
+            con.execute("DELETE FROM schema_digest")
+            con.execute("INSERT INTO schema_digest VALUES (?)", [_SCHEMA_DIGEST])
 
     # -- connections ---------------------------------------------------------------------------
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """An exclusive read-write connection; commits on success, rolls back on error."""
-        with self._lock:
-            con = duckdb.connect(str(self.path))
+        if self.read_only:
+            raise PermissionError(f"lineage store {self.path} was opened read-only")
+        deadline = time.monotonic() + self.lock_timeout_s
+        try:
+            self._lock.acquire(timeout=self.lock_timeout_s)
+        except Timeout as err:
+            raise LineageLockTimeout(f"lineage store {self.path}: another writer of this store held {self._lock.lock_file} "
+                                     f"for {self.lock_timeout_s:.0f} s") from err
+        try:
+            con = _connect(self.path, read_only=False, deadline=deadline)
             try:
                 con.execute("BEGIN TRANSACTION")
                 try:
@@ -145,15 +221,17 @@ class LineageStore:
                 con.execute("COMMIT")
             finally:
                 con.close()
+        finally:
+            self._lock.release()
 
     @contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        with self._lock:
-            con = duckdb.connect(str(self.path), read_only=True)
-            try:
-                yield con
-            finally:
-                con.close()
+        """A read-only connection with external access off; waits only while a write holds the file."""
+        con = _connect(self.path, read_only=True, deadline=time.monotonic() + self.lock_timeout_s)
+        try:
+            yield con
+        finally:
+            con.close()
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> tuple[list[str], list[tuple]]:
         """Run read-only SQL; returns ``(column names, rows)``."""
