@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .config_schema import ConfigError, build, check, deep_merge, hashed_fields
+from .config_schema import ConfigError, build, check, check_finite, deep_merge, hashed_fields
 
 EMBEDDED_DEFAULT_MODEL = "smollm2-135m-instruct"
 # Bumped when the hash's rule changes (``RunConfig.hash``: every field but those declared with
@@ -221,6 +221,8 @@ class RolloutConfig:
         check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)
         check(0 < self.top_p <= 1, "rollout.top_p", "a float in (0, 1]", self.top_p)
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        check(self.max_logprob_diff is None or self.max_logprob_diff > 0, "rollout.max_logprob_diff",
+              "null or a float > 0", self.max_logprob_diff)
 
 
 @dataclass
@@ -276,6 +278,7 @@ class LoRAConfig:
 
     def __post_init__(self) -> None:
         check(self.r >= 1, "lora.r", "an integer >= 1", self.r)
+        check(self.alpha > 0, "lora.alpha", "an integer > 0", self.alpha)
         check(0 <= self.dropout < 1, "lora.dropout", "a float in [0, 1)", self.dropout)
 
 
@@ -294,6 +297,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         check(self.lr > 0, "optim.lr", "a float > 0", self.lr)
+        check(self.weight_decay >= 0, "optim.weight_decay", "a float >= 0", self.weight_decay)
+        check(all(0 <= b < 1 for b in self.betas), "optim.betas", "two floats in [0, 1)", self.betas)
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "optim.max_grad_norm", "null or a float > 0",
+              self.max_grad_norm)
         check(self.schedule in ("constant", "linear", "cosine"), "optim.schedule",
                "one of ('constant', 'linear', 'cosine')", self.schedule)
         check(self.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", self.warmup_steps)
@@ -321,6 +328,11 @@ class TrainConfig:
                                                                    "epoch; 'sequential': the data's own order (a length"
                                                                    " curriculum: data.curriculum.length_order "
                                                                    "ascending).")
+    max_nonfinite_steps: int = _f(3, "Stop the run with an error once this many optimizer steps in a row had a "
+                                     "non-finite loss or gradient norm. Such a step is skipped: no weight or AdamW "
+                                     "state changes, while the step counter, the LR schedule, the prompt order and the "
+                                     "EMA teacher advance as in any step (metrics: skipped_nonfinite, "
+                                     "nonfinite_steps).", hashed=False)
 
     def __post_init__(self) -> None:
         check(self.steps >= 1, "train.steps", "an integer >= 1", self.steps)
@@ -330,6 +342,8 @@ class TrainConfig:
         check(0 < self.ema_decay < 1, "train.ema_decay", "a float in (0, 1)", self.ema_decay)
         check(self.save_every >= 1, "train.save_every", "an integer >= 1", self.save_every)
         check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "an integer >= 1", self.keep_checkpoints)
+        check(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "an integer >= 1",
+              self.max_nonfinite_steps)
 
 
 @dataclass
@@ -394,6 +408,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
 
     def __post_init__(self) -> None:
+        check_finite(self)  # optim.lr=inf passes "lr > 0"; no field takes a NaN or an infinity
         if self.loss.control != "none" and self.method.kind != "opsdl":
             raise ConfigError(f"loss.control: {self.loss.control!r} is a control of OPSDL's teacher signal; "
                               f"method.kind {self.method.kind!r} has no teacher (use control 'none')")

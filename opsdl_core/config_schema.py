@@ -6,11 +6,12 @@ defaults and help) is :mod:`opsdl_core.config`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
-__all__ = ["ConfigError", "build", "check", "deep_merge", "hashed_fields", "parse_overrides"]
+__all__ = ["ConfigError", "build", "check", "check_finite", "deep_merge", "hashed_fields", "parse_overrides"]
 
 
 class ConfigError(ValueError):
@@ -21,6 +22,22 @@ def check(cond: bool, field_name: str, expected: str, got: Any) -> None:
     """Raise :class:`ConfigError` ``"FIELD: expected WHAT, got VALUE"`` unless ``cond``."""
     if not cond:
         raise ConfigError(f"{field_name}: expected {expected}, got {got!r}")
+
+
+def check_finite(obj: Any, path: str = "") -> None:
+    """Raise :class:`ConfigError` naming the first number in ``obj`` (a config section, its lists and
+    mappings, recursively) that is NaN or infinite: no field means anything by one (``null`` is "off")."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            check_finite(getattr(obj, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_finite(v, f"{path}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            check_finite(v, f"{path}.{k}")
+    elif isinstance(obj, float):
+        check(math.isfinite(obj), path, "a finite number", obj)
 
 
 def hashed_fields(obj: Any) -> Any:

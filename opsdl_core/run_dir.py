@@ -5,7 +5,7 @@
       run.json             what the run is: config hash, data digest, base model and its hash
       metrics.jsonl        one record per optimizer step (loss, KL, timings, ...)
       checkpoints.jsonl    one record per checkpoint written (step, folder, config hash, data cursor)
-      checkpoints/         step-NNNNNN/ folders (weights, optimizer, scheduler, RNG, state)
+      checkpoints/         step-NNNNNN/ folders (weights, optimizer, scheduler, RNG, state, manifest.json)
       baseline_data.jsonl  Long-SFT / DPO targets and pairs, built once from the initial weights
       final/               adapter/ (LoRA), model/ (a merged transformers folder), lineage.json
       results.json         the figures the run measured (python -m opsdl_core.train)
@@ -15,10 +15,13 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 __all__ = ["RunDir", "read_jsonl"]
+
+_CHECKPOINT_NAME = re.compile(r"step-(\d{6,})")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -66,6 +69,21 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:  # the checkpoint folders
         return self.root / "checkpoints"
+
+    @staticmethod
+    def checkpoint_name(step: int) -> str:  # a checkpoint folder's name
+        return f"step-{int(step):06d}"
+
+    def checkpoint_dir(self, step: int) -> Path:  # one checkpoint's folder
+        return self.checkpoints / self.checkpoint_name(step)
+
+    def checkpoint_folders(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every checkpoint folder on disk, by step (unfinished ``.tmp-*`` folders,
+        which are never renamed into place, are not among them)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = ((_CHECKPOINT_NAME.fullmatch(p.name), p) for p in self.checkpoints.iterdir() if p.is_dir())
+        return sorted((int(m.group(1)), p) for m, p in found if m)
 
     @property
     def baseline_data(self) -> Path:  # Long-SFT / DPO targets and pairs

@@ -39,6 +39,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     from ..data.prepare import prepare_data
     from ..evaluation.accuracy import evaluate_accuracy
     from ..models.load import load_model_and_tokenizer, resolve_model
+    from .checkpoint import atomic_write_text
     from .trainer import OPSDLTrainer
 
     t0 = time.perf_counter()
@@ -95,7 +96,8 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
         result = trainer.train(on_step=on_step)
     finally:
         trainer.rollout.release()  # a vLLM engine's process and memory; the trainer's own model stays
-    results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1))
+    results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1),
+                   nonfinite_steps=trainer.nonfinite_total)
     if result.metrics:
         keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")
         results["mean_phase_seconds"] = {k: round(sum(m[k] for m in result.metrics) / len(result.metrics), 3)
@@ -104,7 +106,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if do_eval:
         _eval("after", trainer.unwrapped)
     results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
-    RunDir(cfg.train.run_dir).results.write_text(json.dumps(results, indent=1, sort_keys=True))
+    atomic_write_text(RunDir(cfg.train.run_dir).results, json.dumps(results, indent=1, sort_keys=True))
     if do_eval:
         log("[opsdl] held-out accuracy                       before   after")
         held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "

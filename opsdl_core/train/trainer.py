@@ -13,7 +13,10 @@ With ``loss.short_anchor = w > 0`` (the retention guard) the step also samples f
 the (base or EMA) teacher's while the long-context ones move.
 
 A recipe in the torchtune sense: ``setup()`` → ``train()`` → ``save_final()``, with a
-checkpoint every ``save_every`` steps and exact resume from the last complete one. Built on
+checkpoint every ``save_every`` steps and exact resume from the newest good one (``checkpoint.py``:
+verified against its manifest; a damaged one is skipped with a warning; the run folder is trimmed to the
+state resumed from, so ``metrics.jsonl`` has one record per step). A step whose loss or gradient norm is
+not finite changes no weight (``train.max_nonfinite_steps``). Built on
 ``accelerate.Accelerator`` (device placement, mixed precision, gradient accumulation), so the
 same loop runs on a laptop CPU and under ``accelerate launch``.
 """
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +40,7 @@ from ..data.prompts import pad_token_id, stop_token_ids
 from ..grading import rollout_judgement
 from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
 from ..models.scoring import prefill, score_responses
-from ..run_dir import RunDir, read_jsonl
+from ..run_dir import RunDir
 from . import checkpoint as ckpt
 from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
 from .baselines import load_or_build_baseline_data
@@ -59,12 +64,15 @@ class OPSDLTrainer:
         self.metrics: list[dict[str, Any]] = []
         self.step = 0
         self.resumed_from: int | None = None
+        self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, in all
+        self.nonfinite_run = 0  # ... in a row, up to this step
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = True) -> "OPSDLTrainer":
         """Named steps, in order: the device and seeds; the sampler's copy of the weights (before LoRA
         wraps the model); the model, optimizer and schedule; the teacher; the rollout engine; the run
-        folder; the baselines' data; then resume from the last complete checkpoint."""
+        folder; the baselines' data; then resume from the newest good checkpoint (``resume=False``: start
+        at step 0) and trim the run folder to that step's state."""
         self._setup_accelerator()
         engine_dir, sampler_model = self._setup_sampler_weights()
         params = self._setup_model_and_optimizer()
@@ -75,8 +83,7 @@ class OPSDLTrainer:
                  f"teacher={self.cfg.train.teacher}; loss={self.cfg.loss.kind}; config {self.cfg.hash()}")
         self._setup_run_dir()
         self._setup_baseline_data()
-        if resume:
-            self._maybe_resume()
+        self._resume(resume)
         return self
 
     def _setup_accelerator(self) -> None:
@@ -172,23 +179,36 @@ class OPSDLTrainer:
         self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
                  f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
 
-    def _maybe_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            return
-        state, teacher_state = ckpt.load_checkpoint(path, model=self.unwrapped, optimizer=self.optimizer,
-                                                    scheduler=self.scheduler)
+    def _resume(self, resume: bool) -> None:
+        """Restore the newest checkpoint that verifies (damaged newer ones are skipped, each with a
+        warning), or stay at step 0; then the run folder keeps that step's state and nothing later
+        (``checkpoint.trim_run_dir``: metrics of lost steps, later checkpoints, a stale log)."""
+        found = ckpt.newest_good_checkpoint(self.run_dir, warn=self._warn) if resume else None
+        if found is not None:
+            self._restore(found)
+        if self.accelerator.is_main_process:
+            ckpt.trim_run_dir(self.run_dir, self.step, log=self.log, warn=self._warn,
+                              verified=found.path if found else None)
+        self.accelerator.wait_for_everyone()
+        self.metrics = self.files.metric_records()
+
+    def _restore(self, found: ckpt.Checkpoint) -> None:
+        state = found.state
         if state.get("config_hash") != self.cfg.hash():
-            raise RuntimeError(f"{path} was written by config {state.get('config_hash')}, this run's config is "
+            raise RuntimeError(f"{found.path} was written by config {state.get('config_hash')}, this run's config is "
                                f"{self.cfg.hash()}: use a new train.run_dir or the same config")
-        if teacher_state:
-            self.teacher.load_state_dict(teacher_state)
-        self.step = self.resumed_from = int(state["step"])
+        ckpt.restore(found, model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.teacher.load_state_dict(found.teacher)  # an EMA or frozen copy must be there; none otherwise
+        self.step = self.resumed_from = found.step
+        self.nonfinite_total = int(state.get("nonfinite_steps", 0))
+        self.nonfinite_run = int(state.get("nonfinite_consecutive", 0))
         self.sync_weights()
-        kept = [m for m in read_jsonl(self.files.metrics) if m.get("step", 0) <= self.step]
-        ckpt.atomic_write_text(self.files.metrics, "".join(json.dumps(m) + "\n" for m in kept))
-        self.metrics = kept
-        self.log(f"[opsdl] resumed from {path} (step {self.step})")
+        self.log(f"[opsdl] resumed from {found.path} (step {self.step})")
+
+    def _warn(self, message: str) -> None:
+        """A warning in the trainer's log and as a Python warning (``TrainingWarning``)."""
+        self.log(f"[opsdl] WARNING: {message}")
+        warnings.warn(message, ckpt.TrainingWarning, stacklevel=2)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self, *, stop_after: int | None = None,
@@ -200,11 +220,13 @@ class OPSDLTrainer:
         while self.step < last:
             m = self.train_step()
             self.metrics.append(m)
-            ckpt.append_jsonl(self.files.metrics, m)
-            if self.step % self.cfg.train.log_every == 0 or self.step == last:
+            if self.accelerator.is_main_process:
+                ckpt.append_jsonl(self.files.metrics, m)
+            if self.step % self.cfg.train.log_every == 0 or self.step == last or m["skipped_nonfinite"]:
                 self.log(_format_step(m, self.cfg.train.steps))
             if on_step is not None:
                 on_step(m)
+            self._stop_if_diverged()
             if self.step % self.cfg.train.save_every == 0 or self.step == self.cfg.train.steps:
                 self.save_checkpoint()
         return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
@@ -230,16 +252,31 @@ class OPSDLTrainer:
             return [self._other_context_ids[i] for i in idx]
         return [self.data.train[i].teacher_ids for i in idx]
 
-    def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float]) -> None:
+    def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float], finite_loss: bool) -> None:
+        """Clip and step AdamW and the schedule (accelerate makes both no-ops until the step's last
+        micro-batch). There, a non-finite loss (``finite_loss``: every micro-batch's so far) or gradient
+        norm skips the update: the gradients are dropped and the weights and AdamW's state stay as they
+        were, while the schedule, the step counter, the prompt order and the EMA advance as in any step
+        (a skipped step is a step with a zero update: a resumed run takes the same path)."""
         acc, t = self.accelerator, time.perf_counter()
-        if acc.sync_gradients and self.cfg.optim.max_grad_norm:
-            sums["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm))
-        self.optimizer.step()
+        update = True
+        if acc.sync_gradients:
+            # the norm of every step (no clipping: max_norm inf leaves the gradients as they are)
+            norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm or math.inf))
+            sums["grad_norm"] = norm
+            # fp16: the GradScaler skips an overflowing update itself (and lowers its scale): only the loss counts
+            update = finite_loss and (math.isfinite(norm) or acc.scaler is not None)
+            sums["skipped_nonfinite"] = float(not update)
+        if update or acc.scaler is not None:  # the scaler must see the step to skip it
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         timings["optim_s"] += time.perf_counter() - t
 
     def _finish_step(self, sums: dict[str, float], timings: dict[str, float], t_step: float) -> dict[str, Any]:
+        skipped = bool(sums.pop("skipped_nonfinite", 0.0))
+        self.nonfinite_total += skipped
+        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
         t = time.perf_counter()
         self.teacher.update()
         self.step += 1
@@ -250,8 +287,22 @@ class OPSDLTrainer:
         m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
         m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
                  prompts_seen=self.step * n * self.cfg.train.prompts_per_step * self.accelerator.num_processes,
+                 skipped_nonfinite=int(skipped), nonfinite_steps=self.nonfinite_total,
                  **{k: round(v, 4) for k, v in timings.items()})
+        if skipped:
+            self._warn(f"step {self.step}: non-finite loss or gradient norm (loss {m.get('loss')}, grad norm "
+                       f"{m.get('grad_norm')}): update skipped ({self.nonfinite_run} in a row, "
+                       f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps})")
         return m
+
+    def _stop_if_diverged(self) -> None:
+        """Stop the run once ``train.max_nonfinite_steps`` steps in a row were skipped as non-finite."""
+        limit = self.cfg.train.max_nonfinite_steps
+        if self.nonfinite_run >= limit:
+            raise FloatingPointError(
+                f"step {self.step}: {self.nonfinite_run} steps in a row had a non-finite loss or gradient norm "
+                f"(train.max_nonfinite_steps={limit}); stopping. The weights are those of the last finite update "
+                f"and the last checkpoint is kept; lower optim.lr or check the data, then resume or restart.")
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step. First every micro-batch's samples and their teacher scores (the weights do
@@ -277,6 +328,7 @@ class OPSDLTrainer:
             parts.append(part)
         n_all = sum(p.n_tokens for p in parts)
         a_all = sum(p.anchor.n_tokens for p in parts if p.anchor)
+        finite = True
         for part in parts:
             self.model.train()
             with acc.accumulate(self.model):  # accelerate divides each backward by grad_accum: undone here
@@ -291,7 +343,8 @@ class OPSDLTrainer:
                                  * (part.anchor.n_tokens * cfg.train.grad_accum / a_all))
                     timings["student_s"] += time.perf_counter() - t
                     sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(part.anchor.loss.loss.detach())
-                self._optimizer_step(sums, timings)
+                finite = finite and all(math.isfinite(float(p.loss.loss.detach())) for p in (part, part.anchor) if p)
+                self._optimizer_step(sums, timings, finite)
             self._accumulate(sums, part)
         return self._finish_step(sums, timings, t_step)
 
@@ -357,6 +410,7 @@ class OPSDLTrainer:
         # step), of its pairs (DPO: the mean over the step's pairs)
         sizes = [sum(len(self.baseline[i]["target_ids"]) for i in idx) if cfg.method.kind == "sft" else len(idx)
                  for idx in micros]
+        finite = True
         for idx, size in zip(micros, sizes):
             batch, rows = [self.data.train[i] for i in idx], [self.baseline[i] for i in idx]
             k = len(batch)
@@ -380,7 +434,8 @@ class OPSDLTrainer:
                                           chosen_lengths=pol.mask[:k].sum(-1))
                 acc.backward(out.loss * (size * cfg.train.grad_accum / sum(sizes)))
                 timings["student_s"] += time.perf_counter() - t
-                self._optimizer_step(sums, timings)
+                finite = finite and math.isfinite(float(out.loss.detach()))
+                self._optimizer_step(sums, timings, finite)
             vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items()
                                                           if m != "tokens"},
                     "response_len": sum(len(r["target_ids"]) for r in rows) / k}
@@ -445,12 +500,17 @@ class OPSDLTrainer:
                                         scheduler=self.scheduler, teacher_state=self.teacher.state_dict(),
                                         keep=self.cfg.train.keep_checkpoints,
                                         state={"config_hash": self.cfg.hash(), "cursor": self.step *
-                                               self.cfg.train.grad_accum * self.cfg.train.prompts_per_step})
+                                               self.cfg.train.grad_accum * self.cfg.train.prompts_per_step,
+                                               "nonfinite_steps": self.nonfinite_total,
+                                               "nonfinite_consecutive": self.nonfinite_run})
             self.log(f"[opsdl] checkpoint {path.name} ({time.perf_counter() - t:.1f}s)")
         return path
 
     def save_final(self, *, merged: bool = True) -> Path:
-        """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder."""
+        """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder (built in
+        ``.tmp-final``, then renamed; refused if a weight is not finite)."""
+        ckpt.refuse_nonfinite(f"final model at step {self.step}", trainable={
+            n: p.detach() for n, p in self.unwrapped.named_parameters() if p.requires_grad})
         final = self.files.final
         tmp = self.run_dir / ".tmp-final"
         if tmp.exists():
@@ -491,6 +551,7 @@ def _pad_like(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
 def _format_step(m: dict[str, Any], total: int) -> str:
     acc = f" acc={m['rollout_accuracy']:.2f}" if "rollout_accuracy" in m else ""
     kl = f" kl={m['kl_estimate']:.4f}" if "kl_estimate" in m else ""  # baselines have none
-    return (f"[opsdl] step {m['step']}/{total} loss={m['loss']:+.4f}{kl} "
+    skipped = " SKIPPED (non-finite)" if m.get("skipped_nonfinite") else ""
+    return (f"[opsdl] step {m['step']}/{total}{skipped} loss={m['loss']:+.4f}{kl} "
             f"len={m['response_len']:.1f}{acc} | gen {m['generate_s']:.2f}s teacher {m['teacher_s']:.2f}s "
             f"student {m['student_s']:.2f}s optim {m['optim_s']:.2f}s step {m['step_s']:.2f}s")
