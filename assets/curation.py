@@ -10,11 +10,13 @@ from pydantic import Field
 
 from opsdl_core.data.curation import curate, dataset_digest, eval_suites
 from opsdl_core.data.examples import Example, write_jsonl, write_rejected_jsonl
+from opsdl_core.data.prepare import model_window, token_counter
 from opsdl_core.lineage.store import content_hash
 
 from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource, run_config_field
 
 GROUP = "curation"
+QUARANTINE_COLUMNS = ["source", "row", "line", "field", "reason"]
 
 
 class EvalSetsConfig(dg.Config):
@@ -45,7 +47,8 @@ class CurationConfig(dg.Config):
     templates: list[str] = Field(default=[], description="Synthetic only: training templates (empty: all).")
     n_distractors: list[int] = run_config_field("data.n_distractors")
     ngram: int = Field(default=8, description="Decontamination: shared word n-gram length with eval data.")
-    max_tokens: int | None = Field(default=None, description="Set aside examples whose C_L is longer.")
+    max_tokens: int | None = Field(default=None, description="Set aside examples whose C_L is longer (in any case "
+                                                             "those longer than the model's window).")
     families: dict[str, float] = Field(default={}, description="Curriculum only: the mixture, family -> weight "
                                                                "(empty: every family, equal weights).")
     haystacks: dict[str, float] = Field(default={}, description="Curriculum only: haystack kind -> weight "
@@ -138,12 +141,14 @@ def curated_prompts(context: dg.AssetExecutionContext, config: CurationConfig, o
     if source not in ("synthetic", "curriculum") and not Path(source).exists():
         raise dg.Failure(f"curation source {source!r} does not exist; expected 'synthetic', 'curriculum', 'inbox', "
                          "or a JSONL/Parquet file or folder")
-    res = curate(source, count_tokens=opsdl.count_tokens(), size=config.size, context_tokens=config.context_tokens,
+    tokenizer = opsdl.tokenizer()
+    limits = [v for v in (config.max_tokens, model_window(tokenizer)) if v]
+    res = curate(source, count_tokens=token_counter(tokenizer), size=config.size, context_tokens=config.context_tokens,
                  seed=config.seed, templates=config.templates or None, n_distractors=tuple(config.n_distractors),
-                 eval_examples=eval_examples, ngram=config.ngram, max_tokens=config.max_tokens,
+                 eval_examples=eval_examples, ngram=config.ngram, max_tokens=min(limits) if limits else None,
                  curriculum=_curriculum_args(config) if config.source == "curriculum" else None)
     if not res.examples:
-        reasons = "; ".join(f"{r.source} row {r.row}: {r.reason}" for r in res.quarantined[:3])
+        reasons = "; ".join(f"{r.location}: {r.reason}" for r in res.quarantined[:3])
         raise dg.Failure(f"no usable training prompts from {source!r}" + (f" (e.g. {reasons})" if reasons else ""))
     out_dir = opsdl.artifacts("curated_prompts")
     path = write_jsonl(res.examples, out_dir / f"prompts-{res.digest}.jsonl")
@@ -168,10 +173,10 @@ def curated_prompts(context: dg.AssetExecutionContext, config: CurationConfig, o
                                                                ["bucket", "count"])),
         "sample_rows": dg.MetadataValue.md(md_table(example_rows(res.examples), ["id", "question", "answer", "C_s"])),
     })
-    reasons = [{"source": Path(r.source).name, "row": r.row, "field": r.field, "reason": r.reason}
-               for r in res.quarantined[:20]]
+    reasons = [{"source": Path(r.source).name, "row": r.row, "line": "" if r.line is None else r.line,
+                "field": r.field, "reason": r.reason} for r in res.quarantined[:20]]
     yield dg.Output({"path": str(q_path), "n": len(res.quarantined), "digest": q_digest},
                     output_name="quarantined_rows", metadata={
                         "n_quarantined": len(res.quarantined), "path": dg.MetadataValue.path(str(q_path)),
-                        "reasons": dg.MetadataValue.md(md_table(reasons, ["source", "row", "field", "reason"], 120)
+                        "reasons": dg.MetadataValue.md(md_table(reasons, QUARANTINE_COLUMNS, 120)
                                                        if reasons else "nothing set aside")})

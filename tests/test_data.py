@@ -214,3 +214,60 @@ def test_unusable_paths_raise_clearly(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no"):
         load_examples(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("text", ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", " \u200b\t", "\u3164",
+                                  "\u2028\u2029", "\x00\x01"])
+def test_text_of_invisible_characters_only_counts_as_empty(text):
+    for name in ("long_context", "short_context", "question", "id"):
+        r = validate_row(good(0, **{name: text}), row=0, source="m")
+        assert isinstance(r, RejectedRow) and r.field == name, (name, r)
+        assert "non-empty string" in r.reason
+    r = validate_row(good(0, answer="\u200b\u00ad"), row=0, source="m")
+    assert isinstance(r, RejectedRow) and r.field == "answer" and "invisible" in r.reason
+    if "\x00" not in text:  # visible text around invisible characters is kept as it is
+        ex = validate_row(good(0, question=f"What is{text}the code for item 0?"), row=0, source="m")
+        assert isinstance(ex, Example) and ex.question == f"What is{text}the code for item 0?"
+
+
+def test_every_line_end_a_bom_and_a_json_array_keep_each_row_at_its_line(tmp_path):
+    rows = [json.dumps(good(i)) for i in range(3)]
+    (tmp_path / "cr.jsonl").write_bytes(("\ufeff" + "\r".join(rows) + "\r\n\r" + json.dumps(good(3, question="")))
+                                        .encode())
+    res = load_examples(tmp_path / "cr.jsonl")
+    assert [(e.id, e.origin.line) for e in res.examples] == [("ex0", 1), ("ex1", 2), ("ex2", 3)]
+    assert [(r.row, r.line, r.field) for r in res.rejected] == [(4, 5, "question")]
+    (tmp_path / "array.jsonl").write_text(json.dumps([good(0), good(1, long_context=7), good(2)], indent=2))
+    res = load_examples(tmp_path / "array.jsonl")
+    assert [(e.id, e.origin.row, e.origin.line) for e in res.examples] == [("ex0", 0, 2), ("ex2", 2, 16)]
+    assert [(r.row, r.line, r.field) for r in res.rejected] == [(1, 9, "long_context")]
+    assert "row 1 (line 9)" in res.rejected[0].location
+
+
+def test_values_json_cannot_carry_are_rejected_with_their_field_and_never_raise(tmp_path):
+    lines = ['{"id": "a", "long_context": "x", "short_context": "x", "question": "q", "metadata": '
+             + "[" * 100_000 + "]" * 100_000 + "}",
+             json.dumps(good(1))[:-1] + ', "answer": ' + "9" * 5000 + "}",
+             json.dumps(good(2, question="What \ud800?")),
+             json.dumps(good(3))[:-1] + ', "metadata": {"x": NaN}}']
+    path = write_lines(tmp_path / "rows.jsonl", lines)
+    res = load_examples(path)
+    assert res.examples == []
+    assert [(r.line, r.field) for r in res.rejected] == [(1, "metadata"), (2, "answer"), (3, "question"),
+                                                         (4, "metadata")]
+    assert read_rejected(write_rejected_jsonl(res.rejected, tmp_path / "q.jsonl"))[2].raw is not None
+    bad = Example("nan", "c", "c", "q", metadata={"x": float("nan")})
+    with pytest.raises(ValueError, match="example 'nan' cannot be written"):
+        write_jsonl([bad], tmp_path / "out.jsonl")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_model_window_reads_the_tokenizer_and_the_model_folder_without_loading_the_model(tmp_path):
+    from types import SimpleNamespace
+
+    from opsdl_core.data.prepare import model_window
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    assert model_window(SimpleNamespace(model_max_length=8192, name_or_path=str(tmp_path))) == 2048
+    assert model_window(SimpleNamespace(model_max_length=int(1e30), name_or_path="")) is None
+    assert model_window(SimpleNamespace(model_max_length=512, name_or_path="some/hub-id")) == 512

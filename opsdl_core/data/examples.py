@@ -1,15 +1,27 @@
 """Loading and validating (long context, short context, question) triples.
 
 One row becomes one :class:`Example`; a row that cannot become one becomes a
-:class:`RejectedRow` that names the source, the 0-based row index, the offending field
-and what was expected.  Loading never raises on a bad row; it raises only when the
-*path* itself is unusable (missing, unknown format).
+:class:`RejectedRow` that names the source, the row, the offending field and what was
+expected.  Loading never raises on a bad row (nor on a file that cannot be read past some
+row: the rest of it is one rejected row); it raises only when the *path* itself is unusable
+(missing, unknown format).
+
+Where a row is (:class:`RowOrigin`, carried by every :class:`Example` loaded from a file and
+by every :class:`RejectedRow`): ``source`` is the file (or split folder); ``row`` is the
+0-based position of the row in it: for JSON lines its physical line index, for a JSON array
+file its element index, for Parquet and datasets its row index; ``line`` is the 1-based
+physical line the row starts on in a JSON text file (``None`` for Parquet and datasets).
+Messages name a place as ``row 4 (line 5)``, or ``row 4`` where there are no lines.
 
 Accepted inputs (:func:`load_examples`):
 
 * a JSON-lines file (``.jsonl``, ``.jsonlines``, ``.ndjson``): one JSON object per line.
-  The row index is the 0-based *line* index (blank lines are skipped but counted), so
-  line ``row + 1`` of the file is the one to look at;
+  Lines end at ``\\n``, ``\\r\\n`` or a lone ``\\r``; a UTF-8 byte-order mark at the start of
+  the file (or of a line, as concatenated files have) is not part of the row; blank lines are
+  skipped but counted, so ``row + 1`` is the line to look at.  A file that is, as a whole, one
+  JSON array (``[{...}, {...}]``, on one line or pretty-printed over many) is read element by
+  element; a broken array is read up to the first element that is not JSON, the rest being
+  one rejected row;
 * a Parquet file (``.parquet``, ``.pq``);
 * a folder written by ``datasets.Dataset.save_to_disk`` (has ``dataset_info.json`` or
   ``state.json``), or by ``DatasetDict.save_to_disk`` (has ``dataset_dict.json``; splits
@@ -17,38 +29,66 @@ Accepted inputs (:func:`load_examples`):
 * a folder of ``.jsonl``/``.parquet`` files (non-recursive, sorted by name; each row's
   source is its own file).
 
-Field rules (:func:`validate_row`): ``long_context``, ``short_context``, ``question`` are
-required non-empty strings (whitespace-only counts as empty; text is kept unmodified);
+Nothing read is executed: JSON is parsed with :mod:`json`, tables with pyarrow/datasets.
+
+Values JSON text can hold but this program cannot carry (:func:`validate_row`, for each of
+our fields, ``metadata`` included): arrays/objects nested more than :data:`MAX_NESTING`
+levels deep, integers of more than :data:`MAX_INT_DIGITS` digits (Python's int-str limit),
+lone surrogates such as ``"\\ud800"`` (not UTF-8 encodable, so not hashable or writable),
+and NaN/Infinity.  A row holding one is rejected naming the field.  Of the columns we do not
+read only the nesting is checked (a row too deep for the parser itself cannot be read at all,
+whatever the column; it is rejected naming that column).
+
+Field rules: ``long_context``, ``short_context``, ``question`` are required strings with
+*visible* text, kept unmodified.  A character is visible unless it is whitespace or in
+Unicode category Cf (format: zero-width space/joiners U+200B..U+200D, word joiner U+2060,
+BOM U+FEFF, soft hyphen U+00AD, ...), Cc (controls), Zs, Zl or Zp, or one of the blank
+letters U+115F, U+1160, U+3164, U+FFA0 (Hangul fillers) and U+2800 (blank Braille); a text
+without a visible character counts as empty.  A NUL character (U+0000) in any of our text
+fields is rejected (it marks binary data or truncation, and C-string tools stop at it).
 ``answer`` is optional: ``None``/missing, a string (an empty or whitespace-only string
-becomes ``None``), or an ``int``/``float`` that is converted with ``str`` (integral floats
-lose their ``.0``: ``5.0 -> "5"``); ``bool``, NaN and infinities are rejected.  ``id`` is
-optional (a string or an int, converted with ``str``); the default is the first 16 hex
-digits of :meth:`Example.content_hash`.  ``metadata`` is an optional JSON-serialisable
-mapping.  ``source`` is taken from the row if it is a non-empty string, otherwise the
-file path.  Other columns are ignored.  When ``require_evidence_in_context`` is true,
-``short_context`` must occur verbatim (no normalisation at all) in ``long_context``, or be
-pieces of it in document order joined by ``EVIDENCE_SEPARATOR`` (:func:`locate_evidence`).
-Ids must be unique within one load: a later duplicate is rejected, naming the first row.
+becomes ``None``; one of invisible characters only is rejected), or an ``int``/``float``
+that is converted with ``str`` (integral floats lose their ``.0``: ``5.0 -> "5"``);
+``bool``, NaN and infinities are rejected.  ``id`` is optional (a string with visible text
+or an int, converted with ``str``); the default is the first 16 hex digits of
+:meth:`Example.content_hash`.  ``metadata`` is an optional mapping that JSON writes back
+as it is (no NaN/Infinity).  ``source`` is taken from the row if it is a string with
+visible text, otherwise the file path.  Other columns are ignored.  When
+``require_evidence_in_context`` is true, ``short_context`` must occur verbatim (no
+normalisation at all) in ``long_context``, or be pieces of it in document order joined by
+``EVIDENCE_SEPARATOR`` (:func:`locate_evidence`).  Ids must be unique within one load: a
+later duplicate is rejected, naming the first row.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
+import re
+import reprlib
+import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+import unicodedata
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .readers import JSONL_SUFFIXES, MAX_INT_DIGITS, MAX_NESTING, PARQUET_SUFFIXES, SURROGATE, HugeInt, sources
 
 __all__ = [
     "Example",
     "EVIDENCE_SEPARATOR",
     "locate_evidence",
+    "RowOrigin",
     "RejectedRow",
     "LoadResult",
     "validate_row",
+    "has_visible_text",
+    "squash_invisible",
     "load_examples",
     "write_jsonl",
     "write_json_lines",
@@ -56,14 +96,18 @@ __all__ = [
     "write_rejected_jsonl",
     "JSONL_SUFFIXES",
     "PARQUET_SUFFIXES",
+    "MAX_NESTING",
+    "MAX_INT_DIGITS",
 ]
 
-JSONL_SUFFIXES = (".jsonl", ".jsonlines", ".ndjson")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 REQUIRED_FIELDS = ("long_context", "short_context", "question")
 _OUR_FIELDS = ("id", *REQUIRED_FIELDS, "answer", "source", "metadata")
 # C_s made of several pieces of C_L (facts far apart) joins them, in document order, with this.
 EVIDENCE_SEPARATOR = "\n...\n"
+_SAFE_INT_BITS = int((MAX_INT_DIGITS - 1) * math.log2(10))  # ints this wide have fewer digits than the limit
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+_BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"  # rendered blank, though letters/symbols by category
+_ASCII_VISIBLE = re.compile("[!-~]")
 
 
 def locate_evidence(short_context: str, long_context: str) -> tuple[tuple[int, int], ...] | None:
@@ -87,9 +131,24 @@ def locate_evidence(short_context: str, long_context: str) -> tuple[tuple[int, i
 
 
 @dataclass(frozen=True)
+class RowOrigin:
+    """Where a row was read: its file (or split folder), its 0-based ``row`` and, in a JSON
+    text file, the 1-based ``line`` it starts on (see the module docstring)."""
+
+    source: str
+    row: int
+    line: int | None = None
+
+    def where(self) -> str:
+        """``row 4 (line 5)``, or ``row 4`` without lines."""
+        return f"row {self.row}" + ("" if self.line is None else f" (line {self.line})")
+
+
+@dataclass(frozen=True)
 class Example:
     """One training/evaluation triple: the model answers ``question`` from ``long_context``
-    (C_L); the same model given ``short_context`` (C_s, gold evidence inside C_L) scores it."""
+    (C_L); the same model given ``short_context`` (C_s, gold evidence inside C_L) scores it.
+    ``origin``: where it was loaded from (``None`` when generated); not part of equality."""
 
     id: str
     long_context: str
@@ -98,9 +157,11 @@ class Example:
     answer: str | None = None
     source: str = ""
     metadata: dict = field(default_factory=dict, hash=False)
+    origin: RowOrigin | None = field(default=None, compare=False, repr=False)
 
     def content_hash(self) -> str:
-        """sha256 hex digest of the canonical JSON of (long_context, short_context, question, answer)."""
+        """sha256 hex digest of the canonical JSON of (long_context, short_context, question, answer).
+        Lone surrogates (never in a loaded example) are hashed as their code points, not raised on."""
         payload = {
             "answer": self.answer,
             "long_context": self.long_context,
@@ -108,10 +169,10 @@ class Example:
             "short_context": self.short_context,
         }
         blob = json.dumps(payload, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
     def to_dict(self) -> dict:
-        """Plain dict with every field (metadata copied), ready for ``json.dumps``."""
+        """Plain dict with every field but ``origin`` (metadata copied), ready for ``json.dumps``."""
         return {
             "id": self.id,
             "long_context": self.long_context,
@@ -125,16 +186,27 @@ class Example:
 
 @dataclass(frozen=True)
 class RejectedRow:
-    """A row that did not become an :class:`Example`, and why."""
+    """A row that did not become an :class:`Example`, and why; ``row`` and ``line`` as in
+    :class:`RowOrigin`."""
 
     source: str
     row: int
     field: str
     reason: str
     raw: dict | None
+    line: int | None = None
+
+    @classmethod
+    def at(cls, origin: RowOrigin, field: str, reason: str, raw: dict | None = None) -> "RejectedRow":
+        return cls(origin.source, origin.row, field, reason, raw, origin.line)
+
+    @property
+    def location(self) -> str:
+        """``<source> row 4 (line 5)``: where to look."""
+        return f"{self.source} {RowOrigin(self.source, self.row, self.line).where()}"
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "row": self.row, "field": self.field,
+        return {"source": self.source, "row": self.row, "line": self.line, "field": self.field,
                 "reason": self.reason, "raw": self.raw}
 
 
@@ -144,17 +216,218 @@ class LoadResult:
     rejected: list[RejectedRow]
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- text checks
+@functools.cache
+def _invisible_class() -> str:
+    """A regex character class body of every invisible character (the module docstring's rule)."""
+    codes = [c for c in range(sys.maxunicode + 1)
+             if unicodedata.category(chr(c)) in _INVISIBLE_CATEGORIES and not 0xD800 <= c <= 0xDFFF]
+    codes += [ord(ch) for ch in _BLANK_LETTERS]
+    ranges: list[list[int]] = []
+    for c in sorted(codes):
+        if ranges and ranges[-1][1] == c - 1:
+            ranges[-1][1] = c
+        else:
+            ranges.append([c, c])
+    return "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
+
+
+@functools.cache
+def _visible_char() -> re.Pattern:
+    return re.compile(f"[^{_invisible_class()}]")
+
+
+@functools.cache
+def _invisible_run() -> re.Pattern:
+    return re.compile(f"[{_invisible_class()}]+")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` has a visible character (the module docstring's rule)."""
+    if _ASCII_VISIBLE.search(text):
+        return True
+    return not text.isascii() and _visible_char().search(text) is not None
+
+
+def squash_invisible(text: str) -> str:
+    """``text`` with each run of invisible characters (whitespace included) as one space, trimmed."""
+    return _invisible_run().sub(" ", text).strip()
+
+
+def _invisible_only(value: str) -> str:
+    """How to describe a string without visible text: ``an empty/whitespace-only string`` or
+    ``only invisible characters (U+200B ZERO WIDTH SPACE, ...)``."""
+    if not value.strip():
+        return "an empty/whitespace-only string"
+    kinds = sorted(ch for ch in set(value) if not ch.isspace())
+    names = ", ".join(f"U+{ord(ch):04X} {unicodedata.name(ch, unicodedata.category(ch))}" for ch in kinds[:3])
+    return f"only invisible characters ({names}{', ...' if len(kinds) > 3 else ''}), which counts as empty"
+
+
+def _nul_problem(value: str) -> str | None:
+    at = value.find("\0")
+    return None if at < 0 else f"holds a NUL character (U+0000) at index {at}; expected text without NUL characters"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
+_REPR.maxlevel = 3
+
+
 def _describe(value: Any) -> str:
-    """Short type-and-value description for error messages, e.g. ``int 5``."""
-    text = repr(value)
+    """Short type-and-value description for error messages, e.g. ``int 5`` (never raises)."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # ints past the int-str limit
+        text = "<too large to print>"
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{type(value).__name__} {text}"
 
 
+def _scalar_problem(value: Any) -> str | None:
+    """What JSON cannot carry back in a string, number or other leaf value, or ``None``."""
+    if isinstance(value, str):
+        bad = SURROGATE.search(value)
+        return None if bad is None else (f"holds a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}; "
+                                         "expected valid Unicode text (UTF-8 encodable)")
+    if isinstance(value, HugeInt):
+        return f"an integer of {value.digits} digits; expected at most {MAX_INT_DIGITS} digits"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _SAFE_INT_BITS:
+        text = _int_text(abs(value))
+        if text is None or len(text) > MAX_INT_DIGITS:
+            digits = len(text) if text else int(value.bit_length() / math.log2(10))
+            return f"an integer of about {digits} digits; expected at most {MAX_INT_DIGITS}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"a non-finite number ({value}); expected a finite number (JSON has no NaN or Infinity)"
+    return None
+
+
+def _value_problem(value: Any, *, depth_only: bool = False) -> tuple[str, str] | None:
+    """``(path, problem)`` for the first value inside ``value`` that this program cannot carry
+    (too deep; unless ``depth_only``, also a huge int, a lone surrogate, NaN), the path like
+    ``['a'][0]``; ``None`` if all is well.  Iterative: never recurses, whatever the depth."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        v, path, depth = stack.pop()
+        if not isinstance(v, (Mapping, list, tuple)):
+            problem = None if depth_only else _scalar_problem(v)
+            if problem:
+                return path, problem
+            continue
+        if depth >= MAX_NESTING:
+            return path, f"nested more than {MAX_NESTING} levels deep; expected at most {MAX_NESTING} levels"
+        if isinstance(v, Mapping):
+            children = [(k, x, f"{path}[{_REPR.repr(k)}]") for k, x in v.items()]
+        else:
+            children = [(None, x, f"{path}[{i}]") for i, x in enumerate(v)]
+        for key, child, child_path in reversed(children):
+            problem = _scalar_problem(key) if isinstance(key, str) and not depth_only else None
+            if problem:
+                return child_path, f"key {problem}"
+            stack.append((child, child_path, depth + 1))
+    return None
+
+
+# --------------------------------------------------------------------------- validation
 def _column_note(name: str, column: str) -> str:
     return "" if name == column else f" (column {column!r})"
+
+
+def _required_text(name: str, note: str, value: Any) -> str | None:
+    """Why ``value`` cannot be required text field ``name``, or ``None``."""
+    if not isinstance(value, str):
+        return f"{name}{note}: expected a non-empty string, got {_describe(value)}"
+    if not has_visible_text(value):
+        return f"{name}{note}: expected a non-empty string with visible text, got {_invisible_only(value)}"
+    problem = _nul_problem(value)
+    return None if problem is None else f"{name}{note}: {problem}"
+
+
+def _int_text(value: int) -> str | None:
+    try:
+        return str(value)
+    except ValueError:  # past the int-str limit
+        return None
+
+
+def _answer(value: Any, note: str) -> tuple[str | None, str | None]:
+    """``(answer, None)`` or ``(None, why not)``."""
+    if value is None:
+        return None, None
+    if isinstance(value, str):
+        if not value.strip():
+            return None, None
+        if not has_visible_text(value):
+            return None, f"answer{note}: expected visible text, an empty string or null, got {_invisible_only(value)}"
+        problem = _nul_problem(value)
+        return (value, None) if problem is None else (None, f"answer{note}: {problem}")
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = _int_text(value)
+        return (text, None) if text is not None else (None, f"answer{note}: an integer of more than {MAX_INT_DIGITS} "
+                                                            f"digits; expected at most {MAX_INT_DIGITS}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None, f"answer{note}: expected a string, a finite number or null, got {_describe(value)}"
+        return (str(int(value)) if value.is_integer() else repr(value)), None
+    return None, f"answer{note}: expected a string, a number or null, got {_describe(value)}"
+
+
+def _metadata(value: Any, note: str) -> tuple[dict, str | None]:
+    """``(metadata, None)`` or ``({}, why not)``."""
+    if value is None:
+        return {}, None
+    if not isinstance(value, Mapping):
+        return {}, f"metadata{note}: expected a JSON object (mapping) or null, got {_describe(value)}"
+    metadata = dict(value)
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        return {}, f"metadata{note}: expected a JSON-serialisable mapping ({err})"
+    return metadata, None
+
+
+def _identifier(value: Any, note: str) -> tuple[str | None, str | None]:
+    """``(id, None)``, ``(None, None)`` when the row has none, or ``(None, why not)``."""
+    if value is None:
+        return None, None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None, f"id{note}: expected a non-empty string, an int or null, got {_describe(value)}"
+    text = value if isinstance(value, str) else _int_text(value)
+    if text is None:
+        return None, f"id{note}: an integer of more than {MAX_INT_DIGITS} digits; expected a string or a shorter int"
+    if not has_visible_text(text):
+        return None, f"id{note}: expected a non-empty string, got {_invisible_only(text)}"
+    problem = _nul_problem(text)
+    return (text, None) if problem is None else (None, f"id{note}: {problem}")
+
+
+def _printable(name: Any) -> str:
+    """A column name as text that can always be written (lone surrogates escaped)."""
+    text = name if isinstance(name, str) else repr(name)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _row_problem(raw: dict, col: Mapping[str, str]) -> tuple[str, Any, str] | None:
+    """``(field, column, reason)`` for the first value of ``raw`` that cannot be carried: in our
+    columns anything :func:`_value_problem` finds, in the others nesting past :data:`MAX_NESTING`
+    (the field is then the column's name)."""
+    ours = {column: name for name, column in col.items()}
+    for column, value in raw.items():
+        name = ours.get(column) if isinstance(column, str) else None
+        found = _value_problem(value, depth_only=name is None)
+        if found:
+            path, problem = found
+            path = path if len(path) <= 60 else path[:57] + "..."
+            label = name + _column_note(name, column) if name else f"column {_printable(column)!r}"
+            return name or _printable(column), column, f"{label}{path}: {problem}"
+    return None
+
+
+def _placeholder(raw: dict, column: Any, problem: str) -> dict:
+    """``raw`` with the value of ``column``, which cannot be carried (too deep to print or write
+    back, say), replaced by a note."""
+    return {**raw, column: f"<not kept: {problem.split(';')[0]}>"}
 
 
 def validate_row(
@@ -162,71 +435,54 @@ def validate_row(
     *,
     row: int,
     source: str,
+    line: int | None = None,
     field_map: Mapping[str, str] | None = None,
     require_evidence_in_context: bool = True,
 ) -> Example | RejectedRow:
     """Turn one raw row into an :class:`Example`, or a :class:`RejectedRow` saying why not.
 
-    ``field_map`` maps our field names to the row's column names, e.g.
-    ``{"long_context": "context"}``; unmapped fields use their own name.  Never raises on
-    bad data (only on a bad ``field_map``)."""
+    ``row``/``line`` locate it in ``source`` (:class:`RowOrigin`).  ``field_map`` maps our
+    field names to the row's column names, e.g. ``{"long_context": "context"}``; unmapped
+    fields use their own name.  Never raises on bad data (only on a bad ``field_map``)."""
     fmap = dict(field_map or {})
     unknown = set(fmap) - set(_OUR_FIELDS)
     if unknown:
         raise ValueError(f"field_map has unknown field(s) {sorted(unknown)}; expected keys among {list(_OUR_FIELDS)}")
+    origin = RowOrigin(source, row, line)
     if not isinstance(raw, Mapping):
-        return RejectedRow(source, row, "", f"expected a JSON object (mapping) per row, got {_describe(raw)}", None)
+        return RejectedRow.at(origin, "", f"expected a JSON object (mapping) per row, got {_describe(raw)}")
     raw_dict = dict(raw)
-
-    def reject(name: str, reason: str) -> RejectedRow:
-        return RejectedRow(source, row, name, reason, raw_dict)
-
     col = {name: fmap.get(name, name) for name in _OUR_FIELDS}
+    note = {name: _column_note(name, col[name]) for name in _OUR_FIELDS}
+
+    def reject(name: str, reason: str, kept: dict | None = None) -> RejectedRow:
+        return RejectedRow.at(origin, name, reason, raw_dict if kept is None else kept)
+
+    found = _row_problem(raw_dict, col)
+    if found:
+        name, column, problem = found
+        return reject(name, problem, _placeholder(raw_dict, column, problem))
+
     text: dict[str, str] = {}
     for name in REQUIRED_FIELDS:
-        note = _column_note(name, col[name])
         if col[name] not in raw_dict:
-            return reject(name, f"missing required field {name!r}{note}; expected a non-empty string")
-        value = raw_dict[col[name]]
-        if not isinstance(value, str):
-            return reject(name, f"{name}{note}: expected a non-empty string, got {_describe(value)}")
-        if not value.strip():
-            return reject(name, f"{name}{note}: expected a non-empty string, got an empty/whitespace-only string")
-        text[name] = value
+            return reject(name, f"missing required field {name!r}{note[name]}; expected a non-empty string")
+        why = _required_text(name, note[name], raw_dict[col[name]])
+        if why:
+            return reject(name, why)
+        text[name] = raw_dict[col[name]]
 
-    answer: str | None
-    value = raw_dict.get(col["answer"])
-    note = _column_note("answer", col["answer"])
-    if value is None:
-        answer = None
-    elif isinstance(value, bool):
-        return reject("answer", f"answer{note}: expected a string, a number or null, got {_describe(value)}")
-    elif isinstance(value, str):
-        answer = value if value.strip() else None
-    elif isinstance(value, int):
-        answer = str(value)
-    elif isinstance(value, float):
-        if not math.isfinite(value):
-            return reject("answer", f"answer{note}: expected a string, a finite number or null, got {_describe(value)}")
-        answer = str(int(value)) if value.is_integer() else repr(value)
-    else:
-        return reject("answer", f"answer{note}: expected a string, a number or null, got {_describe(value)}")
-
-    value = raw_dict.get(col["metadata"])
-    note = _column_note("metadata", col["metadata"])
-    if value is None:
-        metadata: dict = {}
-    elif not isinstance(value, Mapping):
-        return reject("metadata", f"metadata{note}: expected a JSON object (mapping) or null, got {_describe(value)}")
-    else:
-        metadata = dict(value)
-        try:
-            json.dumps(metadata, allow_nan=False)
-        except (TypeError, ValueError) as err:
-            return reject("metadata", f"metadata{note}: expected a JSON-serialisable mapping ({err})")
-
+    answer, why = _answer(raw_dict.get(col["answer"]), note["answer"])
+    if why:
+        return reject("answer", why)
+    metadata, why = _metadata(raw_dict.get(col["metadata"]), note["metadata"])
+    if why:
+        return reject("metadata", why)
     value = raw_dict.get(col["source"])
-    row_source = value if isinstance(value, str) and value.strip() else source
+    why = _nul_problem(value) if isinstance(value, str) else None
+    if why:
+        return reject("source", f"source{note['source']}: {why}")
+    row_source = value if isinstance(value, str) and has_visible_text(value) else source
 
     if require_evidence_in_context and locate_evidence(text["short_context"], text["long_context"]) is None:
         return reject(
@@ -236,78 +492,12 @@ def validate_row(
             f"or substrings in document order joined by {EVIDENCE_SEPARATOR!r}",
         )
 
-    value = raw_dict.get(col["id"])
-    note = _column_note("id", col["id"])
-    example = Example("", text["long_context"], text["short_context"], text["question"], answer, row_source, metadata)
-    if value is None:
-        ex_id = example.content_hash()[:16]
-    elif isinstance(value, bool) or not isinstance(value, (str, int)):
-        return reject("id", f"id{note}: expected a non-empty string, an int or null, got {_describe(value)}")
-    else:
-        ex_id = str(value)
-        if not ex_id.strip():
-            return reject("id", f"id{note}: expected a non-empty string, got an empty/whitespace-only string")
-    return Example(ex_id, example.long_context, example.short_context, example.question, answer, row_source, metadata)
-
-
-# --------------------------------------------------------------------------- readers
-# Each reader yields (row_index, raw_row_or_None, error_reason_or_None).
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    with open(path, "rb") as fh:
-        for idx, line_bytes in enumerate(fh):
-            try:
-                line = line_bytes.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield idx, None, f"line {idx + 1}: not valid UTF-8 ({err}); expected one UTF-8 JSON object per line"
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield idx, json.loads(line), None
-            except json.JSONDecodeError as err:
-                yield idx, None, (f"line {idx + 1}: invalid JSON: {err.msg} at column {err.colno}; "
-                                  "expected one JSON object per line")
-
-
-def _iter_parquet(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    import pyarrow.parquet as pq
-
-    idx = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
-            yield idx, rec, None
-            idx += 1
-
-
-def _iter_dataset(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    import datasets
-
-    for idx, rec in enumerate(datasets.load_from_disk(str(path))):
-        yield idx, rec, None
-
-
-def _sources(path: Path) -> list[tuple[str, Iterator[tuple[int, Any, str | None]]]]:
-    """(source name, row iterator) pairs for ``path``; raises on an unusable path."""
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return [(str(path), _iter_dataset(path))]
-        if (path / "dataset_dict.json").exists():
-            splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
-            return [(str(path / s), _iter_dataset(path / s)) for s in sorted(splits)]
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in JSONL_SUFFIXES + PARQUET_SUFFIXES)
-        if not files:
-            raise ValueError(f"folder {path} holds no {'/'.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} files and is not "
-                             "a datasets save_to_disk folder (no dataset_info.json/state.json/dataset_dict.json)")
-        return [pair for f in files for pair in _sources(f)]
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        return [(str(path), _iter_jsonl(path))]
-    if suffix in PARQUET_SUFFIXES:
-        return [(str(path), _iter_parquet(path))]
-    raise ValueError(f"unknown file type {suffix or '(no suffix)'!r} for {path}; expected one of "
-                     f"{JSONL_SUFFIXES + PARQUET_SUFFIXES}, a datasets save_to_disk folder, or a folder of such files")
+    ex_id, why = _identifier(raw_dict.get(col["id"]), note["id"])
+    if why:
+        return reject("id", why)
+    example = Example(ex_id or "", text["long_context"], text["short_context"], text["question"], answer, row_source,
+                      metadata, origin)
+    return example if ex_id is not None else dataclasses.replace(example, id=example.content_hash()[:16])
 
 
 def load_examples(
@@ -318,27 +508,29 @@ def load_examples(
 ) -> LoadResult:
     """Load and validate every row under ``path`` (see the module docstring for formats).
 
-    Bad rows go to ``LoadResult.rejected``; good rows, in file/row order, to ``examples``.
-    Raises ``FileNotFoundError`` for a missing path and ``ValueError`` for an unknown format."""
+    Bad rows go to ``LoadResult.rejected``; good rows, in file/row order, to ``examples``,
+    each with its :class:`RowOrigin`.  Raises ``FileNotFoundError`` for a missing path and
+    ``ValueError`` for an unknown format."""
     examples: list[Example] = []
     rejected: list[RejectedRow] = []
-    seen: dict[str, tuple[str, int]] = {}
-    for source, rows in _sources(Path(path)):
-        for idx, raw, error in rows:
-            if error is not None:
-                rejected.append(RejectedRow(source, idx, "", error, None))
+    seen: dict[str, RowOrigin] = {}
+    for source, rows in sources(Path(path)):
+        for item in rows:
+            origin = RowOrigin(source, item.row, item.line)
+            if item.error is not None:
+                rejected.append(RejectedRow.at(origin, item.field, item.error))
                 continue
-            result = validate_row(raw, row=idx, source=source, field_map=field_map,
+            result = validate_row(item.raw, row=item.row, line=item.line, source=source, field_map=field_map,
                                   require_evidence_in_context=require_evidence_in_context)
             if isinstance(result, RejectedRow):
                 rejected.append(result)
             elif result.id in seen:
-                first_source, first_row = seen[result.id]
-                where = f"row {first_row}" + ("" if first_source == source else f" of {first_source}")
-                rejected.append(RejectedRow(source, idx, "id", f"duplicate id {result.id!r}: already used by {where}; "
-                                            "expected ids unique within one load", dict(raw)))
+                first = seen[result.id]
+                where = first.where() + ("" if first.source == source else f" of {first.source}")
+                rejected.append(RejectedRow.at(origin, "id", f"duplicate id {result.id!r}: already used by {where}; "
+                                               "expected ids unique within one load", dict(item.raw)))
             else:
-                seen[result.id] = (source, idx)
+                seen[result.id] = origin
                 examples.append(result)
     return LoadResult(examples, rejected)
 
@@ -368,9 +560,34 @@ def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
     return target
 
 
+def _example_line(ex: Example) -> str:
+    """``ex`` as one line of strict JSON (no NaN/Infinity), or a ``ValueError`` naming it; a
+    loaded example always passes (:func:`validate_row` rejects what would not)."""
+    try:
+        line = json.dumps(ex.to_dict(), ensure_ascii=False, allow_nan=False)
+        line.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as err:
+        raise ValueError(f"example {ex.id!r} cannot be written as JSON ({err}); expected finite numbers, "
+                         "UTF-8-encodable text and JSON-serialisable metadata") from err
+    return line
+
+
+def _rejected_line(r: RejectedRow) -> str:
+    """``r`` as one JSON line that always writes: values JSON cannot encode in ``raw`` (bytes,
+    dates, ...) as their ``str``, lone surrogates escaped, and a ``raw`` that still cannot be
+    written (too deep, a huge int) dropped with a note in the reason."""
+    try:
+        line = json.dumps(r.to_dict(), ensure_ascii=False, default=str)
+    except (TypeError, ValueError, RecursionError) as err:
+        note = f" (raw row not kept: {type(err).__name__})"
+        return _rejected_line(dataclasses.replace(r, raw=None, reason=r.reason + note))
+    return line if not SURROGATE.search(line) else json.dumps(r.to_dict(), ensure_ascii=True, default=str)
+
+
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
-    """Atomically write examples as JSON lines (``Example.to_dict``); returns the path."""
-    return _atomic_write_lines((json.dumps(ex.to_dict(), ensure_ascii=False) for ex in examples), path)
+    """Atomically write examples as JSON lines (``Example.to_dict``); returns the path.  An example
+    JSON cannot carry (NaN in its metadata, say) raises ``ValueError`` and leaves ``path`` as it was."""
+    return _atomic_write_lines((_example_line(ex) for ex in examples), path)
 
 
 def write_json_lines(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
@@ -379,9 +596,8 @@ def write_json_lines(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
 
 
 def write_rejected_jsonl(rejected: Iterable[RejectedRow], path: str | os.PathLike) -> Path:
-    """Atomically write rejected rows as JSON lines; values JSON cannot encode in ``raw``
-    (bytes, dates, ...) are written as their ``str``."""
-    return _atomic_write_lines((json.dumps(r.to_dict(), ensure_ascii=False, default=str) for r in rejected), path)
+    """Atomically write rejected rows as JSON lines (:func:`_rejected_line`: never fails on a row)."""
+    return _atomic_write_lines((_rejected_line(r) for r in rejected), path)
 
 
 def read_rejected(path: str | os.PathLike) -> list[RejectedRow]:
@@ -393,7 +609,8 @@ def read_rejected(path: str | os.PathLike) -> list[RejectedRow]:
                 continue
             try:
                 d = json.loads(line)
-                out.append(RejectedRow(str(d["source"]), int(d["row"]), str(d["field"]), str(d["reason"]), d.get("raw")))
+                out.append(RejectedRow(str(d["source"]), int(d["row"]), str(d["field"]), str(d["reason"]), d.get("raw"),
+                                       None if d.get("line") is None else int(d["line"])))
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{path}: line {lineno}: expected a rejected-row JSON object with "
                                  f"source/row/field/reason/raw ({err})") from err

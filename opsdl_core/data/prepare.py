@@ -4,16 +4,25 @@ Examples come from the synthetic generator or from the user's files; each gets i
 context (oracle chunk, window, or BM25) and both chat prompts. An example whose teacher
 context cannot be built (not in C_L, over budget) is set aside with its reason, like a bad
 row, and never stops the others.
+
+A file source is cleaned as curation cleans (:func:`opsdl_core.data.curation.clean_examples`):
+exact duplicates are dropped before the held-out split, and training rows that overlap the
+held-out ones (same content, or the same C_s + Q up to case and whitespace) are set aside.
+Every prompt must fit the model's window (:func:`model_window`): text too long for it by its
+character count is refused before it is tokenized, the rest once its chat prompt is built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from ..config import DataConfig
+from .curation import clean_examples, reject_example, too_many_chars
 from .examples import Example, RejectedRow, load_examples
 from .prompts import chat_prompt_ids
 from .short_context import (TeacherContext, TeacherContextError, build_teacher_context, check_teacher_context,
@@ -53,6 +62,35 @@ def token_counter(tokenizer: Any) -> Callable[[str], int]:
     return count
 
 
+_UNSET_MAX_LENGTH = 10**9  # transformers' "unset" model_max_length is ~1e30
+
+
+def _config_window(folder: Any) -> int | None:
+    """``max_position_embeddings`` (or ``n_positions``/``n_ctx``; a ``text_config``'s first) of the
+    model folder ``folder``'s ``config.json``, read as JSON only; ``None`` if there is none."""
+    if not folder or not Path(str(folder)).is_dir():
+        return None
+    try:
+        cfg = json.loads((Path(str(folder)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (cfg.get("text_config"), cfg):
+        for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+            value = section.get(key) if isinstance(section, dict) else None
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def model_window(tokenizer: Any) -> int | None:
+    """The longest prompt the model takes, in tokens, without loading the model: the tokenizer's
+    ``model_max_length``, capped by the position embeddings in the ``config.json`` of the folder
+    it was loaded from; ``None`` when neither says."""
+    limits = [getattr(tokenizer, "model_max_length", None), _config_window(getattr(tokenizer, "name_or_path", ""))]
+    known = [int(v) for v in limits if isinstance(v, (int, float)) and 0 < v < _UNSET_MAX_LENGTH]
+    return min(known) if known else None
+
+
 def training_templates(cfg: DataConfig) -> tuple:
     """The synthetic training templates named in ``cfg.templates`` (all of them by default)."""
     if cfg.templates is None:
@@ -84,18 +122,31 @@ def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Examp
         train = generate_examples(n=cfg.train_size, split="train", templates=training_templates(cfg), **kw)
         heldout = generate_examples(n=cfg.heldout_size, split="heldout", **kw) if cfg.heldout_size else []
         return train, heldout, []
-    loaded = load_examples(cfg.source, field_map=cfg.field_map)
-    rejected = list(loaded.rejected)
+    return _load_files(cfg, model_window(tokenizer))
+
+
+def _load_clean(source: str, cfg: DataConfig, window: int | None) -> tuple[list[Example], list[RejectedRow]]:
+    """The rows of ``source`` that load, without duplicates or text too long for ``window``."""
+    loaded = load_examples(source, field_map=cfg.field_map)
+    clean = clean_examples(loaded.examples, max_tokens=window, source=source)
+    return clean.examples, loaded.rejected + clean.rejected
+
+
+def _load_files(cfg: DataConfig, window: int | None) -> tuple[list[Example], list[Example], list[RejectedRow]]:
+    """File sources: deduplicated, split (by ``heldout_source``, else by content hash), and
+    training rows overlapping the held-out ones set aside."""
+    pool, rejected = _load_clean(cfg.source, cfg, window)
     if cfg.heldout_source:
-        held = load_examples(cfg.heldout_source, field_map=cfg.field_map)
-        rejected += held.rejected
-        return loaded.examples[: cfg.train_size], held.examples[: cfg.heldout_size], rejected
-    # One file source: a deterministic split by content hash, disjoint by construction.
-    ranked = sorted(loaded.examples, key=lambda e: e.content_hash())
-    heldout = ranked[: cfg.heldout_size]
-    held_ids = {e.id for e in heldout}
-    train = [e for e in loaded.examples if e.id not in held_ids][: cfg.train_size]
-    return train, heldout, rejected
+        held, held_rejected = _load_clean(cfg.heldout_source, cfg, window)
+        rejected += held_rejected
+        heldout = held[: cfg.heldout_size]
+    else:  # one file source: a deterministic split by content hash
+        heldout = sorted(pool, key=lambda e: e.content_hash())[: cfg.heldout_size]
+        held_ids = {e.id for e in heldout}
+        pool = [e for e in pool if e.id not in held_ids]
+    train = clean_examples(pool, reference=heldout, ngram=None, reference_name="the held-out examples",
+                           source=cfg.source)
+    return train.examples[: cfg.train_size], heldout, rejected + train.rejected
 
 
 def teacher_context_params(cfg: DataConfig) -> dict[str, int]:
@@ -108,15 +159,21 @@ def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -
     """Each example's C_s and both chat prompts. A row that carries the C_s built for this strategy,
     budget and settings (``metadata.teacher_context``, as the ``teacher_contexts`` asset stores it, its
     checks having passed) is used as stored, after the same check; the others are built here. A C_s
-    that cannot be built, or a stored one that fails the check, sets the row aside with the reason."""
+    that cannot be built, a stored one that fails the check, or a student prompt longer than the
+    model's window (:func:`model_window`; refused on its character count before any tokenizing when
+    far too long) sets the row aside with the reason, at the row it was loaded from."""
     count = token_counter(tokenizer)
     params = teacher_context_params(cfg)
+    window = model_window(tokenizer)
     good, bad = [], []
     for i, ex in enumerate(examples):
         def set_aside(field: str, why: str) -> None:
-            bad.append(RejectedRow(source=ex.source or "examples", row=i, field=field, reason=f"example {ex.id}: {why}",
-                                   raw=None))
+            bad.append(reject_example(ex, i, field, f"example {ex.id}: {why}", source="examples"))
 
+        too_long = too_many_chars(ex, window, " tokens of the model's window")
+        if too_long:
+            set_aside(*too_long)
+            continue
         try:
             stored = stored_teacher_context(ex)
         except TeacherContextError as e:
@@ -138,8 +195,12 @@ def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -
             except TeacherContextError as e:
                 set_aside("short_context", str(e).removeprefix(f"example {ex.id}: "))
                 continue
-        good.append(Prepared(ex, ctx, chat_prompt_ids(tokenizer, ex.long_context, ex.question),
-                             chat_prompt_ids(tokenizer, ctx.text, ex.question)))
+        student = chat_prompt_ids(tokenizer, ex.long_context, ex.question)
+        if window and len(student) > window:
+            set_aside("long_context", f"the student prompt chat(C_L + Q) has {len(student)} tokens; expected at "
+                                      f"most {window} (the model's window)")
+            continue
+        good.append(Prepared(ex, ctx, student, chat_prompt_ids(tokenizer, ctx.text, ex.question)))
     return good, bad
 
 

@@ -38,7 +38,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
 
     from ..data.prepare import prepare_data
     from ..evaluation.accuracy import evaluate_accuracy
-    from ..models.load import load_model_and_tokenizer, resolve_model
+    from ..models.load import load_model_and_tokenizer, load_tokenizer, resolve_model
     from .checkpoint import atomic_write_text
     from .trainer import OPSDLTrainer
 
@@ -49,6 +49,9 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if model_and_tokenizer is None:
         resolved = resolve_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
         log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
+        # the data first, with the tokenizer alone: a row too long for the model is set aside before
+        # the weights take any memory
+        data = prepare_data(cfg.data, load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code))
         model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
                                                     trust_remote_code=cfg.model.trust_remote_code,
                                                     cache_dir=cfg.model.cache_dir,
@@ -56,13 +59,13 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
         lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
     else:
         model, tokenizer = model_and_tokenizer
-    data = prepare_data(cfg.data, tokenizer)
+        data = prepare_data(cfg.data, tokenizer)
     lineage["data_digest"] = data.digest
     lens = [len(p.student_ids) for p in data.train]
     log(f"[opsdl] data: {len(data.train)} train / {len(data.heldout)} held-out examples, "
         f"{len(data.rejected)} set aside; student prompts {min(lens)}-{max(lens)} tokens; digest {data.digest}")
     for r in data.rejected[:5]:
-        log(f"[opsdl]   set aside: {r.source} row {r.row} field {r.field!r}: {r.reason}")
+        log(f"[opsdl]   set aside: {r.location} field {r.field!r}: {r.reason}")
 
     results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
     do_eval = evaluate and cfg.eval.enabled and data.heldout
