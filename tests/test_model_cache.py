@@ -17,24 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_helpers import SAMPLE
+from model_helpers import logits as _logits
+from model_helpers import quiet as _quiet
 
 from opsdl_core.models import cache as M
 from opsdl_core.models.cache import (EMBEDDED_DEFAULT, ChecksumMismatchError, convert_gguf_to_folder,
                                      ensure_embedded_default, folder_content_hash)
 from opsdl_core.models.load import load_model_and_tokenizer, resolve_model
 from opsdl_core.models.tiny import build_tiny_model
-
-# mixed text for tokenizer round trips: digits, accents, symbols, emoji, tabs and newlines
-SAMPLE = "Hello world! In 2024 the café costs $12.50 (about 11 €) 🙂\n\tdef f(x): return x**2"
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:

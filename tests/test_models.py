@@ -8,21 +8,12 @@ import shutil
 
 import pytest
 import torch
+from model_helpers import SAMPLE
+from model_helpers import logits as _logits
 
 from opsdl_core.models.load import (EMBEDDED_DEFAULT, ResolvedModel, folder_content_hash, load_model_and_tokenizer,
                                     resolve_model)
 from opsdl_core.models.tiny import build_tiny_model, save_tiny_model
-
-SAMPLE = "Hello world! In 2024 the café costs $12.50 (about 11 €) 🙂\n\tdef f(x): return x**2"
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def test_tiny_model_is_deterministic_and_leaves_rng_alone():

@@ -24,7 +24,6 @@ The rules:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -40,6 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..run_dir import RunDir
+from ..wheels import sha256_file
 
 MANIFEST = "manifest.json"
 REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
@@ -99,19 +99,11 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # -- the manifest ----------------------------------------------------------------------------
 def write_manifest(folder: Path) -> None:
     """``manifest.json``: the sha256 and size of every other file of ``folder`` (written last)."""
     folder = Path(folder)
-    files = {f.name: {"sha256": _sha256(f), "bytes": f.stat().st_size}
+    files = {f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
              for f in sorted(folder.iterdir()) if f.name != MANIFEST}
     with (folder / MANIFEST).open("w") as fh:
         fh.write(json.dumps({"format": 1, "files": files}, indent=1, sort_keys=True))
@@ -152,7 +144,7 @@ def verify_manifest(folder: Path) -> None:
         size = _read(folder, name, lambda p: p.stat().st_size)
         if size != meta["bytes"]:
             raise DamagedCheckpoint(folder, name, f"{size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if _read(folder, name, _sha256) != meta["sha256"]:
+        if _read(folder, name, sha256_file) != meta["sha256"]:
             raise DamagedCheckpoint(folder, name, "content hash differs from the manifest (corrupted)")
 
 
