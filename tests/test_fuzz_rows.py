@@ -308,9 +308,9 @@ def write_jsonl_file(path: Path, entries: list[Entry], rng: random.Random, *, en
     return planted
 
 
-def main_entries(rows: Rows, held_rows: list[dict], n: int) -> list[Entry]:
-    """``n`` entries of every class, good rows included, in a random order; duplicates and
-    overlaps refer to rows already planted."""
+def main_entries(rows: Rows, held_rows: list[dict], n: int, *, per_class: int = 0) -> list[Entry]:
+    """``n`` entries of every class, good rows included, in a random order (``per_class``: that
+    many of each class instead, shuffled); duplicates and overlaps refer to rows already planted."""
     rng = rows.rng
     entries = [Entry("too_long", long_row(rows, 0, monster=5_000_000), None, "too_long", "long_context"),
                Entry("deep", "@@DEEP300000@@", ""), Entry("deep", "@@DEEPOBJ300000@@", "a"),
@@ -319,8 +319,10 @@ def main_entries(rows: Rows, held_rows: list[dict], n: int) -> list[Entry]:
     copied: set[str] = set()
     kinds = [*LOADER_CLASSES, "dup_id", "dup_content", "overlap", "too_long", "good"]
     weights = [10, 8, 10, 6, 10, 4, 6, 8, 4, 4, 4, 5, 4, 5, 4, 3, 40]
-    while len(entries) < n:
-        kind = rng.choices(kinds, weights)[0]
+    drawn = [k for k in kinds for _ in range(per_class)]
+    rng.shuffle(drawn)
+    while (drawn if per_class else len(entries) < n):
+        kind = drawn.pop() if per_class else rng.choices(kinds, weights)[0]
         k = len(entries)
         if kind in LOADER_CLASSES:
             entries.append(rows.entry(kind))
@@ -644,3 +646,34 @@ def test_curated_prompts_asset_quarantines_the_planted_rows(fuzz, tiny_model_dir
     # the evaluation data is the synthetic suites here: the rows planted to overlap held.jsonl are kept
     assert located(quarantine) == fuzz.main.expected_rejections("duplicate", "too_long")
     assert prompts["n"] == len(fuzz.main.expected_examples(without=("duplicate", "too_long")))
+
+
+@pytest.mark.slow
+def test_a_thousand_rows_of_every_class_through_the_loader_curation_and_the_trainer_path(tmp_path, window_tokenizer):
+    """The same checks at scale: 1,000 rows of each class (and 1,000 good ones) in one file."""
+    from opsdl_core.config import DataConfig
+    from opsdl_core.data.prepare import prepare_data, token_counter
+
+    rng = random.Random(1)
+    rows = Rows(rng)
+    held_rows = [{**rows.good(plain=True), "id": f"held{i}"} for i in range(40)]
+    held = write_jsonl_file(tmp_path / "held.jsonl", [Entry("held", r) for r in held_rows], rng)
+    main = write_jsonl_file(tmp_path / "main.jsonl", main_entries(rows, held_rows, 0, per_class=1000), rng)
+    for cls in (*LOADER_CLASSES, "overlap", "too_long", "good"):
+        assert main.classes[cls] >= 1000, (cls, main.classes[cls])
+    assert min(main.classes["dup_id"], main.classes["dup_content"]) >= 990  # those before any good row are skipped
+    res = load_examples(main.path)
+    assert located(res.rejected) == main.expected_rejections()
+    assert loaded(res.examples) == main.expected_examples()
+    held_examples = load_examples(held.path).examples
+    cur = curate(str(main.path), count_tokens=token_counter(window_tokenizer), size=100_000,
+                 eval_examples=held_examples, max_tokens=WINDOW)
+    assert located(cur.quarantined) == main.expected_rejections(*CLEANED)
+    assert_clean(cur.examples, held_examples)
+    data = prepare_data(DataConfig(source=str(main.path), heldout_source=str(held.path), train_size=100_000,
+                                   heldout_size=1000, teacher_context="oracle", short_budget_tokens=256),
+                        window_tokenizer)
+    assert located(data.rejected) == main.expected_rejections(*CLEANED)
+    assert loaded([p.example for p in data.train]) == main.expected_examples(without=CLEANED)
+    assert_clean([p.example for p in data.train], [p.example for p in data.heldout])
+
