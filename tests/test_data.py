@@ -271,3 +271,13 @@ def test_model_window_reads_the_tokenizer_and_the_model_folder_without_loading_t
     assert model_window(SimpleNamespace(model_max_length=8192, name_or_path=str(tmp_path))) == 2048
     assert model_window(SimpleNamespace(model_max_length=int(1e30), name_or_path="")) is None
     assert model_window(SimpleNamespace(model_max_length=512, name_or_path="some/hub-id")) == 512
+
+
+def test_every_example_stream_has_its_own_seed_at_every_length():
+    from opsdl_core.data.seeds import STREAMS, stream_seed
+
+    lengths = (0, 256, 1024, 131072)  # a suite adds its context length to its stream's seed
+    seeds = [stream_seed(s, name, length=L) for s in (0, 1, 7) for name in STREAMS for L in lengths]
+    assert len(set(seeds)) == len(seeds)  # no two (run seed, stream, length) draw the same questions
+    with pytest.raises(ValueError, match="unknown example stream 'heldout_v2'"):
+        stream_seed(0, "heldout_v2")

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .examples import Example, RejectedRow, RowOrigin, load_examples, squash_invisible
+from .seeds import stream_seed
 from .tasks.needle import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, generate_examples
 
 __all__ = ["CurationResult", "CleanResult", "clean_examples", "curate", "eval_suites", "dataset_digest",
@@ -153,7 +154,8 @@ def _eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], 
             for f in fams:
                 for L in lengths:
                     out[f"{kind}:{f}@{L}"] = generate_family(f, n=n, split="heldout", target_tokens=L,
-                                                             count_tokens=count_tokens, seed=seed + 7_000_003,
+                                                             count_tokens=count_tokens,
+                                                             seed=stream_seed(seed, "heldout"),
                                                              haystack=haystack, n_distractors=n_distractors,
                                                              templates="all")
         return out
@@ -161,12 +163,14 @@ def _eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], 
     out: dict[str, list[Example]] = {}
     for L in lengths:
         out[f"kv_heldout@{L}"] = generate_examples(n=n, split="heldout", templates=HELDOUT_TEMPLATES,
-                                                   target_tokens=L, count_tokens=count_tokens, seed=seed,
+                                                   target_tokens=L, count_tokens=count_tokens,
+                                                   seed=stream_seed(seed, "train"),
                                                    n_distractors=n_distractors)
         if in_template_n:
             out[f"kv_in_template@{L}"] = generate_examples(n=in_template_n, split="heldout", templates=tpl,
                                                            target_tokens=L, count_tokens=count_tokens,
-                                                           seed=seed + 1_000_003, n_distractors=n_distractors)
+                                                           seed=stream_seed(seed, "in_template"),
+                                                           n_distractors=n_distractors)
     return out
 
 

@@ -25,6 +25,7 @@ from ..config import DataConfig
 from .curation import clean_examples, reject_example, too_many_chars
 from .examples import Example, RejectedRow, load_examples
 from .prompts import chat_prompt_ids
+from .seeds import stream_seed
 from .short_context import (TeacherContext, TeacherContextError, build_teacher_context, check_teacher_context,
                             stored_teacher_context)
 from .tasks.needle import TRAIN_TEMPLATES, generate_examples
@@ -212,7 +213,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
     if cfg.source == "synthetic" and cfg.in_template_size:
         raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=training_templates(cfg),
                                 target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
-                                seed=cfg.seed + 1_000_003, n_distractors=tuple(cfg.n_distractors))
+                                seed=stream_seed(cfg.seed, "in_template"), n_distractors=tuple(cfg.n_distractors))
         in_template, bad = prepare_examples(raw, tokenizer, cfg)
         bad_held += bad
     if not train:

@@ -42,6 +42,7 @@ def _suite(family: str, length: int, raw: list, tokenizer: Any, prep_cfg: Any) -
 def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     from ..config import DataConfig
     from ..data.prepare import token_counter, training_templates
+    from ..data.seeds import stream_seed
     from ..data.tasks.needle import generate_examples
 
     d, s = exp.run.data, exp.settings
@@ -55,18 +56,21 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
             for length in s.lengths:
                 n = s.eval_n if f in s.heldout_families else (s.in_family_n or s.eval_n)
                 raw = generate_family(f, n=n, split="heldout", target_tokens=length, count_tokens=count,
-                                      seed=d.seed + 7_000_003 + length, haystack=s.eval_haystack,
+                                      seed=stream_seed(d.seed, "heldout", length=length), haystack=s.eval_haystack,
                                       n_distractors=tuple(d.n_distractors), templates="all",
                                       prose=d.curriculum.prose)
                 suites.append(_suite(f, length, raw, tokenizer, prep_cfg))
         return suites + foreign_suite(exp, tokenizer)
-    families = [("in_family", training_templates(d))] + ([("transfer", None)] if s.transfer else [])
-    for fi, (family, templates) in enumerate(families):
+    # (suite family, its templates, the example stream it draws from)
+    families = [("in_family", training_templates(d), "heldout")]
+    if s.transfer:
+        families.append(("transfer", None, "transfer"))
+    for family, templates, stream in families:
         for length in s.lengths:
             kw = {"templates": templates} if templates is not None else {}
             raw = generate_examples(n=s.eval_n, split="heldout", target_tokens=length, count_tokens=count,
-                                    seed=d.seed + 7_000_003 * (fi + 1) + length, n_distractors=tuple(d.n_distractors),
-                                    **kw)
+                                    seed=stream_seed(d.seed, stream, length=length),
+                                    n_distractors=tuple(d.n_distractors), **kw)
             suites.append(_suite(family, length, raw, tokenizer, prep_cfg))
     return suites + foreign_suite(exp, tokenizer)
 
