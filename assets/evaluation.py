@@ -15,6 +15,7 @@ from opsdl_core.config import DataConfig
 from opsdl_core.data.curation import FOREIGN_SUITE
 from opsdl_core.data.prepare import prepare_examples
 from opsdl_core.evaluation.accuracy import EVAL_BACKENDS, EvalJob, evaluate_jobs, resolve_backend
+from opsdl_core.evaluation.passes import eval_passes
 from opsdl_core.experiment.report import paired_counts, sign_test_p
 from opsdl_core.models.load import load_tokenizer
 
@@ -50,23 +51,27 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**r, "sign_p": p(r.get("sign_p"))} for r in rows]
 
 
-def _suite_contexts(name: str) -> tuple[str, ...]:
-    # Short-context (C_s only) accuracy on the held-out templates measures retention of the
-    # short-context skill; the in-template suite is only asked with the long context.
+def _suite_role(name: str) -> str:
+    """The role of an eval_sets suite (``opsdl_core.evaluation.passes``): which contexts it is asked in."""
     if name == FOREIGN_SUITE:  # formats the training never uses: short-context retention only
-        return ("short",)
-    return ("long", "short") if name.startswith(("kv_heldout", "out_of_family:", "in_family:")) else ("long",)
+        return "retention"
+    return "in_template" if name.startswith("kv_in_template") else "heldout"
 
 
 def _eval_model(model: Any, tokenizer: Any, eval_sets: dict[str, Any], config: EvaluationConfig,
                 log, model_dir: str | None = None) -> list[dict[str, Any]]:
-    """Every suite in each of its contexts, all questions generated together (one vLLM engine)."""
-    jobs = []
-    for name, suite in eval_sets["suites"].items():
-        prepared, bad = prepare_examples(read_examples(suite["path"]), tokenizer, DataConfig(teacher_context="oracle"))
+    """Every suite in each of its contexts (``eval_passes``), all questions generated together (one
+    vLLM engine)."""
+    suites = eval_sets["suites"]
+    passes = eval_passes(list(suites), role=_suite_role, family=lambda name: name.split("@")[0],
+                         length=lambda name: suites[name]["context_length"])
+    prepared = {}
+    for name in dict.fromkeys(name for name, _ in passes):
+        prepared[name], bad = prepare_examples(read_examples(suites[name]["path"]), tokenizer,
+                                               DataConfig(teacher_context="oracle"))
         if bad:
             raise dg.Failure(f"eval suite {name}: {len(bad)} examples without a usable C_s, e.g. {bad[0].reason}")
-        jobs += [EvalJob((name, ctx), prepared, ctx) for ctx in _suite_contexts(name)]
+    jobs = [EvalJob((name, ctx), prepared[name], ctx) for name, ctx in passes]
     results = evaluate_jobs(model, tokenizer, jobs, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size,
                             backend=config.backend, model_dir=model_dir, kv_cache_gib=config.kv_cache_gib,
                             engine_dtype=config.dtype, log=log)

@@ -76,3 +76,21 @@ def test_auto_keeps_transformers_for_a_head_size_the_cpu_engine_cannot_serve(tmp
         pytest.skip("the GPU build serves any head size")
     small = save_tiny_model(tmp_path / "m16", hidden_size=64, num_heads=4, num_kv_heads=2)  # head_dim 16
     assert resolve_backend("auto", small) == "transformers"
+
+
+def test_one_rule_says_which_contexts_each_suite_is_asked_in():
+    from assets.evaluation import _suite_role
+    from opsdl_core.evaluation.passes import eval_passes
+
+    names = ["kv_heldout@512", "kv_heldout@1024", "kv_in_template@1024", "in_family:counting@1024",
+             "in_family:counting@512", "foreign@0"]
+    length = {n: int(n.split("@")[1]) for n in names}
+    passes = eval_passes(names, role=_suite_role, family=lambda n: n.split("@")[0], length=length.get)
+    assert passes == [("kv_heldout@512", "long"), ("kv_heldout@1024", "long"), ("kv_heldout@1024", "short"),
+                      ("kv_in_template@1024", "long"), ("in_family:counting@1024", "long"),
+                      ("in_family:counting@1024", "short"), ("in_family:counting@512", "long"),
+                      ("foreign@0", "short")]
+    long_only = eval_passes(names, role=_suite_role, family=lambda n: n.split("@")[0], length=length.get, short=False)
+    assert long_only == [p for p in passes if p[1] == "long"]
+    with pytest.raises(ValueError, match="unknown evaluation suite role"):
+        eval_passes(names, role=lambda n: "bonus")

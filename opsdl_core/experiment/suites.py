@@ -96,17 +96,13 @@ def on_eval_device(model: Any) -> Any:
 
 
 def suite_passes(suites: list[Suite], *, short: bool = True) -> list[tuple[Suite, str]]:
-    """The (suite, context) passes of an evaluation: every suite with the long context, and
-    (``short``) with C_s only on each family's longest suite (C_s does not depend on the length);
-    the foreign-format suite (``family == "foreign"``) with C_s only, and only when ``short``."""
-    longest = {x.family: x for x in sorted(suites, key=lambda x: x.length)}
-    out = []
-    for x in suites:
-        if x.family == FOREIGN:
-            out += [(x, "short")] if short else []
-            continue
-        out += [(x, "long")] + ([(x, "short")] if short and longest[x.family] is x else [])
-    return out
+    """The (suite, context) passes of an evaluation (``opsdl_core.evaluation.passes``): every suite
+    with the long context, and (``short``) with C_s only on each family's longest suite; the
+    foreign-format suite (``family == "foreign"``) with C_s only, and only when ``short``."""
+    from ..evaluation.passes import eval_passes
+
+    return eval_passes(suites, role=lambda x: "retention" if x.family == FOREIGN else "heldout",
+                       family=lambda x: x.family, length=lambda x: x.length, short=short)
 
 
 def evaluate_model(model: Any, tokenizer: Any, suites: list[Suite], s: ExperimentSettings, *,

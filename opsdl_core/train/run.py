@@ -38,6 +38,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
 
     from ..data.prepare import prepare_data
     from ..evaluation.accuracy import evaluate_accuracy
+    from ..evaluation.passes import eval_passes
     from ..models.load import load_model_and_tokenizer, load_tokenizer, resolve_model
     from .checkpoint import atomic_write_text
     from .trainer import OPSDLTrainer
@@ -70,26 +71,25 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
     do_eval = evaluate and cfg.eval.enabled and data.heldout
 
-    suites = [("", data.heldout, ("long", "short"))]
-    if data.in_template:
-        suites.append(("in_template_", data.in_template, ("long",)))
+    suites = [("", data.heldout, "heldout")] + ([("in_template_", data.in_template, "in_template")]
+                                                if data.in_template else [])
+    passes = eval_passes(suites, role=lambda suite: suite[2])
 
     def _eval(tag: str, m: Any) -> None:
-        for prefix, items, contexts in suites:
-            for context in contexts:
-                name = f"{prefix}{context}"
-                r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
-                                      batch_size=cfg.eval.batch_size,
-                                      progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
-                results[f"{tag}_{name}_accuracy"] = r.accuracy
-                results[f"{tag}_{name}_eval"] = r.summary()
-                results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
-                    "task": "in_template" if prefix else "heldout", "context": context,
-                    "context_length": round(r.mean_prompt_tokens) if context == "long" else 0, "metric": "accuracy",
-                    "value": r.accuracy, "n": r.n, "dataset_digest": suite_digest(items), "harness": "opsdl",
-                    "answers": r.answer_rows(items)})
-                log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
-                    f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
+        for (prefix, items, _), context in passes:
+            name = f"{prefix}{context}"
+            r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size,
+                                  progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
+            results[f"{tag}_{name}_accuracy"] = r.accuracy
+            results[f"{tag}_{name}_eval"] = r.summary()
+            results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
+                "task": "in_template" if prefix else "heldout", "context": context,
+                "context_length": round(r.mean_prompt_tokens) if context == "long" else 0, "metric": "accuracy",
+                "value": r.accuracy, "n": r.n, "dataset_digest": suite_digest(items), "harness": "opsdl",
+                "answers": r.answer_rows(items)})
+            log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
+                f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
 
     if do_eval and cfg.eval.before:
         _eval("before", model)
@@ -113,8 +113,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if do_eval:
         log("[opsdl] held-out accuracy                       before   after")
         held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
-        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context")
-                 for p, _, cs in suites for c in cs]
+        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context") for (p, _, _), c in passes]
         for key, label in names:
             before = results.get(f"before_{key}_accuracy", float("nan"))
             log(f"[opsdl]   {label:40s} {before:.3f}    {results[f'after_{key}_accuracy']:.3f}")
