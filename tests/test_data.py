@@ -281,3 +281,21 @@ def test_every_example_stream_has_its_own_seed_at_every_length():
     assert len(set(seeds)) == len(seeds)  # no two (run seed, stream, length) draw the same questions
     with pytest.raises(ValueError, match="unknown example stream 'heldout_v2'"):
         stream_seed(0, "heldout_v2")
+
+
+def test_a_prompt_must_leave_room_in_the_window_for_its_answer(tiny_model_and_tokenizer):
+    from opsdl_core.config import DataConfig
+    from opsdl_core.data.prepare import prepare_examples
+    from opsdl_core.data.prompts import chat_prompt_ids
+
+    ex = Example("e1", "Filler words here. The code for lime is 4821. More filler.", "The code for lime is 4821.",
+                 "What is the code for lime?", "4821")
+    _, tok = tiny_model_and_tokenizer
+    n = len(chat_prompt_ids(tok, ex.long_context, ex.question))
+    tok.model_max_length = n + 5
+    cfg = DataConfig(teacher_context="oracle")
+    good, bad = prepare_examples([ex], tok, cfg, answer_tokens=5)
+    assert [p.example.id for p in good] == ["e1"] and not bad
+    good, bad = prepare_examples([ex], tok, cfg, answer_tokens=6)
+    assert not good and [(r.field, r.row) for r in bad] == [("long_context", 0)]
+    assert f"has {n} tokens; expected at most {n - 1}" in bad[0].reason and "6-token answer" in bad[0].reason

@@ -156,13 +156,15 @@ def teacher_context_params(cfg: DataConfig) -> dict[str, int]:
     return {"window_tokens": cfg.window_tokens, "bm25_chunk_tokens": cfg.bm25_chunk_tokens, "bm25_top_k": cfg.bm25_top_k}
 
 
-def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -> tuple[list[Prepared], list[RejectedRow]]:
+def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig, *,
+                     answer_tokens: int = 0) -> tuple[list[Prepared], list[RejectedRow]]:
     """Each example's C_s and both chat prompts. A row that carries the C_s built for this strategy,
     budget and settings (``metadata.teacher_context``, as the ``teacher_contexts`` asset stores it, its
     checks having passed) is used as stored, after the same check; the others are built here. A C_s
     that cannot be built, a stored one that fails the check, or a student prompt longer than the
     model's window (:func:`model_window`; refused on its character count before any tokenizing when
-    far too long) sets the row aside with the reason, at the row it was loaded from."""
+    far too long; ``answer_tokens``: room kept in the window for the answer) sets the row aside with the
+    reason, at the row it was loaded from."""
     count = token_counter(tokenizer)
     params = teacher_context_params(cfg)
     window = model_window(tokenizer)
@@ -197,24 +199,27 @@ def prepare_examples(examples: list[Example], tokenizer: Any, cfg: DataConfig) -
                 set_aside("short_context", str(e).removeprefix(f"example {ex.id}: "))
                 continue
         student = chat_prompt_ids(tokenizer, ex.long_context, ex.question)
-        if window and len(student) > window:
+        if window and len(student) + answer_tokens > window:
+            room = f" with room for a {answer_tokens}-token answer" if answer_tokens else ""
             set_aside("long_context", f"the student prompt chat(C_L + Q) has {len(student)} tokens; expected at "
-                                      f"most {window} (the model's window)")
+                                      f"most {window - answer_tokens} (the model's window of {window}{room})")
             continue
         good.append(Prepared(ex, ctx, student, chat_prompt_ids(tokenizer, ctx.text, ex.question)))
     return good, bad
 
 
-def prepare_data(cfg: DataConfig, tokenizer: Any) -> PreparedData:
+def prepare_data(cfg: DataConfig, tokenizer: Any, *, answer_tokens: int = 0) -> PreparedData:
+    """The training, held-out and in-template examples of ``cfg``, prepared; ``answer_tokens``: room each
+    prompt must leave in the model's window for its answer (the trainer's ``rollout.max_new_tokens``)."""
     train_raw, held_raw, rejected = load_raw(cfg, tokenizer)
-    train, bad_train = prepare_examples(train_raw, tokenizer, cfg)
-    heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg)
+    train, bad_train = prepare_examples(train_raw, tokenizer, cfg, answer_tokens=answer_tokens)
+    heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg, answer_tokens=answer_tokens)
     in_template: list[Prepared] = []
     if cfg.source == "synthetic" and cfg.in_template_size:
         raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=training_templates(cfg),
                                 target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
                                 seed=stream_seed(cfg.seed, "in_template"), n_distractors=tuple(cfg.n_distractors))
-        in_template, bad = prepare_examples(raw, tokenizer, cfg)
+        in_template, bad = prepare_examples(raw, tokenizer, cfg, answer_tokens=answer_tokens)
         bad_held += bad
     if not train:
         reasons = "; ".join(r.reason for r in (rejected + bad_train)[:3])

@@ -47,12 +47,15 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     lineage: dict[str, Any] = {}
+    # every prompt leaves room in the model's window for the longest answer it is sampled or asked for
+    answer_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
     if model_and_tokenizer is None:
         resolved = resolve_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
         log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
         # the data first, with the tokenizer alone: a row too long for the model is set aside before
         # the weights take any memory
-        data = prepare_data(cfg.data, load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code))
+        data = prepare_data(cfg.data, load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code),
+                            answer_tokens=answer_tokens)
         model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
                                                     trust_remote_code=cfg.model.trust_remote_code,
                                                     cache_dir=cfg.model.cache_dir,
@@ -60,7 +63,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
         lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
     else:
         model, tokenizer = model_and_tokenizer
-        data = prepare_data(cfg.data, tokenizer)
+        data = prepare_data(cfg.data, tokenizer, answer_tokens=answer_tokens)
     lineage["data_digest"] = data.digest
     lens = [len(p.student_ids) for p in data.train]
     log(f"[opsdl] data: {len(data.train)} train / {len(data.heldout)} held-out examples, "
