@@ -9,8 +9,9 @@ import dagster as dg
 from pydantic import Field
 
 from opsdl_core.data.curation import curate, dataset_digest, eval_suites
-from opsdl_core.data.examples import Example, write_jsonl, write_rejected_jsonl
+from opsdl_core.data.examples import Example
 from opsdl_core.data.prepare import model_window, token_counter
+from opsdl_core.data.writers import write_jsonl, write_rejected_jsonl
 from opsdl_core.lineage.store import content_hash
 
 from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource, run_config_field

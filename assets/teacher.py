@@ -11,9 +11,10 @@ from pydantic import Field
 
 from opsdl_core.config import TEACHER_CONTEXT_STRATEGIES, DataConfig
 from opsdl_core.data.curation import dataset_digest
-from opsdl_core.data.examples import Example, write_json_lines, write_jsonl, write_rejected_jsonl
+from opsdl_core.data.examples import Example
 from opsdl_core.data.prepare import prepare_examples, teacher_context_params
 from opsdl_core.data.short_context import teacher_context_record
+from opsdl_core.data.writers import write_json_lines, write_jsonl, write_rejected_jsonl
 
 from .curation import example_rows, md_table, read_examples
 from .resources import CODE_VERSION, CPU_POOL, HEAVY, OWNERS, OpsdlResource, run_config_field

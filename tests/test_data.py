@@ -8,8 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from opsdl_core.data.examples import (Example, LoadResult, RejectedRow, load_examples, read_rejected, validate_row,
-                                      write_jsonl, write_rejected_jsonl)
+from opsdl_core.data.examples import Example, LoadResult, RejectedRow, load_examples, validate_row
+from opsdl_core.data.writers import read_rejected, write_jsonl, write_rejected_jsonl
 
 
 def good(i: int, **over) -> dict:

@@ -148,7 +148,7 @@ def test_training_reads_the_stored_c_s_and_sets_aside_a_damaged_one(tiny_model_a
     from dataclasses import replace
 
     from opsdl_core.config import DataConfig
-    from opsdl_core.data.examples import write_jsonl
+    from opsdl_core.data.writers import write_jsonl
     from opsdl_core.data.prepare import prepare_data, prepare_examples, teacher_context_params
     from opsdl_core.data.short_context import teacher_context_record
 

@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--min-chars", type=int, default=6000)
     args = ap.parse_args(argv)
 
-    from .examples import write_jsonl
+    from .writers import write_jsonl
 
     if args.cmd == "prose-docs":
         from .tasks.prose import write_documents

@@ -31,9 +31,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .examples import Example, RejectedRow, RowOrigin, load_examples, squash_invisible
+from .examples import Example, RejectedRow, RowOrigin, load_examples
 from .seeds import stream_seed
 from .tasks.needle import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, generate_examples
+from .text_rules import squash_invisible
 
 __all__ = ["CurationResult", "CleanResult", "clean_examples", "curate", "eval_suites", "dataset_digest",
            "length_buckets", "ngrams", "match_key", "too_many_chars", "reject_example", "MAX_CHARS_PER_TOKEN"]

@@ -62,22 +62,17 @@ later duplicate is rejected, naming the first row.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import math
 import os
-import re
-import reprlib
-import sys
-import tempfile
-import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .readers import JSONL_SUFFIXES, MAX_INT_DIGITS, MAX_NESTING, PARQUET_SUFFIXES, SURROGATE, HugeInt, sources
+from .readers import JSONL_SUFFIXES, MAX_INT_DIGITS, MAX_NESTING, PARQUET_SUFFIXES, sources
+from .text_rules import describe, has_visible_text, int_text, invisible_only, nul_problem, value_problem
 
 __all__ = [
     "Example",
@@ -87,13 +82,7 @@ __all__ = [
     "RejectedRow",
     "LoadResult",
     "validate_row",
-    "has_visible_text",
-    "squash_invisible",
     "load_examples",
-    "write_jsonl",
-    "write_json_lines",
-    "read_rejected",
-    "write_rejected_jsonl",
     "JSONL_SUFFIXES",
     "PARQUET_SUFFIXES",
     "MAX_NESTING",
@@ -104,10 +93,6 @@ REQUIRED_FIELDS = ("long_context", "short_context", "question")
 _OUR_FIELDS = ("id", *REQUIRED_FIELDS, "answer", "source", "metadata")
 # C_s made of several pieces of C_L (facts far apart) joins them, in document order, with this.
 EVIDENCE_SEPARATOR = "\n...\n"
-_SAFE_INT_BITS = int((MAX_INT_DIGITS - 1) * math.log2(10))  # ints this wide have fewer digits than the limit
-_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
-_BLANK_LETTERS = "\u115f\u1160\u3164\uffa0\u2800"  # rendered blank, though letters/symbols by category
-_ASCII_VISIBLE = re.compile("[!-~]")
 
 
 def locate_evidence(short_context: str, long_context: str) -> tuple[tuple[int, int], ...] | None:
@@ -216,119 +201,6 @@ class LoadResult:
     rejected: list[RejectedRow]
 
 
-# --------------------------------------------------------------------------- text checks
-@functools.cache
-def _invisible_class() -> str:
-    """A regex character class body of every invisible character (the module docstring's rule)."""
-    codes = [c for c in range(sys.maxunicode + 1)
-             if unicodedata.category(chr(c)) in _INVISIBLE_CATEGORIES and not 0xD800 <= c <= 0xDFFF]
-    codes += [ord(ch) for ch in _BLANK_LETTERS]
-    ranges: list[list[int]] = []
-    for c in sorted(codes):
-        if ranges and ranges[-1][1] == c - 1:
-            ranges[-1][1] = c
-        else:
-            ranges.append([c, c])
-    return "".join(re.escape(chr(a)) + (f"-{re.escape(chr(b))}" if b > a else "") for a, b in ranges)
-
-
-@functools.cache
-def _visible_char() -> re.Pattern:
-    return re.compile(f"[^{_invisible_class()}]")
-
-
-@functools.cache
-def _invisible_run() -> re.Pattern:
-    return re.compile(f"[{_invisible_class()}]+")
-
-
-def has_visible_text(text: str) -> bool:
-    """Whether ``text`` has a visible character (the module docstring's rule)."""
-    if _ASCII_VISIBLE.search(text):
-        return True
-    return not text.isascii() and _visible_char().search(text) is not None
-
-
-def squash_invisible(text: str) -> str:
-    """``text`` with each run of invisible characters (whitespace included) as one space, trimmed."""
-    return _invisible_run().sub(" ", text).strip()
-
-
-def _invisible_only(value: str) -> str:
-    """How to describe a string without visible text: ``an empty/whitespace-only string`` or
-    ``only invisible characters (U+200B ZERO WIDTH SPACE, ...)``."""
-    if not value.strip():
-        return "an empty/whitespace-only string"
-    kinds = sorted(ch for ch in set(value) if not ch.isspace())
-    names = ", ".join(f"U+{ord(ch):04X} {unicodedata.name(ch, unicodedata.category(ch))}" for ch in kinds[:3])
-    return f"only invisible characters ({names}{', ...' if len(kinds) > 3 else ''}), which counts as empty"
-
-
-def _nul_problem(value: str) -> str | None:
-    at = value.find("\0")
-    return None if at < 0 else f"holds a NUL character (U+0000) at index {at}; expected text without NUL characters"
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 60
-_REPR.maxlevel = 3
-
-
-def _describe(value: Any) -> str:
-    """Short type-and-value description for error messages, e.g. ``int 5`` (never raises)."""
-    try:
-        text = _REPR.repr(value)
-    except (ValueError, RecursionError):  # ints past the int-str limit
-        text = "<too large to print>"
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _scalar_problem(value: Any) -> str | None:
-    """What JSON cannot carry back in a string, number or other leaf value, or ``None``."""
-    if isinstance(value, str):
-        bad = SURROGATE.search(value)
-        return None if bad is None else (f"holds a lone surrogate U+{ord(bad.group()):04X} at index {bad.start()}; "
-                                         "expected valid Unicode text (UTF-8 encodable)")
-    if isinstance(value, HugeInt):
-        return f"an integer of {value.digits} digits; expected at most {MAX_INT_DIGITS} digits"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _SAFE_INT_BITS:
-        text = _int_text(abs(value))
-        if text is None or len(text) > MAX_INT_DIGITS:
-            digits = len(text) if text else int(value.bit_length() / math.log2(10))
-            return f"an integer of about {digits} digits; expected at most {MAX_INT_DIGITS}"
-    if isinstance(value, float) and not math.isfinite(value):
-        return f"a non-finite number ({value}); expected a finite number (JSON has no NaN or Infinity)"
-    return None
-
-
-def _value_problem(value: Any, *, depth_only: bool = False) -> tuple[str, str] | None:
-    """``(path, problem)`` for the first value inside ``value`` that this program cannot carry
-    (too deep; unless ``depth_only``, also a huge int, a lone surrogate, NaN), the path like
-    ``['a'][0]``; ``None`` if all is well.  Iterative: never recurses, whatever the depth."""
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
-    while stack:
-        v, path, depth = stack.pop()
-        if not isinstance(v, (Mapping, list, tuple)):
-            problem = None if depth_only else _scalar_problem(v)
-            if problem:
-                return path, problem
-            continue
-        if depth >= MAX_NESTING:
-            return path, f"nested more than {MAX_NESTING} levels deep; expected at most {MAX_NESTING} levels"
-        if isinstance(v, Mapping):
-            children = [(k, x, f"{path}[{_REPR.repr(k)}]") for k, x in v.items()]
-        else:
-            children = [(None, x, f"{path}[{i}]") for i, x in enumerate(v)]
-        for key, child, child_path in reversed(children):
-            problem = _scalar_problem(key) if isinstance(key, str) and not depth_only else None
-            if problem:
-                return child_path, f"key {problem}"
-            stack.append((child, child_path, depth + 1))
-    return None
-
-
 # --------------------------------------------------------------------------- validation
 def _column_note(name: str, column: str) -> str:
     return "" if name == column else f" (column {column!r})"
@@ -337,18 +209,11 @@ def _column_note(name: str, column: str) -> str:
 def _required_text(name: str, note: str, value: Any) -> str | None:
     """Why ``value`` cannot be required text field ``name``, or ``None``."""
     if not isinstance(value, str):
-        return f"{name}{note}: expected a non-empty string, got {_describe(value)}"
+        return f"{name}{note}: expected a non-empty string, got {describe(value)}"
     if not has_visible_text(value):
-        return f"{name}{note}: expected a non-empty string with visible text, got {_invisible_only(value)}"
-    problem = _nul_problem(value)
+        return f"{name}{note}: expected a non-empty string with visible text, got {invisible_only(value)}"
+    problem = nul_problem(value)
     return None if problem is None else f"{name}{note}: {problem}"
-
-
-def _int_text(value: int) -> str | None:
-    try:
-        return str(value)
-    except ValueError:  # past the int-str limit
-        return None
 
 
 def _answer(value: Any, note: str) -> tuple[str | None, str | None]:
@@ -359,18 +224,18 @@ def _answer(value: Any, note: str) -> tuple[str | None, str | None]:
         if not value.strip():
             return None, None
         if not has_visible_text(value):
-            return None, f"answer{note}: expected visible text, an empty string or null, got {_invisible_only(value)}"
-        problem = _nul_problem(value)
+            return None, f"answer{note}: expected visible text, an empty string or null, got {invisible_only(value)}"
+        problem = nul_problem(value)
         return (value, None) if problem is None else (None, f"answer{note}: {problem}")
     if isinstance(value, int) and not isinstance(value, bool):
-        text = _int_text(value)
+        text = int_text(value)
         return (text, None) if text is not None else (None, f"answer{note}: an integer of more than {MAX_INT_DIGITS} "
                                                             f"digits; expected at most {MAX_INT_DIGITS}")
     if isinstance(value, float):
         if not math.isfinite(value):
-            return None, f"answer{note}: expected a string, a finite number or null, got {_describe(value)}"
+            return None, f"answer{note}: expected a string, a finite number or null, got {describe(value)}"
         return (str(int(value)) if value.is_integer() else repr(value)), None
-    return None, f"answer{note}: expected a string, a number or null, got {_describe(value)}"
+    return None, f"answer{note}: expected a string, a number or null, got {describe(value)}"
 
 
 def _metadata(value: Any, note: str) -> tuple[dict, str | None]:
@@ -378,7 +243,7 @@ def _metadata(value: Any, note: str) -> tuple[dict, str | None]:
     if value is None:
         return {}, None
     if not isinstance(value, Mapping):
-        return {}, f"metadata{note}: expected a JSON object (mapping) or null, got {_describe(value)}"
+        return {}, f"metadata{note}: expected a JSON object (mapping) or null, got {describe(value)}"
     metadata = dict(value)
     try:
         json.dumps(metadata, allow_nan=False)
@@ -392,13 +257,13 @@ def _identifier(value: Any, note: str) -> tuple[str | None, str | None]:
     if value is None:
         return None, None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        return None, f"id{note}: expected a non-empty string, an int or null, got {_describe(value)}"
-    text = value if isinstance(value, str) else _int_text(value)
+        return None, f"id{note}: expected a non-empty string, an int or null, got {describe(value)}"
+    text = value if isinstance(value, str) else int_text(value)
     if text is None:
         return None, f"id{note}: an integer of more than {MAX_INT_DIGITS} digits; expected a string or a shorter int"
     if not has_visible_text(text):
-        return None, f"id{note}: expected a non-empty string, got {_invisible_only(text)}"
-    problem = _nul_problem(text)
+        return None, f"id{note}: expected a non-empty string, got {invisible_only(text)}"
+    problem = nul_problem(text)
     return (text, None) if problem is None else (None, f"id{note}: {problem}")
 
 
@@ -410,12 +275,12 @@ def _printable(name: Any) -> str:
 
 def _row_problem(raw: dict, col: Mapping[str, str]) -> tuple[str, Any, str] | None:
     """``(field, column, reason)`` for the first value of ``raw`` that cannot be carried: in our
-    columns anything :func:`_value_problem` finds, in the others nesting past :data:`MAX_NESTING`
+    columns anything :func:`value_problem` finds, in the others nesting past :data:`MAX_NESTING`
     (the field is then the column's name)."""
     ours = {column: name for name, column in col.items()}
     for column, value in raw.items():
         name = ours.get(column) if isinstance(column, str) else None
-        found = _value_problem(value, depth_only=name is None)
+        found = value_problem(value, depth_only=name is None)
         if found:
             path, problem = found
             path = path if len(path) <= 60 else path[:57] + "..."
@@ -450,7 +315,7 @@ def validate_row(
         raise ValueError(f"field_map has unknown field(s) {sorted(unknown)}; expected keys among {list(_OUR_FIELDS)}")
     origin = RowOrigin(source, row, line)
     if not isinstance(raw, Mapping):
-        return RejectedRow.at(origin, "", f"expected a JSON object (mapping) per row, got {_describe(raw)}")
+        return RejectedRow.at(origin, "", f"expected a JSON object (mapping) per row, got {describe(raw)}")
     raw_dict = dict(raw)
     col = {name: fmap.get(name, name) for name in _OUR_FIELDS}
     note = {name: _column_note(name, col[name]) for name in _OUR_FIELDS}
@@ -479,7 +344,7 @@ def validate_row(
     if why:
         return reject("metadata", why)
     value = raw_dict.get(col["source"])
-    why = _nul_problem(value) if isinstance(value, str) else None
+    why = nul_problem(value) if isinstance(value, str) else None
     if why:
         return reject("source", f"source{note['source']}: {why}")
     row_source = value if isinstance(value, str) and has_visible_text(value) else source
@@ -533,85 +398,3 @@ def load_examples(
                 seen[result.id] = origin
                 examples.append(result)
     return LoadResult(examples, rejected)
-
-
-# --------------------------------------------------------------------------- writers
-def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
-    """Write ``lines`` to a temp file next to ``path``, fsync, then ``os.replace``.
-
-    If producing a line raises, the temp file is removed and ``path`` is left untouched."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
-
-
-def _example_line(ex: Example) -> str:
-    """``ex`` as one line of strict JSON (no NaN/Infinity), or a ``ValueError`` naming it; a
-    loaded example always passes (:func:`validate_row` rejects what would not)."""
-    try:
-        line = json.dumps(ex.to_dict(), ensure_ascii=False, allow_nan=False)
-        line.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as err:
-        raise ValueError(f"example {ex.id!r} cannot be written as JSON ({err}); expected finite numbers, "
-                         "UTF-8-encodable text and JSON-serialisable metadata") from err
-    return line
-
-
-def _rejected_line(r: RejectedRow) -> str:
-    """``r`` as one JSON line that always writes: values JSON cannot encode in ``raw`` (bytes,
-    dates, ...) as their ``str``, lone surrogates escaped, and a ``raw`` that still cannot be
-    written (too deep, a huge int) dropped with a note in the reason."""
-    try:
-        line = json.dumps(r.to_dict(), ensure_ascii=False, default=str)
-    except (TypeError, ValueError, RecursionError) as err:
-        note = f" (raw row not kept: {type(err).__name__})"
-        return _rejected_line(dataclasses.replace(r, raw=None, reason=r.reason + note))
-    return line if not SURROGATE.search(line) else json.dumps(r.to_dict(), ensure_ascii=True, default=str)
-
-
-def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
-    """Atomically write examples as JSON lines (``Example.to_dict``); returns the path.  An example
-    JSON cannot carry (NaN in its metadata, say) raises ``ValueError`` and leaves ``path`` as it was."""
-    return _atomic_write_lines((_example_line(ex) for ex in examples), path)
-
-
-def write_json_lines(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
-    """Atomically write plain dicts as JSON lines; returns the path."""
-    return _atomic_write_lines((json.dumps(dict(r), ensure_ascii=False, default=str) for r in rows), path)
-
-
-def write_rejected_jsonl(rejected: Iterable[RejectedRow], path: str | os.PathLike) -> Path:
-    """Atomically write rejected rows as JSON lines (:func:`_rejected_line`: never fails on a row)."""
-    return _atomic_write_lines((_rejected_line(r) for r in rejected), path)
-
-
-def read_rejected(path: str | os.PathLike) -> list[RejectedRow]:
-    """Read a file written by :func:`write_rejected_jsonl`."""
-    out: list[RejectedRow] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out.append(RejectedRow(str(d["source"]), int(d["row"]), str(d["field"]), str(d["reason"]), d.get("raw"),
-                                       None if d.get("line") is None else int(d["line"])))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"{path}: line {lineno}: expected a rejected-row JSON object with "
-                                 f"source/row/field/reason/raw ({err})") from err
-    return out

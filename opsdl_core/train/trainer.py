@@ -37,7 +37,6 @@ import torch
 from ..config import RunConfig
 from ..data.prepare import Prepared, PreparedData, prompt_order
 from ..data.prompts import pad_token_id, stop_token_ids
-from ..grading import rollout_judgement
 from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
 from ..models.scoring import prefill, score_responses
 from ..run_dir import RunDir
@@ -47,6 +46,7 @@ from .baselines import load_or_build_baseline_data
 from .lora import apply_lora, canonical_adapter_config, lr_lambda
 from .losses import compute_loss, needs_full_logits
 from .records import Distilled, TrainResult
+from .step_log import add_metrics, format_step, hash_seed, micro_metrics, pad_like
 from .teacher import TeacherWeights
 
 
@@ -223,7 +223,7 @@ class OPSDLTrainer:
             if self.accelerator.is_main_process:
                 ckpt.append_jsonl(self.files.metrics, m)
             if self.step % self.cfg.train.log_every == 0 or self.step == last or m["skipped_nonfinite"]:
-                self.log(_format_step(m, self.cfg.train.steps))
+                self.log(format_step(m, self.cfg.train.steps))
             if on_step is not None:
                 on_step(m)
             self._stop_if_diverged()
@@ -345,7 +345,8 @@ class OPSDLTrainer:
                     sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(part.anchor.loss.loss.detach())
                 finite = finite and all(math.isfinite(float(p.loss.loss.detach())) for p in (part, part.anchor) if p)
                 self._optimizer_step(sums, timings, finite)
-            self._accumulate(sums, part)
+            add_metrics(sums, micro_metrics(part, self.tokenizer, step=self.step,
+                                            max_logprob_diff=self.cfg.rollout.max_logprob_diff))
         return self._finish_step(sums, timings, t_step)
 
     def _sample(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
@@ -386,7 +387,7 @@ class OPSDLTrainer:
                                   return_logits=needs_full_logits(cfg.loss.kind), temperature=cfg.loss.temperature,
                                   prefilled=part.prefilled)
         part.prefilled = None  # its cache now holds the answers too
-        part.sampler_logprobs = _pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], the student's layout
+        part.sampler_logprobs = pad_like(ro.sampler_logprobs, stu.logprobs)  # [B, R], the student's layout
         teacher_lp = tch.logprobs
         if control == "constant_advantage":  # lpT - lpS = -c exactly, whatever the teacher says
             teacher_lp = stu.logprobs.detach() - cfg.loss.control_advantage
@@ -442,10 +443,7 @@ class OPSDLTrainer:
             right = [r["target_correct"] for r in rows if "target_correct" in r]
             if right:
                 vals["target_accuracy"] = sum(right) / len(right)
-            for key, v in vals.items():
-                sums[key] = sums.get(key, 0.0) + v
-            sums["tokens"] = sums.get("tokens", 0.0) + float(pol.mask[:k].sum())
-            sums["samples"] = sums.get("samples", 0.0) + k
+            add_metrics(sums, {**vals, "tokens": float(pol.mask[:k].sum()), "samples": k})
         return self._finish_step(sums, timings, t_step)
 
     def sync_weights(self) -> None:
@@ -456,39 +454,6 @@ class OPSDLTrainer:
         elif self._merged_sampler:  # the sampler is our own plain copy: merged straight into its weights
             merge_lora_into(self.unwrapped, self.rollout.model)
         self.rollout.update_weights(self.step, state)
-
-    def _accumulate(self, sums: dict[str, float], part: "Distilled") -> None:
-        """Add one micro-batch's metrics to the step's sums; stop the run if the sampler's log-probs
-        are not the trainer's (stale or wrong engine weights)."""
-        out, stu, tch, ro, batch, sampler = part.loss, part.student, part.teacher, part.rollout, part.batch, \
-            part.sampler_logprobs
-        mask = stu.mask
-        ntok = max(1, int(mask.sum()))
-        lens = [len(r) for r in ro.response_ids]
-        exs = [batch[g].example for g in ro.prompt_index]
-        texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in ro.response_ids]
-        judged = rollout_judgement(exs, texts)
-        vals = {
-            "loss": float(out.loss.detach()),
-            "advantage_mean": float(((tch.logprobs - stu.logprobs.detach()) * mask).sum() / ntok),
-            "kl_estimate": float(((stu.logprobs.detach() - tch.logprobs) * mask).sum() / ntok),
-            "response_len": sum(lens) / len(lens),
-            "stop_frac": sum(r == "stop" for r in ro.finish_reasons) / len(lens),
-            "sampler_logprob_absdiff": float(((stu.logprobs.detach() - sampler).abs() * mask).sum() / ntok),
-            **{f"loss_{k}": v for k, v in out.metrics.items() if k != "tokens"},
-        }
-        vals.update(judged)
-        limit = self.cfg.rollout.max_logprob_diff
-        if limit is not None and vals["sampler_logprob_absdiff"] > limit:
-            raise RuntimeError(
-                f"step {self.step + 1}: the rollout engine's log-probs differ from the trainer's by "
-                f"{vals['sampler_logprob_absdiff']:.4f} nats per token on the same tokens (limit "
-                f"rollout.max_logprob_diff={limit}); its weights are stale or wrong (engine weight version "
-                f"{ro.weight_version}, trainer step {self.step}). Not training on these samples.")
-        for k, v in vals.items():
-            sums[k] = sums.get(k, 0.0) + v
-        sums["tokens"] = sums.get("tokens", 0.0) + ntok
-        sums["samples"] = sums.get("samples", 0.0) + len(lens)
 
     # -- saving --------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -532,26 +497,3 @@ class OPSDLTrainer:
             shutil.rmtree(final)
         tmp.rename(final)
         return final
-
-
-def hash_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts, stable across processes (unlike ``hash``)."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
-
-
-def _pad_like(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(like, dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
-    return out
-
-
-def _format_step(m: dict[str, Any], total: int) -> str:
-    acc = f" acc={m['rollout_accuracy']:.2f}" if "rollout_accuracy" in m else ""
-    kl = f" kl={m['kl_estimate']:.4f}" if "kl_estimate" in m else ""  # baselines have none
-    skipped = " SKIPPED (non-finite)" if m.get("skipped_nonfinite") else ""
-    return (f"[opsdl] step {m['step']}/{total}{skipped} loss={m['loss']:+.4f}{kl} "
-            f"len={m['response_len']:.1f}{acc} | gen {m['generate_s']:.2f}s teacher {m['teacher_s']:.2f}s "
-            f"student {m['student_s']:.2f}s optim {m['optim_s']:.2f}s step {m['step_s']:.2f}s")
