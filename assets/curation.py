@@ -11,6 +11,7 @@ from pydantic import Field
 from opsdl_core.data.curation import curate, dataset_digest, eval_suites
 from opsdl_core.data.examples import Example
 from opsdl_core.data.prepare import model_window, token_counter
+from opsdl_core.data.sources import is_generated
 from opsdl_core.data.writers import write_jsonl, write_rejected_jsonl
 from opsdl_core.lineage.store import content_hash
 
@@ -139,7 +140,7 @@ def curated_prompts(context: dg.AssetExecutionContext, config: CurationConfig, o
                     eval_sets: dict[str, Any]):
     eval_examples = [ex for s in eval_sets["suites"].values() for ex in read_examples(s["path"])]
     source = str(opsdl.inbox) if config.source == "inbox" else config.source
-    if source not in ("synthetic", "curriculum") and not Path(source).exists():
+    if not is_generated(source) and not Path(source).exists():
         raise dg.Failure(f"curation source {source!r} does not exist; expected 'synthetic', 'curriculum', 'inbox', "
                          "or a JSONL/Parquet file or folder")
     tokenizer = opsdl.tokenizer()

@@ -69,8 +69,8 @@ def one_step(args) -> dict:
     from opsdl_core.data.prepare import prepare_data
     from opsdl_core.models.load import load_model_and_tokenizer
     from opsdl_core.models.scoring import right_pad, score_responses
-    from opsdl_core.train.losses import pointwise_reverse_kl_loss
     from opsdl_core.train.lora import apply_lora
+    from opsdl_core.train.losses import pointwise_reverse_kl_loss
 
     torch.set_num_threads(args.threads)
     cfg = RunConfig.from_dict({"model": {"name": args.model},
@@ -139,7 +139,7 @@ def phases(args) -> dict:
     from opsdl_core.config import RunConfig
     from opsdl_core.data.prepare import prepare_data
     from opsdl_core.models.load import load_model_and_tokenizer
-    from opsdl_core.train.trainer import OPSDLTrainer
+    from opsdl_core.train.recipe import OPSDLTrainer
 
     torch.set_num_threads(args.threads)
     import tempfile

@@ -57,7 +57,7 @@ def child_opsdl(args) -> dict:
 
     from opsdl_core.config import RunConfig
     from opsdl_core.models.load import load_model_and_tokenizer
-    from opsdl_core.train.trainer import OPSDLTrainer
+    from opsdl_core.train.recipe import OPSDLTrainer
 
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model)

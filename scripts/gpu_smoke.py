@@ -76,7 +76,7 @@ def main() -> int:
     from opsdl_core.config import RunConfig
     from opsdl_core.data.prepare import prepare_data
     from opsdl_core.models.load import load_model_and_tokenizer
-    from opsdl_core.train.trainer import OPSDLTrainer
+    from opsdl_core.train.recipe import OPSDLTrainer
 
     gpu = torch.cuda.is_available()
     dtype = args.dtype or ("bfloat16" if gpu else "float32")

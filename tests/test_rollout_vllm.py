@@ -21,7 +21,7 @@ from opsdl_core.models.load import load_model_and_tokenizer  # noqa: E402
 from opsdl_core.models.rollout import SamplingParams, sampler_weights  # noqa: E402
 from opsdl_core.models.rollout_vllm import VLLMRollout  # noqa: E402
 from opsdl_core.models.scoring import score_responses  # noqa: E402
-from opsdl_core.train.trainer import OPSDLTrainer  # noqa: E402
+from opsdl_core.train.recipe import OPSDLTrainer  # noqa: E402
 
 TOL = 2e-3  # nats per token: float32 engine vs float32 transformers on the same weights
 

@@ -18,10 +18,10 @@ from opsdl_core.data.prepare import prepare_data
 from opsdl_core.models.scoring import score_responses
 from opsdl_core.models.tiny import build_tiny_model
 from opsdl_core.run_dir import read_jsonl
-from opsdl_core.train import trainer as trainer_mod
+from opsdl_core.train import recipe as trainer_mod
 from opsdl_core.train.checkpoint import latest_checkpoint
-from opsdl_core.train.run import run
-from opsdl_core.train.trainer import OPSDLTrainer
+from opsdl_core.train.recipe import run
+from opsdl_core.train.recipe import OPSDLTrainer
 
 
 def tiny_cfg(run_dir, **sections) -> RunConfig:

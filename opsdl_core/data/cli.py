@@ -77,14 +77,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.cmd == "curriculum":
         from .prepare import token_counter
-        from .tasks.curriculum import family_names, generate_curriculum
+        from .sources import draw
+        from .tasks.curriculum import family_names
 
         _, tok = _tokenizer(args.model)
-        exs = generate_curriculum(n=args.n, split=args.split,
-                                  families=_weights(args.families, "families") or {f: 1.0 for f in family_names()},
-                                  haystacks=_weights(args.haystacks, "haystacks"),
-                                  lengths=[int(x) for x in args.lengths.split(",")], count_tokens=token_counter(tok),
-                                  seed=args.seed, length_order=args.length_order)
+        mix = dict(families=_weights(args.families, "families") or {f: 1.0 for f in family_names()},
+                   haystacks=_weights(args.haystacks, "haystacks"), length_order=args.length_order)
+        exs = draw("curriculum", split=args.split, n=args.n, curriculum=mix, count_tokens=token_counter(tok),
+                   lengths=[int(x) for x in args.lengths.split(",")], seed=args.seed).examples
         write_jsonl(exs, args.out)
         print(f"wrote {len(exs)} examples to {args.out}")
         return 0

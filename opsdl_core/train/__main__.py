@@ -1,4 +1,4 @@
 """python -m opsdl_core.train --config RUN.yaml [--set SECTION.FIELD=VALUE ...]: one training run."""
-from .run import main
+from .recipe import main
 
 raise SystemExit(main())

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..data.writers import atomic_write
 from ..run_dir import RunDir
 from ..wheels import sha256_file
 
@@ -76,14 +77,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, [text])
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:

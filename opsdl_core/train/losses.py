@@ -409,14 +409,9 @@ def compute_loss(
         raise ValueError(f"loss kind {kind!r} requires {' and '.join(missing)} (got None)")
 
     if kind == "pointwise":
-        return pointwise_reverse_kl_loss(
-            student_logprobs=student_logprobs,
-            teacher_logprobs=teacher_logprobs,
-            mask=mask,
-            sampler_logprobs=sampler_logprobs,
-            advantage_clip=advantage_clip,
-            is_ratio_clip=is_ratio_clip,
-        )
+        return pointwise_reverse_kl_loss(student_logprobs=student_logprobs, teacher_logprobs=teacher_logprobs,
+                                         mask=mask, sampler_logprobs=sampler_logprobs, advantage_clip=advantage_clip,
+                                         is_ratio_clip=is_ratio_clip)
     logits = dict(student_logits=student_logits, teacher_logits=teacher_logits, mask=mask, temperature=temperature)
     if kind == "reverse_kl":
         return reverse_kl_loss(**logits)

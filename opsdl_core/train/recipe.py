@@ -1,4 +1,17 @@
-"""The OPSDL on-policy loop: rollout from the current weights → teacher scores → student update.
+"""The training recipe, top to bottom: the process entry (``run``, ``main``), then ``OPSDLTrainer``.
+
+    python -m opsdl_core.train --config configs/demo.yaml            # the trainer alone (no Dagster)
+    python -m opsdl_core.train --config my.yaml --set train.steps=10 --set loss.kind=jsd
+    opsdl-train --config my.yaml --no-eval                            # console script
+
+``run`` loads the model (the embedded default SmolLM2-135M-Instruct unless the config names another),
+builds the data, evaluates the held-out split with the long context and with C_s only, trains
+(resuming from the last checkpoint in ``train.run_dir`` if there is one), evaluates again, saves
+``run_dir/final`` and writes ``run_dir/results.json``; ``main`` then records the run and its scores in
+the lineage store. It prints one line per step with the loss, the student–teacher KL and the time of
+each phase.
+
+The OPSDL on-policy loop: rollout from the current weights → teacher scores → student update.
 
 One step (per micro-batch of prompts, ``grad_accum`` micro-batches per optimizer step)::
 
@@ -23,34 +36,56 @@ same loop runs on a laptop CPU and under ``accelerate launch``.
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import shutil
-import time
-import warnings
-from pathlib import Path
-from typing import Any, Callable
+import os
 
-import torch
+# PyTorch's OpenMP threads busy-wait by default; on a small shared CPU that stalls steps badly.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from ..config import RunConfig
-from ..data.prepare import Prepared, PreparedData, prompt_order
-from ..data.prompts import pad_token_id, stop_token_ids
-from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
-from ..models.scoring import prefill, score_responses
-from ..run_dir import RunDir
-from . import checkpoint as ckpt
-from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
-from .baselines import load_or_build_baseline_data
-from .lora import apply_lora, canonical_adapter_config, lr_lambda
-from .losses import compute_loss, needs_full_logits
-from .records import Distilled, TrainResult
-from .step_log import add_metrics, format_step, hash_seed, micro_metrics, pad_like
-from .teacher import TeacherWeights
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable, Iterator  # noqa: E402
+
+import torch  # noqa: E402
+
+from ..config import RunConfig  # noqa: E402
+from ..config_schema import parse_overrides  # noqa: E402
+from ..data.prepare import Prepared, PreparedData, prompt_order  # noqa: E402
+from ..data.prompts import pad_token_id, stop_token_ids  # noqa: E402
+from ..models.rollout import (RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into,  # noqa: E402
+                              sampler_weights)
+from ..models.scoring import prefill, score_responses  # noqa: E402
+from ..run_dir import RunDir  # noqa: E402
+from . import checkpoint as ckpt  # noqa: E402
+from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss  # noqa: E402
+from .baselines import load_or_build_baseline_data  # noqa: E402
+from .lora import apply_lora, canonical_adapter_config, lr_lambda  # noqa: E402
+from .losses import compute_loss, needs_full_logits  # noqa: E402
+from .records import BaselineBatch, Distilled, LossTerm, TrainResult  # noqa: E402
+from .step_log import add_metrics, format_step, hash_seed, micro_metrics, pad_like  # noqa: E402
+from .teacher import TeacherWeights  # noqa: E402
 
 
 class OPSDLTrainer:
+    """OPSDL, Long-SFT and DPO on one loop: ``setup()`` (named ``_setup_*`` steps) → ``train()`` (one
+    ``train_step`` for every method) → ``save_final()``.
+
+    Features: LoRA or full fine-tuning; the live, frozen-base or EMA teacher (``teacher.TeacherWeights``);
+    every loss kind of ``losses.compute_loss`` and the retention guard; the transformers or vLLM rollout with
+    the sampler/trainer log-prob check; the prompt encoded once per step where that is exact; the
+    token-level mean over the global batch (micro-batches and processes); exact resume from verified
+    checkpoints; non-finite steps skipped.
+
+    Raises: ``RuntimeError`` when a checkpoint was written by another config or the sampler's log-probs
+    differ from the trainer's by more than ``rollout.max_logprob_diff``; ``FloatingPointError`` after
+    ``train.max_nonfinite_steps`` non-finite steps in a row.
+    """
+
     def __init__(self, cfg: RunConfig, model: Any, tokenizer: Any, data: PreparedData, *,
                  rollout: RolloutEngine | None = None, log: Callable[[str], None] = print,
                  lineage: dict[str, Any] | None = None, model_dir: str | None = None):
@@ -117,9 +152,11 @@ class OPSDLTrainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                       weight_decay=cfg.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
+        # the schedule is not prepared: accelerate steps a prepared one once per process (N x too fast under
+        # N ranks); this one steps once per optimizer step (``_optimizer_step``), whatever the process count
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(cfg.optim.schedule, cfg.optim.warmup_steps, cfg.train.steps))
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.unwrapped = self.accelerator.unwrap_model(self.model)
         self.pad_id = pad_token_id(self.tokenizer)
         return params
@@ -253,8 +290,8 @@ class OPSDLTrainer:
         return [self.data.train[i].teacher_ids for i in idx]
 
     def _optimizer_step(self, sums: dict[str, float], timings: dict[str, float], finite_loss: bool) -> None:
-        """Clip and step AdamW and the schedule (accelerate makes both no-ops until the step's last
-        micro-batch). There, a non-finite loss (``finite_loss``: every micro-batch's so far) or gradient
+        """Clip and step AdamW and the schedule (accelerate makes AdamW's step a no-op until the step's last
+        micro-batch; the schedule steps there only). There, a non-finite loss (``finite_loss``: every micro-batch's so far) or gradient
         norm skips the update: the gradients are dropped and the weights and AdamW's state stay as they
         were, while the schedule, the step counter, the prompt order and the EMA advance as in any step
         (a skipped step is a step with a zero update: a resumed run takes the same path)."""
@@ -269,7 +306,8 @@ class OPSDLTrainer:
             sums["skipped_nonfinite"] = float(not update)
         if update or acc.scaler is not None:  # the scaler must see the step to skip it
             self.optimizer.step()
-        self.scheduler.step()
+        if acc.sync_gradients:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         timings["optim_s"] += time.perf_counter() - t
 
@@ -305,49 +343,108 @@ class OPSDLTrainer:
                 f"and the last checkpoint is kept; lower optim.lr or check the data, then resume or restart.")
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step. First every micro-batch's samples and their teacher scores (the weights do
-        not change within a step), then every micro-batch's student pass and backward, each weighted by
-        its share of the step's response tokens: the gradient is that of the token-level mean over the
-        whole step, however the prompts are split into micro-batches (``grad_accum``)."""
-        if self.cfg.method.kind != "opsdl":
-            return self._baseline_step()
+        """One optimizer step, the same loop for every method. First every micro-batch's inputs
+        (``_micro_batch``: OPSDL's samples and their teacher scores, the weights unchanged within the step;
+        Long-SFT's and DPO's stored targets), then per micro-batch its loss terms (``_loss_terms``), each
+        backward weighted by the micro-batch's share of the term's total over the step and over every
+        process (response tokens for OPSDL, its retention guard and Long-SFT: the token-level mean of the
+        global batch, however it is split into micro-batches and ranks; pairs for DPO), then clip, AdamW
+        and the schedule, and the step's metrics."""
         cfg, acc = self.cfg, self.accelerator
         timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
         sums: dict[str, float] = {}
         t_step = time.perf_counter()
-        parts = []
-        for micro in range(cfg.train.grad_accum):
-            batch = self._batch(micro)
-            part = self._sample([p.student_ids for p in batch], self._teacher_prompts(micro),
-                                hash_seed(cfg.train.seed, self.step, micro), timings, batch=batch,
-                                shared_prefill=self._shared_prefill)
-            if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt, own samples
-                short = [p.teacher_ids for p in batch]
-                part.anchor = self._sample(short, short, hash_seed(cfg.train.seed, self.step, micro, "short"),
-                                           timings, batch=batch)
-            parts.append(part)
-        n_all = sum(p.n_tokens for p in parts)
-        a_all = sum(p.anchor.n_tokens for p in parts if p.anchor)
+        parts = [self._micro_batch(micro, timings) for micro in range(cfg.train.grad_accum)]
+        totals = self._global_sizes(parts)
         finite = True
         for part in parts:
             self.model.train()
             with acc.accumulate(self.model):  # accelerate divides each backward by grad_accum: undone here
-                self._student_loss(part, timings, control=cfg.loss.control)
-                t = time.perf_counter()
-                acc.backward(part.loss.loss * (part.n_tokens * cfg.train.grad_accum / n_all))
-                timings["student_s"] += time.perf_counter() - t
-                if part.anchor:  # its own backward, after the main one's: the main graph is freed first
-                    self._student_loss(part.anchor, timings)
+                for term in self._loss_terms(part, timings):
                     t = time.perf_counter()
-                    acc.backward(cfg.loss.short_anchor * part.anchor.loss.loss
-                                 * (part.anchor.n_tokens * cfg.train.grad_accum / a_all))
+                    share = term.size * cfg.train.grad_accum * acc.num_processes / totals[term.name]
+                    acc.backward(term.loss * share if term.weight == 1.0 else term.weight * term.loss * share)
                     timings["student_s"] += time.perf_counter() - t
-                    sums["short_anchor_loss"] = sums.get("short_anchor_loss", 0.0) + float(part.anchor.loss.loss.detach())
-                finite = finite and all(math.isfinite(float(p.loss.loss.detach())) for p in (part, part.anchor) if p)
+                    finite = finite and math.isfinite(float(term.loss.detach()))
                 self._optimizer_step(sums, timings, finite)
-            add_metrics(sums, micro_metrics(part, self.tokenizer, step=self.step,
-                                            max_logprob_diff=self.cfg.rollout.max_logprob_diff))
+            add_metrics(sums, part.metrics)
         return self._finish_step(sums, timings, t_step)
+
+    def _global_sizes(self, parts: list[Any]) -> dict[str, int]:
+        """Each loss term's size summed over the step's micro-batches and over every process."""
+        totals: dict[str, int] = {}
+        for part in parts:
+            for name, size in part.sizes().items():
+                totals[name] = totals.get(name, 0) + size
+        if self.accelerator.num_processes > 1:
+            names = sorted(totals)
+            summed = self.accelerator.reduce(torch.tensor([totals[n] for n in names], dtype=torch.long,
+                                                          device=self.accelerator.device), reduction="sum")
+            totals = {n: int(v) for n, v in zip(names, summed.tolist())}
+        return totals
+
+    def _micro_batch(self, micro: int, timings: dict[str, float]) -> Distilled | BaselineBatch:
+        """A micro-batch's inputs. OPSDL: its samples from the student's prompts and the teacher's scores
+        of them (and, with the retention guard, the same on the short prompts); Long-SFT / DPO: the prompts'
+        targets (and rejected answers) built from the initial weights in ``setup``."""
+        cfg, idx = self.cfg, self._batch_indices(micro)
+        batch = [self.data.train[i] for i in idx]
+        if cfg.method.kind != "opsdl":
+            return BaselineBatch(batch=batch, rows=[self.baseline[i] for i in idx], kind=cfg.method.kind)
+        # the micro-batch's place in the global step (micro-batch, then rank): its samples are the same
+        # however the step's prompts are split over micro-batches and processes
+        where = micro * self.accelerator.num_processes + self.accelerator.process_index
+        part = self._sample([p.student_ids for p in batch], self._teacher_prompts(micro),
+                            hash_seed(cfg.train.seed, self.step, where), timings, batch=batch,
+                            shared_prefill=self._shared_prefill)
+        if cfg.loss.short_anchor > 0:  # retention guard: the same loss on the short prompt, own samples
+            short = [p.teacher_ids for p in batch]
+            part.anchor = self._sample(short, short, hash_seed(cfg.train.seed, self.step, where, "short"),
+                                       timings, batch=batch)
+        return part
+
+    def _loss_terms(self, part: Distilled | BaselineBatch, timings: dict[str, float]) -> Iterator[LossTerm]:
+        """The micro-batch's loss terms, each computed only after the previous one's backward (its graph is
+        freed first); ``part.metrics`` is set once the last is done."""
+        cfg = self.cfg
+        if isinstance(part, BaselineBatch):
+            yield self._baseline_loss(part, timings)
+            return
+        self._student_loss(part, timings, control=cfg.loss.control)
+        yield LossTerm("distill", part.loss.loss, part.n_tokens)
+        extra = {}
+        if part.anchor:
+            self._student_loss(part.anchor, timings)
+            yield LossTerm("short_anchor", part.anchor.loss.loss, part.anchor.n_tokens, weight=cfg.loss.short_anchor)
+            extra["short_anchor_loss"] = float(part.anchor.loss.loss.detach())
+        part.metrics = {**micro_metrics(part, self.tokenizer, step=self.step,
+                                        max_logprob_diff=cfg.rollout.max_logprob_diff), **extra}
+
+    def _baseline_loss(self, part: BaselineBatch, timings: dict[str, float]) -> LossTerm:
+        """Long-SFT's loss on the targets, or DPO's (LongPO form) on the pairs, scored by the policy with grad;
+        sets ``part.metrics``."""
+        cfg, rows, k = self.cfg, part.rows, len(part.batch)
+        responses = [r["target_ids"] for r in rows] + ([r["rejected_ids"] for r in rows] if part.kind == "dpo" else [])
+        t = time.perf_counter()
+        with self.accelerator.autocast():
+            pol = score_responses(self.model, prompts=[p.student_ids for p in part.batch], responses=responses,
+                                  prompt_index=list(range(k)) * (len(responses) // k), pad_id=self.pad_id)
+        if part.kind == "sft":
+            out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
+        else:
+            seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
+            ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
+            out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
+                                  ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1], beta=cfg.method.beta,
+                                  nll_weight=cfg.method.nll_weight, chosen_lengths=pol.mask[:k].sum(-1))
+        timings["student_s"] += time.perf_counter() - t
+        vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items() if m != "tokens"},
+                "response_len": sum(len(r["target_ids"]) for r in rows) / k}
+        right = [r["target_correct"] for r in rows if "target_correct" in r]
+        if right:
+            vals["target_accuracy"] = sum(right) / len(right)
+        part.metrics = {**vals, "tokens": float(pol.mask[:k].sum()), "samples": k}
+        return LossTerm(part.kind, out.loss, part.sizes()[part.kind])
 
     def _sample(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
                 timings: dict[str, float], *, batch: list[Prepared], shared_prefill: bool = False) -> "Distilled":
@@ -398,53 +495,6 @@ class OPSDLTrainer:
                                  advantage_clip=cfg.loss.advantage_clip, is_ratio_clip=cfg.loss.is_ratio_clip,
                                  jsd_beta=cfg.loss.jsd_beta, topk=cfg.loss.topk)
         timings["student_s"] += time.perf_counter() - t
-
-    def _baseline_step(self) -> dict[str, Any]:
-        """Long-SFT or DPO (LongPO form) on the data built in ``setup`` from the initial weights:
-        no rollout, no teacher pass; the same prompt order, optimizer, checkpoints and metrics."""
-        cfg, acc = self.cfg, self.accelerator
-        timings = dict(generate_s=0.0, teacher_s=0.0, student_s=0.0, optim_s=0.0, sync_s=0.0)
-        sums: dict[str, float] = {}
-        t_step = time.perf_counter()
-        micros = [self._batch_indices(micro) for micro in range(cfg.train.grad_accum)]
-        # each micro-batch's share of the step: of its target tokens (SFT: the token-level mean over the
-        # step), of its pairs (DPO: the mean over the step's pairs)
-        sizes = [sum(len(self.baseline[i]["target_ids"]) for i in idx) if cfg.method.kind == "sft" else len(idx)
-                 for idx in micros]
-        finite = True
-        for idx, size in zip(micros, sizes):
-            batch, rows = [self.data.train[i] for i in idx], [self.baseline[i] for i in idx]
-            k = len(batch)
-            responses = [r["target_ids"] for r in rows]
-            if cfg.method.kind == "dpo":
-                responses += [r["rejected_ids"] for r in rows]
-            t = time.perf_counter()
-            self.model.train()
-            with acc.accumulate(self.model):
-                with acc.autocast():
-                    pol = score_responses(self.model, prompts=[p.student_ids for p in batch], responses=responses,
-                                          prompt_index=list(range(k)) * (len(responses) // k), pad_id=self.pad_id)
-                if cfg.method.kind == "sft":
-                    out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
-                else:
-                    seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
-                    ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
-                    out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
-                                          ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1],
-                                          beta=cfg.method.beta, nll_weight=cfg.method.nll_weight,
-                                          chosen_lengths=pol.mask[:k].sum(-1))
-                acc.backward(out.loss * (size * cfg.train.grad_accum / sum(sizes)))
-                timings["student_s"] += time.perf_counter() - t
-                finite = finite and math.isfinite(float(out.loss.detach()))
-                self._optimizer_step(sums, timings, finite)
-            vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items()
-                                                          if m != "tokens"},
-                    "response_len": sum(len(r["target_ids"]) for r in rows) / k}
-            right = [r["target_correct"] for r in rows if "target_correct" in r]
-            if right:
-                vals["target_accuracy"] = sum(right) / len(right)
-            add_metrics(sums, {**vals, "tokens": float(pol.mask[:k].sum()), "samples": k})
-        return self._finish_step(sums, timings, t_step)
 
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
@@ -497,3 +547,147 @@ class OPSDLTrainer:
             shutil.rmtree(final)
         tmp.rename(final)
         return final
+
+
+# -- the process entry ------------------------------------------------------------------
+def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Callable[[str], None] = print,
+        model_and_tokenizer: tuple[Any, Any] | None = None,
+        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """The whole job; returns (and writes to ``run_dir/results.json``) the figures it measured.
+    ``on_step(metrics)`` is called after every training step."""
+    import torch
+
+    from ..data.prepare import prepare_data
+    from ..evaluation.accuracy import evaluate_accuracy
+    from ..evaluation.passes import eval_passes
+    from ..models.load import load_model_and_tokenizer, load_tokenizer, resolve_model
+
+    t0 = time.perf_counter()
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    lineage: dict[str, Any] = {}
+    # every prompt leaves room in the model's window for the longest answer it is sampled or asked for
+    answer_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
+    if model_and_tokenizer is None:
+        resolved = resolve_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
+        log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
+        # the data first, with the tokenizer alone: a row too long for the model is set aside before
+        # the weights take any memory
+        data = prepare_data(cfg.data, load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code),
+                            answer_tokens=answer_tokens)
+        model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
+                                                    trust_remote_code=cfg.model.trust_remote_code,
+                                                    cache_dir=cfg.model.cache_dir,
+                                                    attn_implementation=cfg.model.attn_implementation)
+        lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
+    else:
+        model, tokenizer = model_and_tokenizer
+        data = prepare_data(cfg.data, tokenizer, answer_tokens=answer_tokens)
+    lineage["data_digest"] = data.digest
+    lens = [len(p.student_ids) for p in data.train]
+    log(f"[opsdl] data: {len(data.train)} train / {len(data.heldout)} held-out examples, "
+        f"{len(data.rejected)} set aside; student prompts {min(lens)}-{max(lens)} tokens; digest {data.digest}")
+    for r in data.rejected[:5]:
+        log(f"[opsdl]   set aside: {r.location} field {r.field!r}: {r.reason}")
+
+    results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
+    do_eval = evaluate and cfg.eval.enabled and data.heldout
+
+    suites = [("", data.heldout, "heldout")] + ([("in_template_", data.in_template, "in_template")]
+                                                if data.in_template else [])
+    passes = eval_passes(suites, role=lambda suite: suite[2])
+
+    def _eval(tag: str, m: Any) -> None:
+        for (prefix, items, _), context in passes:
+            name = f"{prefix}{context}"
+            r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size,
+                                  progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
+            results[f"{tag}_{name}_accuracy"] = r.accuracy
+            results[f"{tag}_{name}_eval"] = r.summary()
+            results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
+                "task": "in_template" if prefix else "heldout", "context": context,
+                "context_length": round(r.mean_prompt_tokens) if context == "long" else 0, "metric": "accuracy",
+                "value": r.accuracy, "n": r.n, "dataset_digest": suite_digest(items), "harness": "opsdl",
+                "answers": r.answer_rows(items)})
+            log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
+                f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
+
+    if do_eval and cfg.eval.before:
+        _eval("before", model)
+    trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage,
+                           model_dir=lineage.get("model_path")).setup(resume=resume)
+    try:
+        result = trainer.train(on_step=on_step)
+    finally:
+        trainer.rollout.release()  # a vLLM engine's process and memory; the trainer's own model stays
+    results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1),
+                   nonfinite_steps=trainer.nonfinite_total)
+    if result.metrics:
+        keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")
+        results["mean_phase_seconds"] = {k: round(sum(m[k] for m in result.metrics) / len(result.metrics), 3)
+                                         for k in keys}
+    final = trainer.save_final()  # merges a LoRA adapter into the weights: faster to evaluate
+    if do_eval:
+        _eval("after", trainer.unwrapped)
+    results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
+    ckpt.atomic_write_text(RunDir(cfg.train.run_dir).results, json.dumps(results, indent=1, sort_keys=True))
+    if do_eval:
+        log("[opsdl] held-out accuracy                       before   after")
+        held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
+        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context") for (p, _, _), c in passes]
+        for key, label in names:
+            before = results.get(f"before_{key}_accuracy", float("nan"))
+            log(f"[opsdl]   {label:40s} {before:.3f}    {results[f'after_{key}_accuracy']:.3f}")
+    log(f"[opsdl] done in {results['total_seconds']:.0f}s; model in {final}")
+    return results
+
+
+def suite_digest(items: list[Any]) -> str:
+    """The identity of an evaluation suite: a digest of its examples' content, in order."""
+    import hashlib
+
+    return hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
+
+
+def record_lineage(results: dict[str, Any], run_dir: str | Path, *, db: str | Path | None = None,
+                   experiment: str = "default") -> dict[str, Any]:
+    """The finished run in the lineage store: the run, its config, metrics and checkpoints
+    (``ingest_training_run``), and its held-out scores (before: the base model's checkpoint id, after:
+    the final model's) with every answer, so ``opsdl train`` ends with its scores queryable in SQL."""
+    from ..lineage.store import LineageStore, ingest_training_run
+
+    store = LineageStore(db)
+    ids = ingest_training_run(store, run_dir, experiment=experiment)
+    final = ids["final"].get("merged") or ids["final"].get("adapter")
+    checkpoints = {"before": f"base:{results['model_hash']}" if results.get("model_hash") else None, "after": final}
+    n = 0
+    for tag, rows in (results.get("scores") or {}).items():
+        if not checkpoints.get(tag):
+            continue
+        for r in rows:
+            store.log_dataset(r["dataset_digest"], name=r["task"], kind="eval", n_rows=r["n"])
+        n += store.log_eval_scores(ids["run_id"], checkpoints[tag], rows)
+    return {**ids, "scores": n, "db": str(store.path)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="opsdl-train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", type=Path, help="YAML file with the run's sections (model, data, train, ...)")
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                    help="override one field (repeatable)")
+    ap.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
+    ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in run_dir")
+    ap.add_argument("--db", default=None, help="lineage DuckDB file the run and its scores go to (default: "
+                                               "$OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
+    ap.add_argument("--experiment", default="default", help="the run's experiment name in the lineage store")
+    ap.add_argument("--no-lineage", action="store_true", help="do not record the run in the lineage store")
+    args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    cfg = RunConfig.from_yaml(args.config, overrides) if args.config else RunConfig.from_dict({}, overrides)
+    results = run(cfg, evaluate=not args.no_eval, resume=not args.no_resume, log=lambda s: print(s, flush=True))
+    if not args.no_lineage:
+        rec = record_lineage(results, cfg.train.run_dir, db=args.db, experiment=args.experiment)
+        print(f"[opsdl] lineage: run {rec['run_id']}, {len(rec['checkpoints']) + len(rec['final'])} checkpoints and "
+              f"{rec['scores']} scores in {rec['db']} (opsdl lineage sql \"SELECT * FROM v_scores\")", flush=True)
+    return 0
