@@ -28,11 +28,10 @@ from . import checkpoint as ckpt
 __all__ = ["used_prompt_indices", "load_or_build_baseline_data"]
 
 
-
-def used_prompt_indices(cfg: RunConfig, n_prompts: int) -> list[int]:
-    """The training prompts a run of ``cfg`` visits, in the trainer's order (``prompt_order``)."""
-
-    total = cfg.train.steps * cfg.train.grad_accum * cfg.train.prompts_per_step
+def used_prompt_indices(cfg: RunConfig, n_prompts: int, processes: int = 1) -> list[int]:
+    """The training prompts a run of ``cfg`` on ``processes`` ranks visits, in the trainer's order
+    (``prompt_order``: every rank takes its own slice of the same order)."""
+    total = cfg.train.steps * cfg.train.grad_accum * cfg.train.prompts_per_step * processes
     return sorted({prompt_order(n_prompts, cfg.train.seed, i, cfg.train.prompt_order) for i in range(total)})
 
 
@@ -41,13 +40,13 @@ def _reference_ids(tokenizer: Any, answer: str, stop_id: int) -> list[int]:
 
 
 def build_baseline_data(cfg: RunConfig, model: Any, tokenizer: Any, data: PreparedData, rollout: RolloutEngine,
-                        sampling: SamplingParams, pad_id: int) -> dict[int, dict[str, Any]]:
+                        sampling: SamplingParams, pad_id: int, processes: int = 1) -> dict[int, dict[str, Any]]:
     """``{prompt index: row}`` for the prompts the run uses; rows hold ``target_ids`` (and, for
     dpo, ``rejected_ids``, ``ref_chosen``, ``ref_rejected``) and whether each answer is right."""
     kind, greedy = cfg.method.kind, SamplingParams(temperature=0.0, top_p=1.0,
                                                    max_new_tokens=sampling.max_new_tokens,
                                                    stop_token_ids=sampling.stop_token_ids)
-    idx = used_prompt_indices(cfg, len(data.train))
+    idx = used_prompt_indices(cfg, len(data.train), processes)
     prepared = [data.train[i] for i in idx]
     if cfg.method.target == "reference":
         missing = [p.example.id for p in prepared if not p.example.answer]
@@ -81,12 +80,13 @@ def load_or_build_baseline_data(cfg: RunConfig, run_dir: Path, **build_args: Any
     """The run's baseline data: read from ``run_dir`` when a run of the same config wrote it (a
     resumed run), else built now and written atomically."""
     path = RunDir(run_dir).baseline_data
+    processes = build_args.get("processes", 1)
     if path.exists():
         head, *rows = read_jsonl(path)
-        if head.get("config_hash") == cfg.hash():
+        if head.get("config_hash") == cfg.hash() and head.get("processes", 1) == processes:
             return {int(r.pop("index")): r for r in rows}
     data = build_baseline_data(cfg, **build_args)
-    lines = [json.dumps({"config_hash": cfg.hash(), "method": cfg.method.kind})]
+    lines = [json.dumps({"config_hash": cfg.hash(), "method": cfg.method.kind, "processes": processes})]
     lines += [json.dumps({"index": i, **r}) for i, r in sorted(data.items())]
     ckpt.atomic_write_text(path, "\n".join(lines) + "\n")
     return data

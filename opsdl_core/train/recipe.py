@@ -52,6 +52,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Iterator  # noqa: E402
 
 import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 
 from ..config import RunConfig  # noqa: E402
 from ..config_schema import parse_overrides  # noqa: E402
@@ -197,10 +198,12 @@ class OPSDLTrainer:
 
     def _setup_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg.to_yaml(self.files.config)
-        ckpt.atomic_write_text(self.files.info, json.dumps(
-            {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1,
-            sort_keys=True))
+        if self.accelerator.is_main_process:
+            self.cfg.to_yaml(self.files.config)
+            ckpt.atomic_write_text(self.files.info, json.dumps(
+                {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, **self.lineage}, indent=1,
+                sort_keys=True))
+        self.accelerator.wait_for_everyone()
 
     def _setup_baseline_data(self) -> None:
         """Long-SFT / DPO: targets and pairs from the initial weights, before any resume."""
@@ -211,7 +214,8 @@ class OPSDLTrainer:
         t = time.perf_counter()
         self.baseline = load_or_build_baseline_data(
             cfg, self.run_dir, model=self.unwrapped, tokenizer=self.tokenizer, data=self.data,
-            rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id)
+            rollout=self.rollout, sampling=self.sampling, pad_id=self.pad_id,
+            processes=self.accelerator.num_processes)
         right = [r["target_correct"] for r in self.baseline.values() if "target_correct" in r]
         self.log(f"[opsdl] {cfg.method.kind} data: {len(self.baseline)} prompts, targets right "
                  f"{sum(right)}/{len(right)} ({time.perf_counter() - t:.1f}s)")
@@ -523,10 +527,15 @@ class OPSDLTrainer:
 
     def save_final(self, *, merged: bool = True) -> Path:
         """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder (built in
-        ``.tmp-final``, then renamed; refused if a weight is not finite)."""
+        ``.tmp-final``, then renamed; refused if a weight is not finite). Under several processes the main
+        one writes it (every rank holds the same weights) while the others wait."""
         ckpt.refuse_nonfinite(f"final model at step {self.step}", trainable={
             n: p.detach() for n, p in self.unwrapped.named_parameters() if p.requires_grad})
         final = self.files.final
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
+            return final
         tmp = self.run_dir / ".tmp-final"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -546,6 +555,7 @@ class OPSDLTrainer:
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        self.accelerator.wait_for_everyone()
         return final
 
 
@@ -591,7 +601,10 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
         log(f"[opsdl]   set aside: {r.location} field {r.field!r}: {r.reason}")
 
     results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
-    do_eval = evaluate and cfg.eval.enabled and data.heldout
+    # under accelerate launch: the process that evaluates and writes (the state the trainer joins: CPU
+    # processes when there is no GPU)
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    do_eval = evaluate and cfg.eval.enabled and data.heldout and main
 
     suites = [("", data.heldout, "heldout")] + ([("in_template_", data.in_template, "in_template")]
                                                 if data.in_template else [])
@@ -631,7 +644,8 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     if do_eval:
         _eval("after", trainer.unwrapped)
     results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
-    ckpt.atomic_write_text(RunDir(cfg.train.run_dir).results, json.dumps(results, indent=1, sort_keys=True))
+    if main:
+        ckpt.atomic_write_text(RunDir(cfg.train.run_dir).results, json.dumps(results, indent=1, sort_keys=True))
     if do_eval:
         log("[opsdl] held-out accuracy                       before   after")
         held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
@@ -686,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = parse_overrides(args.set)
     cfg = RunConfig.from_yaml(args.config, overrides) if args.config else RunConfig.from_dict({}, overrides)
     results = run(cfg, evaluate=not args.no_eval, resume=not args.no_resume, log=lambda s: print(s, flush=True))
-    if not args.no_lineage:
+    if not args.no_lineage and PartialState().is_main_process:
         rec = record_lineage(results, cfg.train.run_dir, db=args.db, experiment=args.experiment)
         print(f"[opsdl] lineage: run {rec['run_id']}, {len(rec['checkpoints']) + len(rec['final'])} checkpoints and "
               f"{rec['scores']} scores in {rec['db']} (opsdl lineage sql \"SELECT * FROM v_scores\")", flush=True)
