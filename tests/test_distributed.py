@@ -87,3 +87,21 @@ def test_two_ddp_processes_train_as_one_process_with_the_same_global_batch(tmp_p
     assert trained.mean() > 1e-3, "the adapters did not train"
     assert diff.mean() < 1e-3 * trained.mean(), (float(diff.mean()), float(trained.mean()))
     assert diff.max() < 0.1 * LR * STEPS, float(diff.max())
+
+
+@pytest.mark.parametrize("kind, lora, ok", [("ema", True, False), ("ema", False, False), ("base", False, False),
+                                            ("base", True, True), ("live", True, True), ("live", False, True)])
+def test_a_teacher_that_would_swap_into_sharded_weights_is_refused(kind, lora, ok):
+    """Under FSDP / ZeRO-3 a tensor swapped into a module slot is not what the sharded layer gathers: the
+    teacher would score with the student's weights, so those kinds are refused before any weight moves."""
+    from opsdl_core.train.teacher import check_teacher_sharding
+
+    for dist in ("NO", "MULTI_CPU", "MULTI_GPU", "DistributedType.MULTI_GPU"):
+        check_teacher_sharding(kind, lora=lora, distributed_type=dist)  # one full copy per process: any kind
+    for dist in ("FSDP", "DEEPSPEED", "DistributedType.FSDP"):
+        if ok:
+            check_teacher_sharding(kind, lora=lora, distributed_type=dist)
+        else:
+            with pytest.raises(ValueError, match=rf"train.teacher='{kind}' with lora.enabled={lora} under "
+                                                 rf"(FSDP|DEEPSPEED).*score with the student's weights"):
+                check_teacher_sharding(kind, lora=lora, distributed_type=dist)

@@ -69,7 +69,7 @@ from .lora import apply_lora, canonical_adapter_config, lr_lambda  # noqa: E402
 from .losses import compute_loss, needs_full_logits  # noqa: E402
 from .records import BaselineBatch, Distilled, LossTerm, TrainResult  # noqa: E402
 from .step_log import add_metrics, format_step, hash_seed, micro_metrics, pad_like  # noqa: E402
-from .teacher import TeacherWeights  # noqa: E402
+from .teacher import TeacherWeights, check_teacher_sharding  # noqa: E402
 
 
 class OPSDLTrainer:
@@ -130,6 +130,13 @@ class OPSDLTrainer:
             torch.set_num_threads(cfg.train.num_threads)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
                                        gradient_accumulation_steps=cfg.train.grad_accum)
+        kind = str(self.accelerator.distributed_type).split(".")[-1]
+        asked = [name for name in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{name}", "").lower() == "true"]
+        if asked and kind not in asked:  # accelerate has neither on CPU processes: it runs DDP instead
+            self._warn(f"the launch asked for {asked[0]} but accelerate runs {kind} here (no GPU: accelerate shards "
+                       "nothing on CPU processes); every process holds all the weights")
+        # before any weight is touched: a teacher that cannot work on sharded weights is refused
+        check_teacher_sharding(cfg.train.teacher, lora=cfg.lora.enabled, distributed_type=kind)
         torch.manual_seed(cfg.train.seed)
 
     def _setup_sampler_weights(self) -> tuple[Any, Any]:

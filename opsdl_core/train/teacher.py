@@ -21,13 +21,33 @@ from typing import Any, Iterator
 import torch
 
 
+def check_teacher_sharding(kind: str, *, lora: bool, distributed_type: str) -> None:
+    """Refuse a teacher whose weights would be swapped into sharded parameters (FSDP, DeepSpeed): FSDP
+    gathers each layer's weights from its own shards, not from the module slot, so a swapped-in tensor
+    would be ignored and the teacher would silently score with the student's weights. ``live`` and
+    ``base`` with LoRA (the adapter switched off, no tensor swapped) are what works there."""
+    sharded = str(distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+    if sharded and swaps_weights(kind, lora=lora):
+        what = "the EMA teacher" if kind == "ema" else "the frozen-base teacher without LoRA"
+        raise ValueError(
+            f"train.teacher={kind!r} with lora.enabled={lora} under {str(distributed_type).split('.')[-1]}: {what} "
+            "swaps a copy of the weights into the module slots, which sharded parameters do not read, so the "
+            "teacher would score with the student's weights. Use train.teacher='base' with LoRA or "
+            "train.teacher='live' under FSDP / ZeRO-3, or DDP (configs/accelerate/cpu2.yaml's kind) for this teacher.")
+
+
+def swaps_weights(kind: str, *, lora: bool) -> bool:
+    """Whether the teacher kind scores with a copy of the weights swapped in (``ema``; ``base`` without LoRA)."""
+    return kind == "ema" or (kind == "base" and not lora)
+
+
 class TeacherWeights:
     def __init__(self, model: Any, kind: str, *, lora: bool, ema_decay: float = 0.95):
         if kind not in ("live", "base", "ema"):
             raise ValueError(f"teacher kind must be 'live', 'base' or 'ema', got {kind!r}")
         self.model, self.kind, self.lora, self.decay = model, kind, lora, ema_decay
         self.shadow: dict[str, torch.Tensor] = {}
-        if kind == "ema" or (kind == "base" and not lora):
+        if swaps_weights(kind, lora=lora):
             self.shadow = {n: p.detach().clone() for n, p in self._trainable()}
 
     def _trainable(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
