@@ -175,12 +175,3 @@ def evaluate_jobs(model: Any, tokenizer: Any, jobs: Sequence[EvalJob], *, max_ne
         out[job.key] = EvalResult(job.context, sum(correct) / n if n else float("nan"), n, correct, outputs,
                                   tokens / n if n else 0.0, seconds * tokens / total_tokens, which)
     return out
-
-
-def evaluate_accuracy(model: Any, tokenizer: Any, items: Sequence[Prepared], *, context: Literal["long", "short"],
-                      max_new_tokens: int = 24, batch_size: int = 8, backend: str = "transformers",
-                      model_dir: str | Path | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> EvalResult:
-    """One suite in one context (:func:`evaluate_jobs` with a single job)."""
-    return evaluate_jobs(model, tokenizer, [EvalJob(0, items, context)], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, backend=backend, model_dir=model_dir, progress=progress)[0]

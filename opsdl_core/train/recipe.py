@@ -575,7 +575,7 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
     import torch
 
     from ..data.prepare import prepare_data
-    from ..evaluation.accuracy import evaluate_accuracy
+    from ..evaluation.accuracy import EvalJob, evaluate_jobs
     from ..evaluation.passes import eval_passes
     from ..models.load import load_model_and_tokenizer, load_tokenizer, resolve_model
 
@@ -617,12 +617,13 @@ def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Call
                                                 if data.in_template else [])
     passes = eval_passes(suites, role=lambda suite: suite[2])
 
-    def _eval(tag: str, m: Any) -> None:
-        for (prefix, items, _), context in passes:
-            name = f"{prefix}{context}"
-            r = evaluate_accuracy(m, tokenizer, items, context=context, max_new_tokens=cfg.eval.max_new_tokens,
-                                  batch_size=cfg.eval.batch_size,
-                                  progress=lambda done, n: log(f"[opsdl]   eval {tag} {name}: {done}/{n}"))
+    def _eval(tag: str, m: Any) -> None:  # every pass in one go (one batch order, one engine)
+        jobs = [EvalJob(i, items, context) for i, ((_, items, _), context) in enumerate(passes)]
+        scored = evaluate_jobs(m, tokenizer, jobs, max_new_tokens=cfg.eval.max_new_tokens,
+                               batch_size=cfg.eval.batch_size,
+                               progress=lambda done, n: log(f"[opsdl]   eval {tag}: {done}/{n}"))
+        for i, ((prefix, items, _), context) in enumerate(passes):
+            name, r = f"{prefix}{context}", scored[i]
             results[f"{tag}_{name}_accuracy"] = r.accuracy
             results[f"{tag}_{name}_eval"] = r.summary()
             results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
