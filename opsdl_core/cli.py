@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args = ap.parse_args(argv)
     if args.group == "train":
-        from .train.recipe import main as train_main
+        from .train.job import main as train_main
 
         return int(train_main(args.rest) or 0)
     if args.group == "eval":  # the evaluation suites live beside opsdl_core, in evals/

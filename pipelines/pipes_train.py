@@ -1,6 +1,6 @@
 """The training process launched by the ``opsdl_model`` asset through Dagster Pipes.
 
-It runs :func:`opsdl_core.train.recipe.run` (which knows nothing of Dagster) and streams its log lines
+It runs :func:`opsdl_core.train.job.run` (which knows nothing of Dagster) and streams its log lines
 and per-step metrics back to the Dagster run.  The config file path comes in the Pipes extras;
 a retried Dagster step starts this process again on the same ``run_dir`` and the trainer
 resumes from its last checkpoint."""
@@ -14,7 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from dagster_pipes import open_dagster_pipes  # noqa: E402
 
 from opsdl_core.config import RunConfig  # noqa: E402
-from opsdl_core.train.recipe import run  # noqa: E402
+from opsdl_core.train.job import run  # noqa: E402
 
 
 def main() -> None:

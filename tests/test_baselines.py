@@ -104,7 +104,7 @@ def test_baselines_and_opsdl_see_the_same_prompts(tmp_path):
 
 def test_headless_run_of_a_baseline_writes_results_and_a_final_model(tmp_path):
     from opsdl_core.models.tiny import build_tiny_model
-    from opsdl_core.train.recipe import run
+    from opsdl_core.train.job import run
 
     cfg = tiny_cfg(tmp_path / "run", method={"kind": "sft"})
     lines = []

@@ -15,7 +15,7 @@ import torch
 from opsdl_core.config import RunConfig
 from opsdl_core.models.load import load_model_and_tokenizer
 from opsdl_core.run_dir import read_jsonl
-from opsdl_core.train.recipe import run
+from opsdl_core.train.job import run
 
 pytestmark = pytest.mark.slow
 

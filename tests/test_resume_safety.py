@@ -294,7 +294,7 @@ def test_a_skipped_step_resumes_deterministically(tmp_path, monkeypatch):
         part.train(stop_after=3)  # checkpoint 2 (after a skipped step), step 3 (skipped) lost
     resumed = make_trainer(cfg(tmp_path / "b")).setup()
     _nan_loss_at(monkeypatch, resumed, {2, 3})
-    assert (resumed.resumed_from, resumed.nonfinite_total, resumed.nonfinite_run) == (2, 1, 1)
+    assert (resumed.resumed_from, resumed.nonfinite.total, resumed.nonfinite.run) == (2, 1, 1)
     with pytest.warns(ckpt.TrainingWarning, match="step 3: .*2 in a row"):
         resumed.train()
     a, b = trainable(full), trainable(resumed)

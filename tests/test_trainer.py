@@ -20,7 +20,7 @@ from opsdl_core.models.tiny import build_tiny_model
 from opsdl_core.run_dir import read_jsonl
 from opsdl_core.train import recipe as trainer_mod
 from opsdl_core.train.checkpoint import latest_checkpoint
-from opsdl_core.train.recipe import run
+from opsdl_core.train.job import run
 from opsdl_core.train.recipe import OPSDLTrainer
 
 
@@ -284,7 +284,7 @@ def test_short_anchor_needs_a_fixed_teacher(tmp_path):
 def test_grad_accum_and_prompt_batches(tmp_path):
     cfg = tiny_cfg(tmp_path, train={"grad_accum": 2, "prompts_per_step": 2, "steps": 1})
     tr = make_trainer(cfg).setup()
-    seen = [tr._batch(i) for i in range(2)]
+    seen = [[tr.data.train[j] for j in tr._batch_indices(i)] for i in range(2)]
     assert len({p.example.id for b in seen for p in b}) == 4  # a permutation: no prompt twice in an epoch
     init = trainable(tr)
     m = tr.train_step()

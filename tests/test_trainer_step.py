@@ -111,7 +111,7 @@ def test_opsdl_train_ends_with_its_run_and_scores_in_the_lineage_store(tmp_path,
 
     from opsdl_core.lineage.store import LineageStore
     from opsdl_core.run_dir import RunDir
-    from opsdl_core.train.recipe import main
+    from opsdl_core.train.job import main
 
     cfg = tiny_cfg(tmp_path / "run", model={"name": str(tiny_model_dir)}, train={"steps": 2, "num_threads": 1})
     path = tmp_path / "run.yaml"

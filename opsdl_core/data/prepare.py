@@ -245,6 +245,15 @@ def other_context_prompts(items: list[Prepared], tokenizer: Any) -> list[list[in
     return out
 
 
+def step_prompts(n: int, train: Any, *, step: int, micro: int, ranks: int = 1, rank: int = 0) -> list[int]:
+    """The prompts (indices among ``n``) that micro-batch ``micro`` of optimizer step ``step`` takes on process
+    ``rank`` of ``ranks``: each rank its own slice of one seeded order (``prompt_order``), so one process
+    with ``grad_accum`` micro-batches and ``ranks`` processes with fewer take the same prompts."""
+    k = train.prompts_per_step
+    base = ((step * train.grad_accum + micro) * ranks + rank) * k
+    return [prompt_order(n, train.seed, base + j, train.prompt_order) for j in range(k)]
+
+
 def prompt_order(n: int, seed: int, cursor: int, order: str = "shuffle") -> int:
     """The example index at data position ``cursor``: a fresh seeded permutation per epoch
     (``order="sequential"``: the data's own order, epoch after epoch)."""

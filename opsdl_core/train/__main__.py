@@ -1,4 +1,4 @@
 """python -m opsdl_core.train --config RUN.yaml [--set SECTION.FIELD=VALUE ...]: one training run."""
-from .recipe import main
+from .job import main
 
 raise SystemExit(main())

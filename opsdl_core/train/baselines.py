@@ -18,21 +18,24 @@ from typing import Any
 import torch
 
 from ..config import RunConfig
-from ..data.prepare import PreparedData, prompt_order
+from ..data.prepare import PreparedData, step_prompts
 from ..grading import score_example
 from ..models.rollout import RolloutEngine, SamplingParams
 from ..models.scoring import score_responses
 from ..run_dir import RunDir, read_jsonl
 from . import checkpoint as ckpt
+from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss
+from .records import BaselineBatch, LossTerm
 
-__all__ = ["used_prompt_indices", "load_or_build_baseline_data"]
+__all__ = ["baseline_loss", "used_prompt_indices", "load_or_build_baseline_data"]
 
 
 def used_prompt_indices(cfg: RunConfig, n_prompts: int, processes: int = 1) -> list[int]:
     """The training prompts a run of ``cfg`` on ``processes`` ranks visits, in the trainer's order
     (``prompt_order``: every rank takes its own slice of the same order)."""
-    total = cfg.train.steps * cfg.train.grad_accum * cfg.train.prompts_per_step * processes
-    return sorted({prompt_order(n_prompts, cfg.train.seed, i, cfg.train.prompt_order) for i in range(total)})
+    return sorted({i for step in range(cfg.train.steps) for micro in range(cfg.train.grad_accum)
+                   for rank in range(processes)
+                   for i in step_prompts(n_prompts, cfg.train, step=step, micro=micro, ranks=processes, rank=rank)})
 
 
 def _reference_ids(tokenizer: Any, answer: str, stop_id: int) -> list[int]:
@@ -90,3 +93,28 @@ def load_or_build_baseline_data(cfg: RunConfig, run_dir: Path, **build_args: Any
     lines += [json.dumps({"index": i, **r}) for i, r in sorted(data.items())]
     ckpt.atomic_write_text(path, "\n".join(lines) + "\n")
     return data
+
+
+def baseline_loss(model: Any, part: BaselineBatch, method: Any, *, pad_id: int, autocast: Any) -> LossTerm:
+    """Long-SFT's loss on the targets, or DPO's (LongPO form) on the pairs, scored by the policy with grad
+    (inside ``autocast()``); sets ``part.metrics``."""
+    rows, k = part.rows, len(part.batch)
+    responses = [r["target_ids"] for r in rows] + ([r["rejected_ids"] for r in rows] if part.kind == "dpo" else [])
+    with autocast():
+        pol = score_responses(model, prompts=[p.student_ids for p in part.batch], responses=responses,
+                              prompt_index=list(range(k)) * (len(responses) // k), pad_id=pad_id)
+    if part.kind == "sft":
+        out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
+    else:
+        seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
+        ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
+        out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
+                              ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1], beta=method.beta,
+                              nll_weight=method.nll_weight, chosen_lengths=pol.mask[:k].sum(-1))
+    vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items() if m != "tokens"},
+            "response_len": sum(len(r["target_ids"]) for r in rows) / k}
+    right = [r["target_correct"] for r in rows if "target_correct" in r]
+    if right:
+        vals["target_accuracy"] = sum(right) / len(right)
+    part.metrics = {**vals, "tokens": float(pol.mask[:k].sum()), "samples": k}
+    return LossTerm(part.kind, out.loss, part.sizes()[part.kind])

@@ -1,15 +1,4 @@
-"""The training recipe, top to bottom: the process entry (``run``, ``main``), then ``OPSDLTrainer``.
-
-    python -m opsdl_core.train --config configs/demo.yaml            # the trainer alone (no Dagster)
-    python -m opsdl_core.train --config my.yaml --set train.steps=10 --set loss.kind=jsd
-    opsdl-train --config my.yaml --no-eval                            # console script
-
-``run`` loads the model (the embedded default SmolLM2-135M-Instruct unless the config names another),
-builds the data, evaluates the held-out split with the long context and with C_s only, trains
-(resuming from the last checkpoint in ``train.run_dir`` if there is one), evaluates again, saves
-``run_dir/final`` and writes ``run_dir/results.json``; ``main`` then records the run and its scores in
-the lineage store. It prints one line per step with the loss, the student–teacher KL and the time of
-each phase.
+"""OPSDLTrainer: the on-policy loop, one step for OPSDL, Long-SFT and DPO (the process entry: ``job.py``).
 
 The OPSDL on-policy loop: rollout from the current weights → teacher scores → student update.
 
@@ -24,52 +13,35 @@ One step (per micro-batch of prompts, ``grad_accum`` micro-batches per optimizer
 With ``loss.short_anchor = w > 0`` (the retention guard) the step also samples from x_S and adds
 ``w * compute_loss(kind, ...)`` with student AND teacher on x_S: the short-context answers are held at
 the (base or EMA) teacher's while the long-context ones move.
-
-A recipe in the torchtune sense: ``setup()`` → ``train()`` → ``save_final()``, with a
-checkpoint every ``save_every`` steps and exact resume from the newest good one (``checkpoint.py``:
-verified against its manifest; a damaged one is skipped with a warning; the run folder is trimmed to the
-state resumed from, so ``metrics.jsonl`` has one record per step). A step whose loss or gradient norm is
-not finite changes no weight (``train.max_nonfinite_steps``). Built on
-``accelerate.Accelerator`` (device placement, mixed precision, gradient accumulation), so the
-same loop runs on a laptop CPU and under ``accelerate launch``.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
-# PyTorch's OpenMP threads busy-wait by default; on a small shared CPU that stalls steps badly.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable, Iterator  # noqa: E402
-
-import torch  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-
-from ..config import RunConfig  # noqa: E402
-from ..config_schema import parse_overrides  # noqa: E402
-from ..data.prepare import Prepared, PreparedData, prompt_order  # noqa: E402
-from ..data.prompts import pad_token_id, stop_token_ids  # noqa: E402
-from ..models.rollout import (RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into,  # noqa: E402
-                              sampler_weights)
-from ..models.scoring import prefill, score_responses  # noqa: E402
-from ..run_dir import RunDir  # noqa: E402
-from . import checkpoint as ckpt  # noqa: E402
-from .baseline_losses import longpo_dpo_loss, sequence_logprobs, sft_loss  # noqa: E402
-from .baselines import load_or_build_baseline_data  # noqa: E402
-from .lora import apply_lora, canonical_adapter_config, lr_lambda  # noqa: E402
-from .losses import compute_loss, needs_full_logits  # noqa: E402
-from .records import BaselineBatch, Distilled, LossTerm, TrainResult  # noqa: E402
-from .step_log import add_metrics, format_step, hash_seed, micro_metrics, pad_like  # noqa: E402
-from .teacher import TeacherWeights, check_teacher_sharding  # noqa: E402
+from ..config import RunConfig
+from ..data.prepare import Prepared, PreparedData, step_prompts
+from ..data.prompts import pad_token_id, stop_token_ids
+from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
+from ..models.scoring import prefill, score_responses
+from ..run_dir import RunDir
+from . import checkpoint as ckpt
+from .baselines import baseline_loss, load_or_build_baseline_data
+from .lora import apply_lora, canonical_adapter_config, lr_lambda
+from .losses import compute_loss, needs_full_logits
+from .records import BaselineBatch, Distilled, LossTerm, TrainResult
+from .step_log import NonFiniteGuard, add_metrics, format_step, hash_seed, micro_metrics, pad_like
+from .teacher import TeacherWeights, check_teacher_sharding
 
 
 class OPSDLTrainer:
@@ -100,8 +72,7 @@ class OPSDLTrainer:
         self.metrics: list[dict[str, Any]] = []
         self.step = 0
         self.resumed_from: int | None = None
-        self.nonfinite_total = 0  # steps skipped for a non-finite loss or gradient norm, in all
-        self.nonfinite_run = 0  # ... in a row, up to this step
+        self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
 
     # -- setup ---------------------------------------------------------------------------
     def setup(self, *, resume: bool = True) -> "OPSDLTrainer":
@@ -248,8 +219,7 @@ class OPSDLTrainer:
         ckpt.restore(found, model=self.unwrapped, optimizer=self.optimizer, scheduler=self.scheduler)
         self.teacher.load_state_dict(found.teacher)  # an EMA or frozen copy must be there; none otherwise
         self.step = self.resumed_from = found.step
-        self.nonfinite_total = int(state.get("nonfinite_steps", 0))
-        self.nonfinite_run = int(state.get("nonfinite_consecutive", 0))
+        self.nonfinite.load(state)
         self.sync_weights()
         self.log(f"[opsdl] resumed from {found.path} (step {self.step})")
 
@@ -274,21 +244,15 @@ class OPSDLTrainer:
                 self.log(format_step(m, self.cfg.train.steps))
             if on_step is not None:
                 on_step(m)
-            self._stop_if_diverged()
+            self.nonfinite.check(self.step)
             if self.step % self.cfg.train.save_every == 0 or self.step == self.cfg.train.steps:
                 self.save_checkpoint()
         return TrainResult(self.step, self.resumed_from, self.metrics, time.perf_counter() - t0)
 
     def _batch_indices(self, micro: int) -> list[int]:
-        """This process's prompts: under ``accelerate launch`` each rank takes its own slice of the
-        same seeded order (one process: rank 0 of 1, the order of a single-machine run)."""
-        n, k = len(self.data.train), self.cfg.train.prompts_per_step
-        ranks, rank = self.accelerator.num_processes, self.accelerator.process_index
-        base = ((self.step * self.cfg.train.grad_accum + micro) * ranks + rank) * k
-        return [prompt_order(n, self.cfg.train.seed, base + j, self.cfg.train.prompt_order) for j in range(k)]
-
-    def _batch(self, micro: int) -> list[Prepared]:
-        return [self.data.train[i] for i in self._batch_indices(micro)]
+        """This process's prompts for ``micro`` (``step_prompts``: one process is rank 0 of 1)."""
+        return step_prompts(len(self.data.train), self.cfg.train, step=self.step, micro=micro,
+                            ranks=self.accelerator.num_processes, rank=self.accelerator.process_index)
 
     def _teacher_prompts(self, micro: int) -> list[list[int]]:
         """The teacher's prompts for this micro-batch: chat(C_s ⊕ Q), or a control's (``loss.control``):
@@ -324,8 +288,7 @@ class OPSDLTrainer:
 
     def _finish_step(self, sums: dict[str, float], timings: dict[str, float], t_step: float) -> dict[str, Any]:
         skipped = bool(sums.pop("skipped_nonfinite", 0.0))
-        self.nonfinite_total += skipped
-        self.nonfinite_run = self.nonfinite_run + 1 if skipped else 0
+        self.nonfinite.record(skipped)
         t = time.perf_counter()
         self.teacher.update()
         self.step += 1
@@ -336,22 +299,13 @@ class OPSDLTrainer:
         m = {k: (v / n if k not in ("grad_norm", "tokens", "samples") else v) for k, v in sums.items()}
         m.update(step=self.step, lr=self.scheduler.get_last_lr()[0], weight_version=self.rollout.weight_version,
                  prompts_seen=self.step * n * self.cfg.train.prompts_per_step * self.accelerator.num_processes,
-                 skipped_nonfinite=int(skipped), nonfinite_steps=self.nonfinite_total,
+                 skipped_nonfinite=int(skipped), nonfinite_steps=self.nonfinite.total,
                  **{k: round(v, 4) for k, v in timings.items()})
         if skipped:
             self._warn(f"step {self.step}: non-finite loss or gradient norm (loss {m.get('loss')}, grad norm "
-                       f"{m.get('grad_norm')}): update skipped ({self.nonfinite_run} in a row, "
+                       f"{m.get('grad_norm')}): update skipped ({self.nonfinite.run} in a row, "
                        f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps})")
         return m
-
-    def _stop_if_diverged(self) -> None:
-        """Stop the run once ``train.max_nonfinite_steps`` steps in a row were skipped as non-finite."""
-        limit = self.cfg.train.max_nonfinite_steps
-        if self.nonfinite_run >= limit:
-            raise FloatingPointError(
-                f"step {self.step}: {self.nonfinite_run} steps in a row had a non-finite loss or gradient norm "
-                f"(train.max_nonfinite_steps={limit}); stopping. The weights are those of the last finite update "
-                f"and the last checkpoint is kept; lower optim.lr or check the data, then resume or restart.")
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step, the same loop for every method. First every micro-batch's inputs
@@ -432,30 +386,10 @@ class OPSDLTrainer:
                                         max_logprob_diff=cfg.rollout.max_logprob_diff), **extra}
 
     def _baseline_loss(self, part: BaselineBatch, timings: dict[str, float]) -> LossTerm:
-        """Long-SFT's loss on the targets, or DPO's (LongPO form) on the pairs, scored by the policy with grad;
-        sets ``part.metrics``."""
-        cfg, rows, k = self.cfg, part.rows, len(part.batch)
-        responses = [r["target_ids"] for r in rows] + ([r["rejected_ids"] for r in rows] if part.kind == "dpo" else [])
         t = time.perf_counter()
-        with self.accelerator.autocast():
-            pol = score_responses(self.model, prompts=[p.student_ids for p in part.batch], responses=responses,
-                                  prompt_index=list(range(k)) * (len(responses) // k), pad_id=self.pad_id)
-        if part.kind == "sft":
-            out = sft_loss(target_logprobs=pol.logprobs, mask=pol.mask)
-        else:
-            seq = sequence_logprobs(pol.logprobs, pol.mask)  # [2k]: chosen then rejected
-            ref = torch.tensor([[r["ref_chosen"], r["ref_rejected"]] for r in rows], dtype=seq.dtype)
-            out = longpo_dpo_loss(policy_chosen_logps=seq[:k], policy_rejected_logps=seq[k:],
-                                  ref_chosen_logps=ref[:, 0], ref_rejected_logps=ref[:, 1], beta=cfg.method.beta,
-                                  nll_weight=cfg.method.nll_weight, chosen_lengths=pol.mask[:k].sum(-1))
+        term = baseline_loss(self.model, part, self.cfg.method, pad_id=self.pad_id, autocast=self.accelerator.autocast)
         timings["student_s"] += time.perf_counter() - t
-        vals = {"loss": float(out.loss.detach()), **{f"loss_{m}": v for m, v in out.metrics.items() if m != "tokens"},
-                "response_len": sum(len(r["target_ids"]) for r in rows) / k}
-        right = [r["target_correct"] for r in rows if "target_correct" in r]
-        if right:
-            vals["target_accuracy"] = sum(right) / len(right)
-        part.metrics = {**vals, "tokens": float(pol.mask[:k].sum()), "samples": k}
-        return LossTerm(part.kind, out.loss, part.sizes()[part.kind])
+        return term
 
     def _sample(self, student_prompts: list[list[int]], teacher_prompts: list[list[int]], seed: int,
                 timings: dict[str, float], *, batch: list[Prepared], shared_prefill: bool = False) -> "Distilled":
@@ -527,8 +461,7 @@ class OPSDLTrainer:
                                         keep=self.cfg.train.keep_checkpoints,
                                         state={"config_hash": self.cfg.hash(), "cursor": self.step *
                                                self.cfg.train.grad_accum * self.cfg.train.prompts_per_step,
-                                               "nonfinite_steps": self.nonfinite_total,
-                                               "nonfinite_consecutive": self.nonfinite_run})
+                                               **self.nonfinite.state()})
             self.log(f"[opsdl] checkpoint {path.name} ({time.perf_counter() - t:.1f}s)")
         return path
 
@@ -564,152 +497,3 @@ class OPSDLTrainer:
         tmp.rename(final)
         self.accelerator.wait_for_everyone()
         return final
-
-
-# -- the process entry ------------------------------------------------------------------
-def run(cfg: RunConfig, *, evaluate: bool = True, resume: bool = True, log: Callable[[str], None] = print,
-        model_and_tokenizer: tuple[Any, Any] | None = None,
-        on_step: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """The whole job; returns (and writes to ``run_dir/results.json``) the figures it measured.
-    ``on_step(metrics)`` is called after every training step."""
-    import torch
-
-    from ..data.prepare import prepare_data
-    from ..evaluation.accuracy import EvalJob, evaluate_jobs
-    from ..evaluation.passes import eval_passes
-    from ..models.load import load_model_and_tokenizer, load_tokenizer, resolve_model
-
-    t0 = time.perf_counter()
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    lineage: dict[str, Any] = {}
-    # every prompt leaves room in the model's window for the longest answer it is sampled or asked for
-    answer_tokens = max(cfg.rollout.max_new_tokens, cfg.eval.max_new_tokens)
-    if model_and_tokenizer is None:
-        resolved = resolve_model(cfg.model.name, cache_dir=cfg.model.cache_dir)
-        log(f"[opsdl] model {cfg.model.name} -> {resolved.kind} {resolved.path}")
-        # the data first, with the tokenizer alone: a row too long for the model is set aside before
-        # the weights take any memory
-        data = prepare_data(cfg.data, load_tokenizer(resolved, trust_remote_code=cfg.model.trust_remote_code),
-                            answer_tokens=answer_tokens)
-        model, tokenizer = load_model_and_tokenizer(resolved, dtype=getattr(torch, cfg.model.dtype),
-                                                    trust_remote_code=cfg.model.trust_remote_code,
-                                                    cache_dir=cfg.model.cache_dir,
-                                                    attn_implementation=cfg.model.attn_implementation)
-        lineage.update(model=cfg.model.name, model_path=str(resolved.path), model_hash=resolved.content_hash)
-    else:
-        model, tokenizer = model_and_tokenizer
-        data = prepare_data(cfg.data, tokenizer, answer_tokens=answer_tokens)
-    lineage["data_digest"] = data.digest
-    lens = [len(p.student_ids) for p in data.train]
-    log(f"[opsdl] data: {len(data.train)} train / {len(data.heldout)} held-out examples, "
-        f"{len(data.rejected)} set aside; student prompts {min(lens)}-{max(lens)} tokens; digest {data.digest}")
-    for r in data.rejected[:5]:
-        log(f"[opsdl]   set aside: {r.location} field {r.field!r}: {r.reason}")
-
-    results: dict[str, Any] = {"config_hash": cfg.hash(), **lineage}
-    # under accelerate launch: the process that evaluates and writes (the state the trainer joins: CPU
-    # processes when there is no GPU)
-    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
-    do_eval = evaluate and cfg.eval.enabled and data.heldout and main
-
-    suites = [("", data.heldout, "heldout")] + ([("in_template_", data.in_template, "in_template")]
-                                                if data.in_template else [])
-    passes = eval_passes(suites, role=lambda suite: suite[2])
-
-    def _eval(tag: str, m: Any) -> None:  # every pass in one go (one batch order, one engine)
-        jobs = [EvalJob(i, items, context) for i, ((_, items, _), context) in enumerate(passes)]
-        scored = evaluate_jobs(m, tokenizer, jobs, max_new_tokens=cfg.eval.max_new_tokens,
-                               batch_size=cfg.eval.batch_size,
-                               progress=lambda done, n: log(f"[opsdl]   eval {tag}: {done}/{n}"))
-        for i, ((prefix, items, _), context) in enumerate(passes):
-            name, r = f"{prefix}{context}", scored[i]
-            results[f"{tag}_{name}_accuracy"] = r.accuracy
-            results[f"{tag}_{name}_eval"] = r.summary()
-            results.setdefault("scores", {}).setdefault(tag, []).append({  # rows for the lineage store
-                "task": "in_template" if prefix else "heldout", "context": context,
-                "context_length": round(r.mean_prompt_tokens) if context == "long" else 0, "metric": "accuracy",
-                "value": r.accuracy, "n": r.n, "dataset_digest": suite_digest(items), "harness": "opsdl",
-                "answers": r.answer_rows(items)})
-            log(f"[opsdl] eval {tag:6s} {name:>16s}-context accuracy {r.accuracy:.3f} "
-                f"(n={r.n}, ~{r.mean_prompt_tokens:.0f} prompt tokens, {r.seconds:.0f}s)")
-
-    if do_eval and cfg.eval.before:
-        _eval("before", model)
-    trainer = OPSDLTrainer(cfg, model, tokenizer, data, log=log, lineage=lineage,
-                           model_dir=lineage.get("model_path")).setup(resume=resume)
-    try:
-        result = trainer.train(on_step=on_step)
-    finally:
-        trainer.rollout.release()  # a vLLM engine's process and memory; the trainer's own model stays
-    results.update(steps=result.steps_done, resumed_from=result.resumed_from, train_seconds=round(result.seconds, 1),
-                   nonfinite_steps=trainer.nonfinite_total)
-    if result.metrics:
-        keys = ("generate_s", "teacher_s", "student_s", "optim_s", "sync_s", "step_s")
-        results["mean_phase_seconds"] = {k: round(sum(m[k] for m in result.metrics) / len(result.metrics), 3)
-                                         for k in keys}
-    final = trainer.save_final()  # merges a LoRA adapter into the weights: faster to evaluate
-    if do_eval:
-        _eval("after", trainer.unwrapped)
-    results.update(final_dir=str(final), total_seconds=round(time.perf_counter() - t0, 1))
-    if main:
-        ckpt.atomic_write_text(RunDir(cfg.train.run_dir).results, json.dumps(results, indent=1, sort_keys=True))
-    if do_eval:
-        log("[opsdl] held-out accuracy                       before   after")
-        held = "held-out templates, " if cfg.data.source == "synthetic" else "held-out examples, "
-        names = [(f"{p}{c}", f"{'training templates, ' if p else held}{c} context") for (p, _, _), c in passes]
-        for key, label in names:
-            before = results.get(f"before_{key}_accuracy", float("nan"))
-            log(f"[opsdl]   {label:40s} {before:.3f}    {results[f'after_{key}_accuracy']:.3f}")
-    log(f"[opsdl] done in {results['total_seconds']:.0f}s; model in {final}")
-    return results
-
-
-def suite_digest(items: list[Any]) -> str:
-    """The identity of an evaluation suite: a digest of its examples' content, in order."""
-    import hashlib
-
-    return hashlib.sha256("".join(p.example.content_hash() for p in items).encode()).hexdigest()[:16]
-
-
-def record_lineage(results: dict[str, Any], run_dir: str | Path, *, db: str | Path | None = None,
-                   experiment: str = "default") -> dict[str, Any]:
-    """The finished run in the lineage store: the run, its config, metrics and checkpoints
-    (``ingest_training_run``), and its held-out scores (before: the base model's checkpoint id, after:
-    the final model's) with every answer, so ``opsdl train`` ends with its scores queryable in SQL."""
-    from ..lineage.store import LineageStore, ingest_training_run
-
-    store = LineageStore(db)
-    ids = ingest_training_run(store, run_dir, experiment=experiment)
-    final = ids["final"].get("merged") or ids["final"].get("adapter")
-    checkpoints = {"before": f"base:{results['model_hash']}" if results.get("model_hash") else None, "after": final}
-    n = 0
-    for tag, rows in (results.get("scores") or {}).items():
-        if not checkpoints.get(tag):
-            continue
-        for r in rows:
-            store.log_dataset(r["dataset_digest"], name=r["task"], kind="eval", n_rows=r["n"])
-        n += store.log_eval_scores(ids["run_id"], checkpoints[tag], rows)
-    return {**ids, "scores": n, "db": str(store.path)}
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="opsdl-train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", type=Path, help="YAML file with the run's sections (model, data, train, ...)")
-    ap.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                    help="override one field (repeatable)")
-    ap.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
-    ap.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in run_dir")
-    ap.add_argument("--db", default=None, help="lineage DuckDB file the run and its scores go to (default: "
-                                               "$OPSDL_LINEAGE_DB or $OPSDL_HOME/lineage.duckdb)")
-    ap.add_argument("--experiment", default="default", help="the run's experiment name in the lineage store")
-    ap.add_argument("--no-lineage", action="store_true", help="do not record the run in the lineage store")
-    args = ap.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    cfg = RunConfig.from_yaml(args.config, overrides) if args.config else RunConfig.from_dict({}, overrides)
-    results = run(cfg, evaluate=not args.no_eval, resume=not args.no_resume, log=lambda s: print(s, flush=True))
-    if not args.no_lineage and PartialState().is_main_process:
-        rec = record_lineage(results, cfg.train.run_dir, db=args.db, experiment=args.experiment)
-        print(f"[opsdl] lineage: run {rec['run_id']}, {len(rec['checkpoints']) + len(rec['final'])} checkpoints and "
-              f"{rec['scores']} scores in {rec['db']} (opsdl lineage sql \"SELECT * FROM v_scores\")", flush=True)
-    return 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..grading import rollout_judgement
 from .records import Distilled
 
-__all__ = ["micro_metrics", "add_metrics", "format_step", "hash_seed", "pad_like"]
+__all__ = ["NonFiniteGuard", "micro_metrics", "add_metrics", "format_step", "hash_seed", "pad_like"]
 
 
 def micro_metrics(part: Distilled, tokenizer: Any, *, step: int, max_logprob_diff: float | None) -> dict[str, float]:
@@ -70,3 +71,30 @@ def pad_like(rows: list[list[float]], like: torch.Tensor) -> torch.Tensor:
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r, dtype=torch.float32)
     return out
+
+
+@dataclass
+class NonFiniteGuard:
+    """Steps skipped for a non-finite loss or gradient norm, in all and in a row; ``check`` stops the run once
+    ``limit`` (``train.max_nonfinite_steps``) were skipped in a row. Its state goes into every checkpoint."""
+
+    limit: int
+    total: int = 0
+    run: int = 0
+
+    def record(self, skipped: bool) -> None:
+        self.total += skipped
+        self.run = self.run + 1 if skipped else 0
+
+    def check(self, step: int) -> None:
+        if self.run >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: {self.run} steps in a row had a non-finite loss or gradient norm "
+                f"(train.max_nonfinite_steps={self.limit}); stopping. The weights are those of the last finite update "
+                f"and the last checkpoint is kept; lower optim.lr or check the data, then resume or restart.")
+
+    def state(self) -> dict[str, int]:
+        return {"nonfinite_steps": self.total, "nonfinite_consecutive": self.run}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.total, self.run = int(state.get("nonfinite_steps", 0)), int(state.get("nonfinite_consecutive", 0))
