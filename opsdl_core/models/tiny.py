@@ -13,6 +13,7 @@ import torch
 
 from .attention import use_gqa_attention
 from .cache import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, _fix_token_ids
+from .linear import use_few_rows_linear
 
 __all__ = ["build_tiny_model", "save_tiny_model"]
 
@@ -124,7 +125,8 @@ def build_tiny_model(*, seed: int = 0, vocab_corpus: str | None = None, hidden_s
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.to(torch.float32)
-    use_gqa_attention(model)  # as load_model_and_tokenizer does: tests run the attention every load uses
+    use_gqa_attention(model)  # as load_model_and_tokenizer does: tests run the attention and the linear layers
+    use_few_rows_linear(model)  # every load uses
     _fix_token_ids(model, tokenizer)
     model.eval()
     return model, tokenizer
