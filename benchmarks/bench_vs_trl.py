@@ -8,7 +8,8 @@ The shape is the main job's: the embedded SmolLM2-135M-Instruct, LoRA r=16 (alph
 layers), 1 prompt x 4 samples at temperature 0.7, ~1,075-token long prompt (access-code needle
 among distractor records), <= 24 new tokens, frozen-base teacher reading chat(C_s + Q), the
 sampled-token (point-wise reverse-KL) loss, float32, lr 1e-4. TRL's model loads with transformers'
-own SDPA attention, as its users get it (``--trl-attention opsdl`` gives it opsdl's GQA function). TRL is set to the same: its defaults
+own SDPA attention and ``nn.Linear`` layers, as its users get it (``--trl-attention opsdl`` gives it opsdl's GQA
+function and few-rows linear layers). TRL is set to the same: its defaults
 ``bf16=True``, ``gradient_checkpointing=True`` and ``max_prompt_length=512`` (which keeps only the
 *last* 512 prompt tokens, i.e. cuts the long context) are overridden, and its teacher prompt, which
 by its template must contain the student prompt (``{prompt}``), is replaced by a small builder that
@@ -89,9 +90,11 @@ def child_trl(args) -> dict:
     from opsdl_core.models.load import load_model_and_tokenizer
 
     torch.set_num_threads(args.threads)
-    # TRL as its users run it: transformers' own SDPA (--trl-attention opsdl gives it opsdl's GQA function)
-    model, tok = load_model_and_tokenizer(args.model, attn_implementation="sdpa" if args.trl_attention == "opsdl"
-                                          else "sdpa_stock")
+    # TRL as its users run it: transformers' own SDPA and nn.Linear (--trl-attention opsdl gives it opsdl's GQA
+    # function and few-rows linear layers)
+    ours = args.trl_attention == "opsdl"
+    model, tok = load_model_and_tokenizer(args.model, attn_implementation="sdpa" if ours else "sdpa_stock",
+                                          few_rows_linear=ours)
     _, data = _data(args, tok)
     rows = [{"prompt": [{"role": "user", "content": user_message(p.example.long_context, p.example.question)}],
              "privileged_context": user_message(p.teacher_context.text, p.example.question)} for p in data.train]

@@ -322,6 +322,11 @@ class TrainConfig:
     save_every: int = _f(10, "A checkpoint every this many steps (a killed run resumes from the last one).", hashed=False)
     keep_checkpoints: int = _f(2, "Checkpoints kept (the oldest are deleted).", hashed=False)
     mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "accelerate's mixed precision: 'no', 'bf16' or 'fp16'.")
+    gradient_checkpointing: bool = _f(False, "Recompute each decoder layer in the backward instead of keeping its "
+                                             "activations (transformers' non-reentrant checkpointing with the KV cache "
+                                             "kept: models/checkpointing.py). Activation memory per token drops from "
+                                             "every layer's intermediate products to its input and cache; the student "
+                                             "runs each layer twice. For long contexts.", hashed=False)
     num_threads: Optional[int] = _f(None, "torch intra-op threads; null: torch's default.", hashed=False)
     log_every: int = _f(1, "Print a step line every this many steps.", hashed=False)
     prompt_order: Literal["shuffle", "sequential"] = _f("shuffle", "'shuffle': a seeded permutation of the prompts per "

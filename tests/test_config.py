@@ -67,7 +67,7 @@ def test_the_hash_has_one_rule_every_field_but_the_marked_ones():
     assert {"train.run_dir", "train.num_threads", "model.cache_dir", "rollout.vllm.kv_cache_gib"} <= set(unhashed)
     assert {"optim.lr", "train.steps", "rollout.vllm.enforce_eager", "loss.control_advantage"} <= set(hashed)
     changed = {"train.run_dir": "x", "train.num_threads": 3, "train.save_every": 7, "train.keep_checkpoints": 5,
-               "train.log_every": 4, "train.max_nonfinite_steps": 5, "model.cache_dir": "/c", "eval.batch_size": 2,
+               "train.log_every": 4, "train.max_nonfinite_steps": 5, "train.gradient_checkpointing": True, "model.cache_dir": "/c", "eval.batch_size": 2,
                "eval.before": False,
                "rollout.vllm.kv_cache_gib": 3.0, "rollout.vllm.cpu_threads": 1, "rollout.vllm.in_process": True,
                "rollout.vllm.max_model_len": 8192, "rollout.vllm.model_dir": "/m",

@@ -31,10 +31,12 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from . import checkpointing
 from .attention import NAME as GQA_ATTENTION
 
 # attention implementations that take a prepared boolean [B, 1, Tq, Tk] mask as it is
 _PACKABLE_ATTENTION = ("sdpa", GQA_ATTENTION)
+_PLAIN_LAYERS = (DynamicLayer, checkpointing.ReplaySafeLayer)  # a ReplaySafeLayer is a DynamicLayer for everything else
 
 
 @dataclass
@@ -118,7 +120,10 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int) -> Pre
     """Encode left-padded prompts once (the LM head at each prompt's last position only)."""
     device = next(model.parameters()).device
     ids, attn, pos, lengths = left_pad(prompts, pad_id, device)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    hf, extra = _hf_model(model), {}
+    if checkpointing.is_enabled(hf) and hf.training:  # transformers would drop the cache; the layers are recomputed
+        extra[_cache_kwarg(model)] = checkpointing.replay_safe_cache(hf.config)  # in the backward: a replay-safe one
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **extra)
     return Prefilled(out.logits[:, -1, :], _out_cache(out), attn, lengths, len(prompts))
 
 
@@ -231,7 +236,7 @@ def plain_dynamic(cache: Any) -> bool:
     """Whether ``cache`` is transformers' plain dynamic cache, every layer filled: the kind whose tensors can
     be sliced, copied, padded and packed directly (not sliding-window, quantized, offloaded, ... layers)."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+    return bool(layers) and all(type(layer) in _PLAIN_LAYERS and layer.is_initialized for layer in layers)
 
 
 def packable(model: Any, cache: Any) -> bool:

@@ -1,6 +1,5 @@
-"""OPSDLTrainer: the on-policy loop, one step for OPSDL, Long-SFT and DPO (the process entry: ``job.py``).
-
-The OPSDL on-policy loop: rollout from the current weights → teacher scores → student update.
+"""OPSDLTrainer: the on-policy loop (rollout from the current weights → teacher scores → student update), one
+step for OPSDL, Long-SFT and DPO (the process entry: ``job.py``).
 
 One step (per micro-batch of prompts, ``grad_accum`` micro-batches per optimizer step)::
 
@@ -32,6 +31,7 @@ import torch
 from ..config import RunConfig
 from ..data.prepare import Prepared, PreparedData, step_prompts
 from ..data.prompts import pad_token_id, stop_token_ids
+from ..models import checkpointing
 from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout, merge_lora_into, sampler_weights
 from ..models.scoring import prefill, score_responses
 from ..run_dir import RunDir
@@ -70,8 +70,7 @@ class OPSDLTrainer:
         self.run_dir = Path(cfg.train.run_dir)
         self.files = RunDir(self.run_dir)
         self.metrics: list[dict[str, Any]] = []
-        self.step = 0
-        self.resumed_from: int | None = None
+        self.step, self.resumed_from = 0, None
         self.nonfinite = NonFiniteGuard(cfg.train.max_nonfinite_steps)
 
     # -- setup ---------------------------------------------------------------------------
@@ -127,6 +126,8 @@ class OPSDLTrainer:
 
     def _setup_model_and_optimizer(self) -> list[torch.nn.Parameter]:
         cfg = self.cfg
+        if cfg.train.gradient_checkpointing:  # before LoRA wraps it (the sampler copy is made before: eval only)
+            checkpointing.enable(self.base_model)
         model = apply_lora(self.base_model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
