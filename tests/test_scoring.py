@@ -9,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from opsdl_core.models.rollout import SamplingParams, TransformersRollout, sample_next
 from opsdl_core.models.scoring import prefill, score_responses
+from opsdl_core.models.tiny import build_tiny_model
 
 V, PAD = 97, 0
 
@@ -60,7 +61,7 @@ def test_lm_head_never_sees_the_prompt_positions(model):
     try:
         with torch.no_grad():
             score_responses(model, prompts=[list(range(3, 80))], responses=[[5, 6, 7]] * 2,
-                            prompt_index=[0, 0], pad_id=PAD)
+                            prompt_index=[0, 0], pad_id=PAD, head_chunk=None)
     finally:
         hook.remove()
     # prompt: last position only; responses: R-1 positions each, the two packed in one row
@@ -264,3 +265,52 @@ def test_a_prefill_with_another_cache_kind_is_encoded_again_not_copied(model):
         pre = prefill(model, prompts, pad_id=PAD)
     pre.cache.layers = [PreallocatedLayer(layer.keys, layer.values, 0) for layer in pre.cache.layers]
     assert engine.generate(prompts, n=2, params=params, seed=5, prefilled=pre).response_ids == fresh.response_ids
+
+
+def test_the_head_in_chunks_gives_the_same_logprobs_and_gradients_and_never_sees_all_positions():
+    """``head_chunk``: the LM head over a few response positions at a time (checkpointed with gradient) gives
+    the one-call head's log-probs and gradients; no head call computes more rows of logits than the chunk
+    (the prefill's are one per prompt)."""
+    from opsdl_core.models.scoring import plain_head
+
+    model, _ = build_tiny_model(seed=6, num_heads=4, num_kv_heads=2)
+    assert plain_head(model)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    responses = [[20, 21, 22, 23, 24, 25], [26, 27], [28, 29, 30, 31]]
+    index = [0, 0, 1]
+    rows = []
+    handle = model.get_output_embeddings().register_forward_hook(  # rows of logits each head call computed
+        lambda m, a, o: rows.append(o.numel() // o.shape[-1]))
+    out = {}
+    for chunk in (None, 3):
+        for packed in (True, False):
+            model.zero_grad()
+            model.train()
+            rows.clear()
+            s = score_responses(model, prompts=prompts, responses=responses, prompt_index=index, pad_id=0,
+                                packed=packed, head_chunk=chunk, temperature=0.7)
+            s.logprobs.sum().backward()
+            out[chunk, packed] = (s.logprobs.detach(), {k: p.grad.clone() for k, p in model.named_parameters()})
+            assert max(rows) <= 3 if chunk else max(rows) > 3, rows  # chunks of 3, and the prefill's last positions (one per prompt)
+    handle.remove()
+    model.eval()
+    for packed in (True, False):
+        torch.testing.assert_close(out[3, packed][0], out[None, packed][0], atol=1e-6, rtol=1e-5)
+        for k, g in out[None, packed][1].items():
+            torch.testing.assert_close(out[3, packed][1][k], g, atol=2e-5, rtol=1e-5, msg=k)  # sums of ~5
+
+
+def test_a_model_whose_logits_are_post_processed_is_not_chunked():
+    from opsdl_core.models.scoring import plain_head
+
+    model, _ = build_tiny_model(seed=7)
+    orig = type(model).forward
+
+    class Capped(type(model)):
+        def forward(self, *a, **kw):
+            out = orig(self, *a, **kw)
+            out.logits = 30 * torch.tanh(out.logits / 30)  # soft-capping, as Gemma 2 does
+            return out
+
+    model.__class__ = Capped
+    assert not plain_head(model)

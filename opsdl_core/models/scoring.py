@@ -21,6 +21,7 @@ per step, with gradient, instead of once to sample and again to score.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -175,11 +176,82 @@ def prefill_grouped(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int
                      torch.cat([pt.lengths for pt in parts]), P)
 
 
-def step(model: Any, cache: Any, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor):
-    """Run ``input_ids [B, T]`` on top of ``cache``; ``attention`` covers cache + new tokens."""
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                **{_cache_kwarg(model): cache})
-    return out.logits, _out_cache(out)
+def step(model: Any, cache: Any, input_ids: torch.Tensor, attention: torch.Tensor, positions: torch.Tensor,
+         hidden: bool = False):
+    """Run ``input_ids [B, T]`` on top of ``cache``; ``attention`` covers cache + new tokens. Returns the logits
+    ``[B, T, V]`` (``hidden``: the LM head's input ``[B, T, H]`` instead, the head not run) and the cache."""
+    with _HeadInput(model) if hidden else contextlib.nullcontext() as grab:
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    **{_cache_kwarg(model): cache})
+    return (grab.hidden if hidden else out.logits), _out_cache(out)
+
+
+class _HeadInput:
+    """A forward pre-hook on the model's LM head while the block runs: keeps the head's input (the final hidden
+    states) and hands the head an empty slice of it, so the forward computes no logits."""
+
+    def __init__(self, model: Any):
+        self.head, self.hidden, self._handle = _hf_model(model).get_output_embeddings(), None, None
+
+    def _hook(self, module: Any, args: tuple) -> tuple:
+        self.hidden = args[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    def __enter__(self) -> "_HeadInput":
+        self._handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._handle.remove()
+
+
+def _head_logprobs(head: Any, h: torch.Tensor, y: torch.Tensor, temperature: float) -> torch.Tensor:
+    logits = head(h).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+
+
+def chunked_logprobs(head: Any, hidden: torch.Tensor, y: torch.Tensor, *, temperature: float = 1.0,
+                     chunk: int = 1024) -> torch.Tensor:
+    """``log softmax(head(hidden) / temperature)`` at the tokens ``y``, ``chunk`` positions at a time: hidden
+    ``[B, T, H]``, y ``[B, T]`` → ``[B, T]`` float32. With gradient, each chunk's head runs under non-reentrant
+    checkpointing, so neither pass holds more than one ``[chunk, V]`` block of logits (the backward recomputes
+    them chunk by chunk) where the plain head holds ``[B·T, V]`` logits and their log-softmax."""
+    B, T, H = hidden.shape
+    h, flat = hidden.reshape(B * T, H), y.reshape(B * T)
+    parts = []
+    for i in range(0, B * T, chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            parts.append(torch.utils.checkpoint.checkpoint(_head_logprobs, head, h[i:i + chunk], flat[i:i + chunk],
+                                                           temperature, use_reentrant=False))
+        else:
+            parts.append(_head_logprobs(head, h[i:i + chunk], flat[i:i + chunk], temperature))
+    return (torch.cat(parts) if parts else h.new_zeros(0)).view(B, T)
+
+
+def plain_head(model: Any) -> bool:
+    """Whether the model's logits are its output embeddings applied to the head's input with nothing after (no
+    soft-capping, scaling, ...): checked on a 3-token forward the first time a model is asked (the answer is
+    kept on the model)."""
+    hf = _hf_model(model)
+    known = hf.__dict__.get("_opsdl_plain_head")
+    if known is None:
+        head, known = hf.get_output_embeddings(), False
+        if head is not None:
+            was = hf.training
+            hf.eval()
+            try:
+                ids = torch.tensor([[1, 2, 3]], device=next(hf.parameters()).device)
+                with torch.no_grad():
+                    with _HeadInput(hf) as grab:
+                        hf(input_ids=ids, use_cache=False)
+                    ref = hf(input_ids=ids, use_cache=False).logits
+                    known = bool(torch.allclose(head(grab.hidden).float(), ref.float(), atol=1e-4, rtol=1e-4))
+            finally:
+                hf.train(was)
+        hf.__dict__["_opsdl_plain_head"] = known
+    return known
 
 
 def score_responses(
@@ -193,6 +265,7 @@ def score_responses(
     temperature: float = 1.0,
     prefilled: Prefilled | None = None,
     packed: bool | None = None,
+    head_chunk: int | None = 1024,
 ) -> Scored:
     """Log-probs of ``responses[b]`` as a continuation of ``prompts[prompt_index[b]]``.
 
@@ -203,6 +276,10 @@ def score_responses(
                   cache is extended here, so it serves one call.
     packed:       run each prompt's responses as one packed row (default: wherever the model's attention
                   takes a prepared mask) rather than one row per response on a copy of the prompt's cache.
+    head_chunk:   without ``return_logits``, the LM head runs over this many response positions at a time
+                  (:func:`chunked_logprobs`: the ``[B·R, V]`` logits never exist at once, with or without
+                  gradient), for models whose logits are the head's output as it is (:func:`plain_head`);
+                  None: one head call over all positions.
     Gradients flow when called outside ``torch.no_grad``. Logits are computed only at the
     R response positions: ``[B, R, V]`` (+ ``[P, 1, V]`` for the prompts' last positions).
     """
@@ -217,10 +294,16 @@ def score_responses(
     g = torch.as_tensor(list(prompt_index), dtype=torch.long, device=device)
     pre = prefilled if prefilled is not None else prefill(model, prompts, pad_id=pad_id)
     first = pre.last_logits[g].unsqueeze(1)  # [B, 1, V]: predicts y_0
+    if packed is None and y.shape[1] > 1:
+        packed = packable(model, pre.cache)
+    run = _packed_rest if packed else _per_response_rest
+    if head_chunk and not return_logits and y.shape[1] > 1 and plain_head(model):
+        rest = run(model, pre, y, mask, list(prompt_index), pad_id, hidden=True)  # [B, R-1, H]
+        lp = torch.cat([_head_logprobs(lambda x: x, first, y[:, :1], temperature),
+                        chunked_logprobs(_hf_model(model).get_output_embeddings(), rest, y[:, 1:],
+                                         temperature=temperature, chunk=head_chunk)], dim=1)
+        return Scored(logprobs=lp * mask, mask=mask, response_ids=y)
     if y.shape[1] > 1:
-        if packed is None:
-            packed = packable(model, pre.cache)
-        run = _packed_rest if packed else _per_response_rest
         logits = torch.cat([first, run(model, pre, y, mask, list(prompt_index), pad_id)], dim=1)
     else:
         logits = first
@@ -247,22 +330,22 @@ def packable(model: Any, cache: Any) -> bool:
 
 
 def _per_response_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor, index: list[int],
-                       pad_id: int) -> torch.Tensor:
-    """Logits ``[B, R-1, V]`` at response positions 1.., one row per response on its own copy of its
-    prompt's cache."""
+                       pad_id: int, hidden: bool = False) -> torch.Tensor:
+    """Logits ``[B, R-1, V]`` at response positions 1.. (``hidden``: the head's input ``[B, R-1, H]``), one row
+    per response on its own copy of its prompt's cache."""
     device = y.device
     g = torch.as_tensor(index, dtype=torch.long, device=device)
     pre.cache.batch_select_indices(g)  # [P, ...] -> [B, ...], each response gets its prompt's cache
     inp = y[:, :-1]  # [B, R-1]
     attention = torch.cat([pre.attention[g], mask[:, :-1].long()], dim=1)
     positions = pre.lengths[g].unsqueeze(1) + torch.arange(inp.shape[1], device=device).unsqueeze(0)
-    rest, _ = step(model, pre.cache, inp, attention, positions)
+    rest, _ = step(model, pre.cache, inp, attention, positions, hidden=hidden)
     return rest
 
 
 def _packed_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor, index: list[int],
-                 pad_id: int) -> torch.Tensor:
-    """Logits ``[B, R-1, V]`` at response positions 1.., the responses of each prompt packed in one row
+                 pad_id: int, hidden: bool = False) -> torch.Tensor:
+    """Logits ``[B, R-1, V]`` (``hidden``: the head's input) at response positions 1.., the responses of each prompt packed in one row
     ``[y_1 | … | y_n]`` on that prompt's cache. Block j of row p holds the inputs of p's j-th response at
     positions ``len(p) + t``; a block sees the prompt's real tokens and its own real earlier inputs."""
     device = y.device
@@ -288,5 +371,5 @@ def _packed_rest(model: Any, pre: Prefilled, y: torch.Tensor, mask: torch.Tensor
     own = same & causal & keys.unsqueeze(1)
     prompt = pre.attention.bool().unsqueeze(1).expand(P, M, Lp)
     attention = torch.cat([prompt, own], dim=2).unsqueeze(1)  # [P, 1, M, Lp + M]
-    logits, _ = step(model, pre.cache, ids, attention, positions)  # [P, M, V]
-    return logits[rows.unsqueeze(1), cols]  # [B, T, V]
+    out, _ = step(model, pre.cache, ids, attention, positions, hidden=hidden)  # [P, M, V or H]
+    return out[rows.unsqueeze(1), cols]  # [B, T, V or H]
