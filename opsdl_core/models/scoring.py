@@ -239,16 +239,16 @@ def plain_head(model: Any) -> bool:
     if known is None:
         head, known = hf.get_output_embeddings(), False
         if head is not None:
-            was = hf.training
+            was, seen = hf.training, []
+            handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # one forward
             hf.eval()
             try:
                 ids = torch.tensor([[1, 2, 3]], device=next(hf.parameters()).device)
                 with torch.no_grad():
-                    with _HeadInput(hf) as grab:
-                        hf(input_ids=ids, use_cache=False)
                     ref = hf(input_ids=ids, use_cache=False).logits
-                    known = bool(torch.allclose(head(grab.hidden).float(), ref.float(), atol=1e-4, rtol=1e-4))
+                    known = bool(torch.allclose(head(seen[0]).float(), ref.float(), atol=1e-4, rtol=1e-4))
             finally:
+                handle.remove()
                 hf.train(was)
         hf.__dict__["_opsdl_plain_head"] = known
     return known
