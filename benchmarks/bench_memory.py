@@ -58,6 +58,9 @@ def _model(args):
     return model, tok
 
 
+_TEMPLATE_ROOM = 160  # the chat template, the question and the tokenizer's rounding around a context's tokens
+
+
 def _real_dir() -> str:
     from opsdl_core.models.load import resolve_model
 
@@ -78,13 +81,16 @@ def child(args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, tok = _model(args)
-    cfg = RunConfig.from_dict({"data": {"train_size": 1, "heldout_size": 0, "context_tokens": args.length}})
+    # a context the model's window holds with its answers (8K asked of an 8,192-position model: a little less)
+    window = int(getattr(model.config, "max_position_embeddings", 0) or 0) or args.length + 4096
+    context = min(args.length, window - args.response_tokens - _TEMPLATE_ROOM)
+    cfg = RunConfig.from_dict({"data": {"train_size": 1, "heldout_size": 0, "context_tokens": context}})
     if args.checkpointing:
         checkpointing.enable(model)
     if not args.full:
         model = apply_lora(model, RunConfig.from_dict({"lora": {"r": 16, "alpha": 32}}))
     model.train()
-    item = prepare_data(cfg.data, tok).train[0]
+    item = prepare_data(cfg.data, tok, answer_tokens=args.response_tokens).train[0]
     g = torch.Generator().manual_seed(0)
     responses = [torch.randint(10, 1000, (args.response_tokens,), generator=g).tolist() for _ in range(args.samples)]
     teacher = torch.zeros(args.samples, args.response_tokens)

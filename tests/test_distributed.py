@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +50,58 @@ def _cfg(tmp_path: Path, tiny_model_dir: Path, name: str, method: str, **train) 
     return path
 
 
-def _train(cfg_path: Path, *launch: str) -> None:
+# FSDP2 on two CPU processes: full sharding, the decoder layers as units (configs/accelerate/fsdp.yaml's kind),
+# launched through tests/fsdp_cpu_train.py, which lifts accelerate's FSDP-on-accelerators-only gate
+FSDP_CPU2 = """compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+main_process_port: 29519
+rdzv_backend: static
+same_network: true
+use_cpu: false
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_cpu_ram_efficient_loading: false
+  fsdp_offload_params: false
+  fsdp_state_dict_type: FULL_STATE_DICT
+"""
+
+
+def _train(cfg_path: Path, *launch: str, entry: tuple[str, ...] = ("-m", "opsdl_core.train")) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, "-m", "opsdl_core.train", "--no-eval",
-           "--no-lineage", "--config", str(cfg_path)] if launch else \
-        [sys.executable, "-m", "opsdl_core.train", "--no-eval", "--no-lineage", "--config", str(cfg_path)]
+    args = ["--no-eval", "--no-lineage", "--config", str(cfg_path)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, *entry, *args] if launch else \
+        [sys.executable, "-m", "opsdl_core.train", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def _same_training(one: Path, two: Path) -> None:
+    """The runs in ``one`` and ``two`` took the same steps (gradient norms, learning rates) to the same adapter."""
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["step"] for m in m2] == [1, 2, 3], "each step once: one process wrote the metrics"
+    assert m2[-1]["prompts_seen"] == m1[-1]["prompts_seen"] == 6  # 2 ranks x 1 prompt x 3 steps
+    # the same gradient at every step (the global norm, after the ranks' reduction)
+    for x, y in zip(m1, m2):
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), (x["step"], x["grad_norm"], y["grad_norm"])
+    # the schedule stepped once per optimizer step under two processes (not once per process)
+    f = lr_lambda("linear", 1, STEPS)
+    assert [m["lr"] for m in m2] == pytest.approx([LR * f(s) for s in (1, 2, 3)])
+    assert [m["lr"] for m in m1] == pytest.approx([m["lr"] for m in m2])
+    a = load_file(str(one / "final" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(two / "final" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
+    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).abs()
+    trained = torch.cat([a[k].flatten() for k in a if "lora_B" in k]).abs()  # lora_B starts at zero
+    assert trained.mean() > 1e-3, "the adapters did not train"
+    assert diff.mean() < 1e-3 * trained.mean(), (float(diff.mean()), float(trained.mean()))
+    assert diff.max() < 0.1 * LR * STEPS, float(diff.max())
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -69,24 +115,38 @@ def test_two_ddp_processes_train_as_one_process_with_the_same_global_batch(tmp_p
     two = _cfg(tmp_path, tiny_model_dir, "two", method, grad_accum=1, prompts_per_step=1)
     _train(one)
     _train(two, "--config_file", str(ROOT / "configs/accelerate/cpu2.yaml"))
-    m1, m2 = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [m["step"] for m in m2] == [1, 2, 3], "each step once: one process wrote the metrics"
-    assert m2[-1]["prompts_seen"] == m1[-1]["prompts_seen"] == 6  # 2 ranks x 1 prompt x 3 steps
-    # the same gradient at every step (the global norm, after DDP's all-reduce)
-    for x, y in zip(m1, m2):
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4), (x["step"], x["grad_norm"], y["grad_norm"])
-    # the schedule stepped once per optimizer step under two processes (not once per process)
-    f = lr_lambda("linear", 1, STEPS)
-    assert [m["lr"] for m in m2] == pytest.approx([LR * f(s) for s in (1, 2, 3)])
-    assert [m["lr"] for m in m1] == pytest.approx([m["lr"] for m in m2])
-    a = load_file(str(tmp_path / "one" / "final" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and a
-    diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).abs()
-    trained = torch.cat([a[k].flatten() for k in a if "lora_B" in k]).abs()  # lora_B starts at zero
-    assert trained.mean() > 1e-3, "the adapters did not train"
-    assert diff.mean() < 1e-3 * trained.mean(), (float(diff.mean()), float(trained.mean()))
-    assert diff.max() < 0.1 * LR * STEPS, float(diff.max())
+    _same_training(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["opsdl", "sft"])
+def test_two_fsdp_processes_train_as_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, method):
+    """FSDP2 over gloo, every parameter sharded over the two ranks: the merged sampler is synced from gathered
+    weights, the checkpoint holds the gathered weights, and the final folders are written from them."""
+    one = _cfg(tmp_path, tiny_model_dir, "one", method, grad_accum=2, prompts_per_step=1, save_every=1)
+    two = _cfg(tmp_path, tiny_model_dir, "two", method, grad_accum=1, prompts_per_step=1, save_every=1)
+    launch = tmp_path / "fsdp-cpu2.yaml"
+    launch.write_text(FSDP_CPU2)
+    fsdp = ("--config_file", str(launch))
+    entry = (str(ROOT / "tests" / "fsdp_cpu_train.py"),)
+    _train(one)
+    out = _train(two, *fsdp, entry=entry)
+    assert "2 process(es), FSDP" in out and "accelerate runs" not in out, out[-3000:]
+    _same_training(tmp_path / "one", tmp_path / "two")
+    for folder, name in (("final/model", "model.safetensors"), (f"checkpoints/step-{STEPS:06d}", "trainable.safetensors")):
+        a, b = (load_file(str(tmp_path / run / folder / name)) for run in ("one", "two"))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), folder  # whole tensors
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.1 * LR * STEPS, folder
+    # resumed under FSDP from the step before the last (weights and AdamW state written whole, loaded into
+    # the shards): the last step again gives the same adapter
+    adapter = tmp_path / "two" / "final" / "adapter" / "adapter_model.safetensors"
+    first = load_file(str(adapter))
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / f"step-{STEPS:06d}")
+    shutil.rmtree(tmp_path / "two" / "final")
+    out = _train(two, *fsdp, entry=entry)
+    assert f"step-{STEPS - 1:06d} (step {STEPS - 1})" in out, out[-3000:]
+    again = load_file(str(adapter))
+    assert max(float((first[k] - again[k]).abs().max()) for k in first) < 1e-6
 
 
 @pytest.mark.parametrize("kind, lora, ok", [("ema", True, False), ("ema", False, False), ("base", False, False),

@@ -18,6 +18,7 @@ from opsdl_core.config import ConfigError, RunConfig
 from opsdl_core.config_schema import parse_overrides
 from opsdl_core.run_dir import RunDir, read_jsonl
 from opsdl_core.train import checkpoint as ckpt
+from opsdl_core.train import final as final_mod
 from opsdl_core.train import recipe as trainer_mod
 
 STEPS = 4  # checkpoints at 2 and 4 (save_every 2), both kept
@@ -112,7 +113,7 @@ PHASES = {  # name -> arm(monkeypatch, trainer): the kill; what the folder holds
     "after checkpoint 4's rename, before its log line": _kill_in_checkpoint_log,
     "in step 3, after a checkpoint": _kill_in_step(3),
     "while writing final/": lambda mp, tr: mp.setattr(
-        trainer_mod, "canonical_adapter_config", _raise_at_call(1)),
+        final_mod, "canonical_adapter_config", _raise_at_call(1)),
 }
 
 

@@ -233,9 +233,12 @@ def chunked_logprobs(head: Any, hidden: torch.Tensor, y: torch.Tensor, *, temper
 def plain_head(model: Any) -> bool:
     """Whether the model's logits are its output embeddings applied to the head's input with nothing after (no
     soft-capping, scaling, ...): checked on a 3-token forward the first time a model is asked (the answer is
-    kept on the model)."""
+    kept on the model). Never on an FSDP-sharded model: its head's weight exists whole only inside the model's
+    own forward and backward, so the head may not be called (or recomputed) outside them."""
     hf = _hf_model(model)
     known = hf.__dict__.get("_opsdl_plain_head")
+    if known is None and _fsdp_sharded(model):
+        known = False
     if known is None:
         head, known = hf.get_output_embeddings(), False
         if head is not None:
@@ -252,6 +255,14 @@ def plain_head(model: Any) -> bool:
                 hf.train(was)
         hf.__dict__["_opsdl_plain_head"] = known
     return known
+
+
+def _fsdp_sharded(model: Any) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def score_responses(

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from ..data.writers import atomic_write
 from ..run_dir import RunDir
 from ..wheels import sha256_file
+from .sharding import load_optimizer_state, load_trainable_state
 
 MANIFEST = "manifest.json"
 REQUIRED = ("state.json", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")
@@ -163,10 +164,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def _tensors(obj: Any, prefix: str = "") -> Iterable[tuple[str, torch.Tensor]]:
     """Every floating-point tensor in nested dicts / lists / tuples, with its path."""
     if isinstance(obj, torch.Tensor):
@@ -199,16 +196,17 @@ def _log_record(folder: Path, state: dict[str, Any]) -> dict[str, Any]:
             **{k: state[k] for k in ("config_hash", "cursor") if k in state}}
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model: Any, optimizer: Any, scheduler: Any,
-                    teacher_state: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    scheduler: Any, teacher_state: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically with its manifest, log it, and prune older ones beyond
-    ``keep``. Refuses (``NonFiniteCheckpoint``, nothing written) if any weight, teacher or AdamW state
-    tensor is not finite."""
+    ``keep``: ``weights`` the trainable tensors by name and ``optimizer_state`` AdamW's state, both whole
+    (``sharding.trainable_state`` / ``sharding.optimizer_state``). Refuses (``NonFiniteCheckpoint``,
+    nothing written) if any weight, teacher or AdamW state tensor is not finite."""
     files = RunDir(run_dir)
-    weights = trainable_state(model)
     teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
-    opt_state = optimizer.state_dict()
+    opt_state = optimizer_state
     refuse_nonfinite(f"checkpoint at step {step}", trainable=weights, teacher=teacher, optimizer=opt_state["state"])
+    weights = {n: t.detach().cpu().contiguous() for n, t in weights.items()}
     root, final = files.checkpoints, files.checkpoint_dir(step)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
@@ -338,9 +336,7 @@ def _copy_weights(weights: dict[str, torch.Tensor], model: Any, where: Path) -> 
     missing = {n for n, p in params.items() if p.requires_grad} - set(weights)
     if missing:
         raise KeyError(f"checkpoint {where} lacks trainable parameters of the model: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for n, t in weights.items():
-            params[n].copy_(t)
+    load_trainable_state(model, weights)
 
 
 def load_trainable(path: Path, model: Any) -> None:
@@ -354,7 +350,7 @@ def load_trainable(path: Path, model: Any) -> None:
 def restore(ck: Checkpoint, *, model: Any, optimizer: Any, scheduler: Any) -> None:
     """Apply a read checkpoint: weights, optimizer, scheduler and RNG (the teacher's state is the caller's)."""
     _copy_weights(ck.trainable, model, ck.path)
-    optimizer.load_state_dict(ck.optimizer)
+    load_optimizer_state(model, optimizer, ck.optimizer)
     scheduler.load_state_dict(ck.scheduler)
     set_rng_state(ck.rng)
 

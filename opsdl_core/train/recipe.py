@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -36,8 +35,10 @@ from ..models.rollout import RolloutEngine, SamplingParams, TransformersRollout,
 from ..models.scoring import prefill, score_responses
 from ..run_dir import RunDir
 from . import checkpoint as ckpt
+from . import sharding
 from .baselines import baseline_loss, load_or_build_baseline_data
-from .lora import apply_lora, canonical_adapter_config, lr_lambda
+from .final import write_final
+from .lora import apply_lora, lr_lambda
 from .losses import compute_loss, needs_full_logits
 from .records import BaselineBatch, Distilled, LossTerm, TrainResult
 from .step_log import NonFiniteGuard, add_metrics, format_step, hash_seed, micro_metrics, pad_like
@@ -86,7 +87,8 @@ class OPSDLTrainer:
         self._setup_rollout(engine_dir, sampler_model)
         self.log(f"[opsdl] trainable parameters: {sum(p.numel() for p in params):,} "
                  f"({'LoRA r=%d' % self.cfg.lora.r if self.cfg.lora.enabled else 'full'}); "
-                 f"teacher={self.cfg.train.teacher}; loss={self.cfg.loss.kind}; config {self.cfg.hash()}")
+                 f"teacher={self.cfg.train.teacher}; loss={self.cfg.loss.kind}; config {self.cfg.hash()}; "
+                 f"{self.accelerator.num_processes} process(es), {self.accelerator.distributed_type.value}")
         self._setup_run_dir()
         self._setup_baseline_data()
         self._resume(resume)
@@ -275,7 +277,8 @@ class OPSDLTrainer:
         update = True
         if acc.sync_gradients:
             # the norm of every step (no clipping: max_norm inf leaves the gradients as they are)
-            norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.optim.max_grad_norm or math.inf))
+            norm = sharding.grad_norm_value(acc.clip_grad_norm_(self.model.parameters(),
+                                                                self.cfg.optim.max_grad_norm or math.inf))
             sums["grad_norm"] = norm
             # fp16: the GradScaler skips an overflowing update itself (and lowers its scale): only the loss counts
             update = finite_loss and (math.isfinite(norm) or acc.scaler is not None)
@@ -445,10 +448,11 @@ class OPSDLTrainer:
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
         state = None
-        if self._full_sync:
-            state = sampler_weights(self.unwrapped)
-        elif self._merged_sampler:  # the sampler is our own plain copy: merged straight into its weights
-            merge_lora_into(self.unwrapped, self.rollout.model)
+        with sharding.full_weights(self.model):  # every rank, whole tensors (FSDP); as they are otherwise
+            if self._full_sync:
+                state = sampler_weights(self.unwrapped)
+            elif self._merged_sampler:  # the sampler is our own plain copy: merged straight into its weights
+                merge_lora_into(self.unwrapped, self.rollout.model)
         self.rollout.update_weights(self.step, state)
 
     # -- saving --------------------------------------------------------------------------
@@ -456,8 +460,10 @@ class OPSDLTrainer:
         t = time.perf_counter()
         self.accelerator.wait_for_everyone()
         path = None
+        weights = sharding.trainable_state(self.model)  # gathered by every rank under FSDP
+        optimizer_state = sharding.optimizer_state(self.model, self.optimizer)
         if self.accelerator.is_main_process:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, model=self.unwrapped, optimizer=self.optimizer,
+            path = ckpt.save_checkpoint(self.run_dir, self.step, weights=weights, optimizer_state=optimizer_state,
                                         scheduler=self.scheduler, teacher_state=self.teacher.state_dict(),
                                         keep=self.cfg.train.keep_checkpoints,
                                         state={"config_hash": self.cfg.hash(), "cursor": self.step *
@@ -469,32 +475,21 @@ class OPSDLTrainer:
     def save_final(self, *, merged: bool = True) -> Path:
         """Write ``run_dir/final``: the adapter (LoRA) and a merged, standard transformers folder (built in
         ``.tmp-final``, then renamed; refused if a weight is not finite). Under several processes the main
-        one writes it (every rank holds the same weights) while the others wait."""
-        ckpt.refuse_nonfinite(f"final model at step {self.step}", trainable={
-            n: p.detach() for n, p in self.unwrapped.named_parameters() if p.requires_grad})
-        final = self.files.final
+        one writes it while the others wait; sharded weights (FSDP) are gathered by every rank first, and
+        the merge is then written to the files only (the model keeps its adapter)."""
+        ckpt.refuse_nonfinite(f"final model at step {self.step}", trainable=sharding.trainable_state(self.model))
+        final, adapter_state, model_state = self.files.final, None, None
+        if sharding.is_sharded(self.model):  # every rank gathers; the main one writes the whole tensors
+            adapter_state = sharding.full_state(self.model)
+            with sharding.full_weights(self.model):
+                model_state = sharding.cpu_copy(sampler_weights(self.unwrapped))
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            self.accelerator.wait_for_everyone()
-            return final
-        tmp = self.run_dir / ".tmp-final"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model = self.unwrapped
-        if self.cfg.lora.enabled:
-            model.save_pretrained(tmp / "adapter")
-            canonical_adapter_config(tmp / "adapter" / "adapter_config.json")
-            if merged:
-                model = model.merge_and_unload()
-                self.unwrapped = model
-        if merged or not self.cfg.lora.enabled:
-            model.save_pretrained(tmp / "model")
-            self.tokenizer.save_pretrained(tmp / "model")
-        ckpt.atomic_write_text(tmp / "lineage.json", json.dumps(
-            {"config_hash": self.cfg.hash(), "data_digest": self.data.digest, "steps": self.step, **self.lineage},
-            indent=1, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        if self.accelerator.is_main_process:
+            self.unwrapped = write_final(self.run_dir, final, self.unwrapped, self.tokenizer, merged=merged,
+                                         lora=self.cfg.lora.enabled, adapter_state=adapter_state,
+                                         model_state=model_state, lineage={
+                                             "config_hash": self.cfg.hash(), "data_digest": self.data.digest,
+                                             "steps": self.step, **self.lineage})
         self.accelerator.wait_for_everyone()
         return final
+
