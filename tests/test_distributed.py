@@ -119,12 +119,15 @@ def test_two_ddp_processes_train_as_one_process_with_the_same_global_batch(tmp_p
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["opsdl", "sft"])
-def test_two_fsdp_processes_train_as_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, method):
+@pytest.mark.parametrize("method, checkpointed", [("opsdl", False), ("sft", False), ("opsdl", True)])
+def test_two_fsdp_processes_train_as_one_process_with_the_same_global_batch(tmp_path, tiny_model_dir, method,
+                                                                            checkpointed):
     """FSDP2 over gloo, every parameter sharded over the two ranks: the merged sampler is synced from gathered
-    weights, the checkpoint holds the gathered weights, and the final folders are written from them."""
-    one = _cfg(tmp_path, tiny_model_dir, "one", method, grad_accum=2, prompts_per_step=1, save_every=1)
-    two = _cfg(tmp_path, tiny_model_dir, "two", method, grad_accum=1, prompts_per_step=1, save_every=1)
+    weights, the checkpoint holds the gathered weights, and the final folders are written from them; with
+    ``train.gradient_checkpointing`` on both sides, the recomputed layers run on the gathered weights too."""
+    ck = {"gradient_checkpointing": checkpointed}
+    one = _cfg(tmp_path, tiny_model_dir, "one", method, grad_accum=2, prompts_per_step=1, save_every=1, **ck)
+    two = _cfg(tmp_path, tiny_model_dir, "two", method, grad_accum=1, prompts_per_step=1, save_every=1, **ck)
     launch = tmp_path / "fsdp-cpu2.yaml"
     launch.write_text(FSDP_CPU2)
     fsdp = ("--config_file", str(launch))
@@ -165,3 +168,35 @@ def test_a_teacher_that_would_swap_into_sharded_weights_is_refused(kind, lora, o
             with pytest.raises(ValueError, match=rf"train.teacher='{kind}' with lora.enabled={lora} under "
                                                  rf"(FSDP|DEEPSPEED).*score with the student's weights"):
                 check_teacher_sharding(kind, lora=lora, distributed_type=dist)
+
+
+def test_fsdp_activation_checkpointing_is_refused_and_the_shipped_launch_file_does_not_ask_for_it():
+    """accelerate's FSDP activation checkpointing recomputes each decoder layer with torch's checkpoint, which
+    appends the prompt's keys and values to the KV cache a second time in the backward (measured on two CPU
+    processes: 'The size of tensor a (268) must match the size of tensor b (258)'): refused at setup."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from opsdl_core.train.sharding import check_fsdp_plugin
+
+    with pytest.raises(ValueError, match="fsdp_activation_checkpointing.*train.gradient_checkpointing: true"):
+        check_fsdp_plugin(SimpleNamespace(activation_checkpointing=True))
+    check_fsdp_plugin(SimpleNamespace(activation_checkpointing=False))
+    check_fsdp_plugin(None)
+    shipped = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp.yaml").read_text())
+    assert shipped["distributed_type"] == "FSDP" and shipped["fsdp_config"]["fsdp_activation_checkpointing"] is False
+
+
+@pytest.mark.slow
+def test_an_fsdp_launch_with_fsdp_activation_checkpointing_stops_before_training(tmp_path, tiny_model_dir):
+    two = _cfg(tmp_path, tiny_model_dir, "two", "opsdl", grad_accum=1, prompts_per_step=1)
+    launch = tmp_path / "fsdp-cpu2-ac.yaml"
+    launch.write_text(FSDP_CPU2 + "  fsdp_activation_checkpointing: true\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
+                           str(ROOT / "tests" / "fsdp_cpu_train.py"), "--no-eval", "--no-lineage", "--config", str(two)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "fsdp_activation_checkpointing: true in the accelerate launch file" in proc.stdout + proc.stderr
+    assert not (tmp_path / "two" / "metrics.jsonl").exists()

@@ -107,8 +107,9 @@ class OPSDLTrainer:
         if asked and kind not in asked:  # accelerate has neither on CPU processes: it runs DDP instead
             self._warn(f"the launch asked for {asked[0]} but accelerate runs {kind} here (no GPU: accelerate shards "
                        "nothing on CPU processes); every process holds all the weights")
-        # before any weight is touched: a teacher that cannot work on sharded weights is refused
+        # before any weight is touched: a teacher or a checkpointing that cannot work on sharded weights is refused
         check_teacher_sharding(cfg.train.teacher, lora=cfg.lora.enabled, distributed_type=kind)
+        sharding.check_fsdp_plugin(getattr(self.accelerator.state, "fsdp_plugin", None) if kind == "FSDP" else None)
         torch.manual_seed(cfg.train.seed)
 
     def _setup_sampler_weights(self) -> tuple[Any, Any]:

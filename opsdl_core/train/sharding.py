@@ -15,6 +15,17 @@ from typing import Any, Iterator
 import torch
 
 
+def check_fsdp_plugin(plugin: Any) -> None:
+    """Refuse FSDP's own activation checkpointing (``fsdp_activation_checkpointing`` in the launch file): it wraps
+    each decoder layer in torch's checkpoint, whose recompute in the backward appends the layer's keys and
+    values to the KV cache a second time, and the answers are scored on that cache (an attention-shape error
+    in the first backward). ``train.gradient_checkpointing`` recomputes the same layers with the cache kept."""
+    if plugin is not None and getattr(plugin, "activation_checkpointing", False):
+        raise ValueError("fsdp_activation_checkpointing: true in the accelerate launch file cannot work with the "
+                         "trainer (its recompute extends the prompt's KV cache a second time): set it to false and "
+                         "use train.gradient_checkpointing: true, which checkpoints the same layers with the cache kept")
+
+
 def fsdp_modules(model: Any) -> list[Any]:
     """The FSDP2 units of ``model`` (empty when it is not sharded)."""
     try:
