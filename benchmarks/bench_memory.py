@@ -10,8 +10,9 @@ point-wise loss, the backward — with LoRA r=16 on every linear layer, or ``--f
 length: the peak resident memory above the level just before the step (a thread samples ``/proc/self/statm``
 every 2 ms), the seconds, and checkpointed / plain for both; the log-probs of the two must agree. A child
 whose resident memory passes ``--max-rss-gib`` is stopped and reported as not fitting. ``--model tiny``: a
-random-init model of SmolLM2-135M's layer shapes with 4 layers (the memory per layer is the real one's,
-the time is not), for contexts the real model would take hours at on a CPU.
+random-init model of SmolLM2-135M's layer shapes with ``--layers`` layers (4 by default: the memory per layer is
+the real one's, the time is not; 30: the real model's depth with a longer position range, for the contexts past
+its 8,192-token window).
 
 The last lines fit the process's peak resident memory = a + b * tokens to each variant's rows (least
 squares; the model and the data included) and print the context
@@ -49,8 +50,10 @@ def _model(args):
 
     tok = load_tokenizer("smollm2-135m-instruct")
     config = AutoConfig.from_pretrained(_real_dir())
-    config.num_hidden_layers = 4
+    config.num_hidden_layers = args.layers
     config.max_position_embeddings = max(config.max_position_embeddings, 2 * max(args.lengths))
+    tok.model_max_length = config.max_position_embeddings  # the window the data path checks prompts against
+    tok.name_or_path = ""  # (not the real folder's config.json, whose window is 8,192)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
     use_gqa_attention(model)
@@ -129,6 +132,7 @@ def main() -> int:
     ap.add_argument("--response-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    ap.add_argument("--layers", type=int, default=4, help="--model tiny: decoder layers (30: the real model's depth)")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     ap.add_argument("--max-rss-gib", type=float, default=total - 2)
     ap.add_argument("--budget-gib", type=float, default=total - 2)
@@ -139,7 +143,8 @@ def main() -> int:
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return 0
-    print(f"# model={args.model} {'full fine-tuning' if args.full else 'LoRA r=16'} samples={args.samples} "
+    depth = f" ({args.layers} layers)" if args.model == "tiny" else ""
+    print(f"# model={args.model}{depth} {'full fine-tuning' if args.full else 'LoRA r=16'} samples={args.samples} "
           f"response_tokens={args.response_tokens} threads={args.threads} "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; stop at {args.max_rss_gib:.1f} GiB resident\n")
     print("| context tokens | plain peak MiB | plain s | checkpointed peak MiB | checkpointed s | memory ratio | "
@@ -151,7 +156,7 @@ def main() -> int:
         for ck in (False, True):
             cmd = [sys.executable, __file__, "--child", "--length", str(length), "--model", args.model,
                    "--samples", str(args.samples), "--response-tokens", str(args.response_tokens),
-                   "--threads", str(args.threads), "--lengths", *map(str, args.lengths)]
+                   "--threads", str(args.threads), "--layers", str(args.layers), "--lengths", *map(str, args.lengths)]
             cmd += ["--checkpointing"] if ck else []
             cmd += ["--full"] if args.full else []
             res[ck] = run_capped(cmd, args.max_rss_gib)

@@ -178,6 +178,9 @@ class VLLMConfig:
     cpu_threads: Optional[int] = _f(None, "CPU build: the cores the engine's threads use; null: every core this process"
                                           " may run on (vLLM's own default keeps one per worker for its scheduler). "
                                           "VLLM_CPU_OMP_THREADS_BIND, if set, wins.", hashed=False)
+    sleep: bool = _f(False, "GPUs only: vLLM's sleep mode after each rollout (its weights moved to host memory, its KV "
+                            "cache freed) and a wake-up before the next sync or rollout, so the trainer and the engine "
+                            "share one GPU; refused on a CPU.", hashed=False)
 
     def __post_init__(self) -> None:
         check(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.max_model_len,

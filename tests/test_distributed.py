@@ -195,8 +195,8 @@ def test_an_fsdp_launch_with_fsdp_activation_checkpointing_stops_before_training
     launch.write_text(FSDP_CPU2 + "  fsdp_activation_checkpointing: true\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launch),
-                           str(ROOT / "tests" / "fsdp_cpu_train.py"), "--no-eval", "--no-lineage", "--config", str(two)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           str(ROOT / "tests" / "fsdp_cpu_train.py"), "--no-eval", "--no-lineage",
+                           "--config", str(two)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "fsdp_activation_checkpointing: true in the accelerate launch file" in proc.stdout + proc.stderr
     assert not (tmp_path / "two" / "metrics.jsonl").exists()

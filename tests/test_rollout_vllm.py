@@ -171,9 +171,12 @@ def test_gpu_smoke_script_runs_its_steps_on_the_cpu_build(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     fig = json.loads(out.read_text())
-    assert fig["device"] == "cpu" and len(fig["steps"]) == 2
-    for s in fig["steps"]:
+    assert fig["device"] == "cpu" and fig["gradient_checkpointing"] is True and fig["peak_tflops"]["measured"] > 0
+    (run,) = fig["runs"]
+    assert run["prompt_tokens_asked"] == 256 and len(run["steps"]) == 2
+    for s in run["steps"]:
         assert s["sampler_logprob_absdiff"] < TOL and s["rollout_tok_per_s"] > 0 and s["sync_s"] > 0
+        assert s["model_tflop"] > 0 and 0 < s["mfu_measured"] < 1 and s["trained_tok_per_s"] > 0
 
 
 @pytest.mark.slow
@@ -219,3 +222,12 @@ def test_cpu_thread_binding_uses_every_core_unless_the_user_set_one(monkeypatch)
     assert cpu_binding_env(cpu_threads=1, environ={})["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert cpu_binding_env(environ={"VLLM_CPU_OMP_THREADS_BIND": "1"}) == {}, "the user's binding is kept"
     assert cpu_binding_env(environ={"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3"}
+
+
+def test_sleep_mode_is_refused_on_a_cpu_before_an_engine_starts(tiny_model_dir):
+    """vLLM's sleep mode frees GPU memory between rollouts; on a CPU there is none to free and vLLM has no such mode:
+    the setting is refused with a message naming it, before any engine process starts."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: sleep mode is allowed")
+    with pytest.raises(ValueError, match=r"rollout\.vllm\.sleep: .*needs a GPU"):
+        VLLMRollout(str(tiny_model_dir), VLLMConfig(max_model_len=256, kv_cache_gib=0.25, sleep=True))

@@ -122,6 +122,13 @@ class VLLMRollout:
         self.cpu_binding = None if torch.cuda.is_available() else \
             binding_env.get("VLLM_CPU_OMP_THREADS_BIND", os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
         kw: dict[str, Any] = {}
+        if s.sleep:
+            if not torch.cuda.is_available():
+                raise ValueError("rollout.vllm.sleep: vLLM's sleep mode frees GPU memory between rollouts and needs a "
+                                 "GPU (vLLM has no sleep mode on the CPU, where the engine and the trainer share host "
+                                 "memory anyway); set it to false here")
+            kw["enable_sleep_mode"] = True
+        self._asleep = False
         if s.kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         else:
@@ -177,7 +184,11 @@ class VLLMRollout:
                                    logprobs=0, seed=(int(seed) * 1_000_003 + i) % 2**62 if params.temperature > 0
                                    else None, detokenize=False)
                for i in range(len(prompts))]
+        self._wake()
         outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], sps, use_tqdm=False)
+        if self.settings.sleep:  # the trainer's phase follows: weights to host memory, the KV cache freed
+            self.llm.sleep(level=1)
+            self._asleep = True
         batch = RolloutBatch([], [], [], [], self.weight_version)
         stop_set = set(params.stop_token_ids)
         for i, out in enumerate(outs):
@@ -195,6 +206,7 @@ class VLLMRollout:
         (nothing changed, e.g. right after start)."""
         self._check()
         if state_dict is not None:
+            self._wake()
             t = time.perf_counter()
             try:
                 self._reload(state_dict)
@@ -221,6 +233,7 @@ class VLLMRollout:
         import vllm
 
         self._check()
+        self._wake()
         ids = [int(t) for t in (*prompt_ids, *answer_ids)]
         sp = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         (out,) = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
@@ -244,6 +257,11 @@ class VLLMRollout:
                 shutil.rmtree(tmp, ignore_errors=True)
         if any(c != len(tensors) for c in counts):
             raise RuntimeError(f"workers loaded {counts} tensors, expected {len(tensors)}")
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def _check(self) -> None:
         if self.broken:

@@ -197,7 +197,8 @@ def _log_record(folder: Path, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-                    scheduler: Any, teacher_state: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+                    scheduler: Any, teacher_state: dict[str, torch.Tensor], state: dict[str, Any],
+                    keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically with its manifest, log it, and prune older ones beyond
     ``keep``: ``weights`` the trainable tensors by name and ``optimizer_state`` AdamW's state, both whole
     (``sharding.trainable_state`` / ``sharding.optimizer_state``). Refuses (``NonFiniteCheckpoint``,

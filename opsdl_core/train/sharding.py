@@ -23,7 +23,8 @@ def check_fsdp_plugin(plugin: Any) -> None:
     if plugin is not None and getattr(plugin, "activation_checkpointing", False):
         raise ValueError("fsdp_activation_checkpointing: true in the accelerate launch file cannot work with the "
                          "trainer (its recompute extends the prompt's KV cache a second time): set it to false and "
-                         "use train.gradient_checkpointing: true, which checkpoints the same layers with the cache kept")
+                         "use train.gradient_checkpointing: true, which checkpoints the same layers with the cache "
+                         "kept")
 
 
 def fsdp_modules(model: Any) -> list[Any]:
