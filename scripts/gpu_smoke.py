@@ -137,7 +137,7 @@ def run_length(args, folder: Path, work: Path, length: int, *, dtype: str, kv: f
                                                        "sync_s", "sampler_logprob_absdiff", "loss")}
             row |= {"rollout_tok_per_s": round(m["response_len"] * m["samples"] / max(m["generate_s"], 1e-9), 1),
                     "trained_tok_per_s": round(trained / max(m["step_s"], 1e-9), 1),
-                    "model_tflop": round(flops / 1e12, 2)}
+                    "model_gflop": round(flops / 1e9, 3)}
             for name, peak in peaks.items():
                 row[f"mfu_{name}"] = round(flops / m["step_s"] / peak, 4)
             steps.append(row)

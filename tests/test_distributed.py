@@ -136,7 +136,8 @@ def test_two_fsdp_processes_train_as_one_process_with_the_same_global_batch(tmp_
     out = _train(two, *fsdp, entry=entry)
     assert "2 process(es), FSDP" in out and "accelerate runs" not in out, out[-3000:]
     _same_training(tmp_path / "one", tmp_path / "two")
-    for folder, name in (("final/model", "model.safetensors"), (f"checkpoints/step-{STEPS:06d}", "trainable.safetensors")):
+    whole = (("final/model", "model.safetensors"), (f"checkpoints/step-{STEPS:06d}", "trainable.safetensors"))
+    for folder, name in whole:
         a, b = (load_file(str(tmp_path / run / folder / name)) for run in ("one", "two"))
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), folder  # whole tensors
         assert max(float((a[k] - b[k]).abs().max()) for k in a) < 0.1 * LR * STEPS, folder

@@ -34,7 +34,9 @@ def test_shipped_accelerate_configs_load(name, kind):
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert str(cfg.distributed_type).split(".")[-1] == kind
     if kind == "FSDP":
-        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_activation_checkpointing"]
+        # FSDP's own activation checkpointing breaks the KV cache the answers are scored on (the trainer refuses
+        # it: tests/test_distributed.py); train.gradient_checkpointing is the one to use
+        assert cfg.fsdp_config["fsdp_version"] == 2 and cfg.fsdp_config["fsdp_activation_checkpointing"] is False
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 3
 

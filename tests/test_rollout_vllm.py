@@ -176,7 +176,7 @@ def test_gpu_smoke_script_runs_its_steps_on_the_cpu_build(tmp_path):
     assert run["prompt_tokens_asked"] == 256 and len(run["steps"]) == 2
     for s in run["steps"]:
         assert s["sampler_logprob_absdiff"] < TOL and s["rollout_tok_per_s"] > 0 and s["sync_s"] > 0
-        assert s["model_tflop"] > 0 and 0 < s["mfu_measured"] < 1 and s["trained_tok_per_s"] > 0
+        assert s["model_gflop"] > 0 and 0 < s["mfu_measured"] < 1 and s["trained_tok_per_s"] > 0
 
 
 @pytest.mark.slow

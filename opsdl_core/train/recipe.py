@@ -482,8 +482,9 @@ class OPSDLTrainer:
         final, adapter_state, model_state = self.files.final, None, None
         if sharding.is_sharded(self.model):  # every rank gathers; the main one writes the whole tensors
             adapter_state = sharding.full_state(self.model)
-            with sharding.full_weights(self.model):
-                model_state = sharding.cpu_copy(sampler_weights(self.unwrapped))
+            with sharding.full_weights(self.model):  # the gather is collective, the copy the writer's own
+                model_state = sharding.cpu_copy(sampler_weights(self.unwrapped)) if self.accelerator.is_main_process \
+                    else None
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             self.unwrapped = write_final(self.run_dir, final, self.unwrapped, self.tokenizer, merged=merged,

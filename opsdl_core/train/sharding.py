@@ -62,7 +62,8 @@ def _options(**kw: Any) -> Any:
 
 
 def full_state(model: Any) -> dict[str, torch.Tensor]:
-    """The model's whole state dict on the CPU, gathered from the shards (every rank must call it)."""
+    """The model's whole state dict on the CPU, gathered from the shards (every rank must call it; with
+    ``cpu_offload`` torch hands the whole tensors to rank 0 only, the other ranks get an empty dict)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_options())
@@ -96,7 +97,7 @@ def load_trainable_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
 
 def optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
     """The optimizer's state to save: torch's own ``state_dict()``, or on sharded models the whole state keyed
-    by parameter name (``torch.distributed.checkpoint``'s full optimizer state dict, gathered)."""
+    by parameter name (``torch.distributed.checkpoint``'s full optimizer state dict, gathered to rank 0)."""
     if not is_sharded(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
