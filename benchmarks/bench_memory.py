@@ -76,7 +76,7 @@ def child(args) -> dict:
     import torch
 
     from opsdl_core.config import RunConfig
-    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.data.prepare import model_window, prepare_data
     from opsdl_core.models import checkpointing
     from opsdl_core.models.scoring import prefill, score_responses
     from opsdl_core.train.lora import apply_lora
@@ -85,8 +85,8 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = _model(args)
     # a context the model's window holds with its answers (8K asked of an 8,192-position model: a little less)
-    window = int(getattr(model.config, "max_position_embeddings", 0) or 0) or args.length + 4096
-    context = min(args.length, window - args.response_tokens - _TEMPLATE_ROOM)
+    window = model_window(tok)
+    context = args.length if window is None else min(args.length, window - args.response_tokens - _TEMPLATE_ROOM)
     cfg = RunConfig.from_dict({"data": {"train_size": 1, "heldout_size": 0, "context_tokens": context}})
     if args.checkpointing:
         checkpointing.enable(model)

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from . import checkpointing
 from .attention import NAME as GQA_ATTENTION
+from .sharded import is_sharded
 
 # attention implementations that take a prepared boolean [B, 1, Tq, Tk] mask as it is
 _PACKABLE_ATTENTION = ("sdpa", GQA_ATTENTION)
@@ -237,7 +238,7 @@ def plain_head(model: Any) -> bool:
     own forward and backward, so the head may not be called (or recomputed) outside them."""
     hf = _hf_model(model)
     known = hf.__dict__.get("_opsdl_plain_head")
-    if known is None and _fsdp_sharded(model):
+    if known is None and is_sharded(model):
         known = False
     if known is None:
         head, known = hf.get_output_embeddings(), False
@@ -255,14 +256,6 @@ def plain_head(model: Any) -> bool:
                 hf.train(was)
         hf.__dict__["_opsdl_plain_head"] = known
     return known
-
-
-def _fsdp_sharded(model: Any) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def score_responses(

@@ -204,16 +204,16 @@ def save_checkpoint(run_dir: Path, step: int, *, weights: dict[str, torch.Tensor
     (``sharding.trainable_state`` / ``sharding.optimizer_state``). Refuses (``NonFiniteCheckpoint``,
     nothing written) if any weight, teacher or AdamW state tensor is not finite."""
     files = RunDir(run_dir)
-    teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
-    opt_state = optimizer_state
-    refuse_nonfinite(f"checkpoint at step {step}", trainable=weights, teacher=teacher, optimizer=opt_state["state"])
     weights = {n: t.detach().cpu().contiguous() for n, t in weights.items()}
+    teacher = {k: v.detach().cpu().contiguous() for k, v in teacher_state.items()}
+    refuse_nonfinite(f"checkpoint at step {step}", trainable=weights, teacher=teacher,
+                     optimizer=optimizer_state["state"])
     root, final = files.checkpoints, files.checkpoint_dir(step)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(opt_state, tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     if teacher:

@@ -8,18 +8,19 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..run_dir import RunDir
 from .checkpoint import atomic_write_text
 from .lora import canonical_adapter_config
 
 
-def write_final(run_dir: Path, final: Path, model: Any, tokenizer: Any, *, merged: bool, lora: bool,
+def write_final(run_dir: Path, model: Any, tokenizer: Any, *, merged: bool, lora: bool,
                 lineage: dict[str, Any], adapter_state: dict[str, Any] | None = None,
                 model_state: dict[str, Any] | None = None) -> Any:
-    """Write ``final`` from ``model``. Without states, from the model itself, the adapter merged into it in
+    """Write ``run_dir/final`` from ``model``. Without states, from the model itself, the adapter merged into it in
     place (``merge_and_unload``; the merged model is returned: faster to evaluate). With them (gathered from
     shards under FSDP): ``adapter_state`` the model's whole state dict, ``model_state`` the plain model's
     weights with ``W + BA`` merged in; the model is returned as it was."""
-    tmp = Path(run_dir) / ".tmp-final"
+    tmp, final = Path(run_dir) / ".tmp-final", RunDir(run_dir).final
     if tmp.exists():
         shutil.rmtree(tmp)
     out = model

@@ -478,20 +478,20 @@ class OPSDLTrainer:
         ``.tmp-final``, then renamed; refused if a weight is not finite). Under several processes the main
         one writes it while the others wait; sharded weights (FSDP) are gathered by every rank first, and
         the merge is then written to the files only (the model keeps its adapter)."""
-        ckpt.refuse_nonfinite(f"final model at step {self.step}", trainable=sharding.trainable_state(self.model))
-        final, adapter_state, model_state = self.files.final, None, None
+        adapter_state = model_state = None
         if sharding.is_sharded(self.model):  # every rank gathers; the main one writes the whole tensors
             adapter_state = sharding.full_state(self.model)
             with sharding.full_weights(self.model):  # the gather is collective, the copy the writer's own
                 model_state = sharding.cpu_copy(sampler_weights(self.unwrapped)) if self.accelerator.is_main_process \
                     else None
+        ckpt.refuse_nonfinite(f"final model at step {self.step}",
+                              trainable=sharding.trainable_state(self.model, adapter_state))
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            self.unwrapped = write_final(self.run_dir, final, self.unwrapped, self.tokenizer, merged=merged,
+            self.unwrapped = write_final(self.run_dir, self.unwrapped, self.tokenizer, merged=merged,
                                          lora=self.cfg.lora.enabled, adapter_state=adapter_state,
                                          model_state=model_state, lineage={
                                              "config_hash": self.cfg.hash(), "data_digest": self.data.digest,
                                              "steps": self.step, **self.lineage})
         self.accelerator.wait_for_everyone()
-        return final
-
+        return self.files.final

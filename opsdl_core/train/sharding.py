@@ -14,6 +14,11 @@ from typing import Any, Iterator
 
 import torch
 
+from ..models.sharded import fsdp_units, is_sharded
+
+__all__ = ["check_fsdp_plugin", "cpu_copy", "full_state", "full_weights", "grad_norm_value", "is_sharded",
+           "load_optimizer_state", "load_trainable_state", "optimizer_state", "trainable_state"]
+
 
 def check_fsdp_plugin(plugin: Any) -> None:
     """Refuse FSDP's own activation checkpointing (``fsdp_activation_checkpointing`` in the launch file): it wraps
@@ -27,25 +32,12 @@ def check_fsdp_plugin(plugin: Any) -> None:
                          "kept")
 
 
-def fsdp_modules(model: Any) -> list[Any]:
-    """The FSDP2 units of ``model`` (empty when it is not sharded)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return []
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-def is_sharded(model: Any) -> bool:
-    return bool(fsdp_modules(model))
-
-
 @contextlib.contextmanager
 def full_weights(model: Any) -> Iterator[None]:
     """Inside the block every parameter of ``model`` is its whole tensor (FSDP2's ``unshard``: all-gathered, the
     module slots pointing at the gathered tensors), resharded after. A no-op on a model that is not sharded.
     Every rank must enter it together."""
-    units = fsdp_modules(model)
+    units = fsdp_units(model)
     for unit in units:
         unit.unshard()
     try:
@@ -74,12 +66,14 @@ def cpu_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
-def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    """The trainable parameters' whole tensors on the CPU, by name (gathered on sharded models)."""
+def trainable_state(model: Any, full: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The trainable parameters' whole tensors by name: the parameters themselves (detached, no copy) on a model
+    that is not sharded; on a sharded one taken from ``full`` (:func:`full_state`, gathered here if not given:
+    CPU copies on rank 0, empty on the other ranks)."""
     if not is_sharded(model):
-        return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t.contiguous() for n, t in full_state(model).items() if n in names}
+    return {n: t for n, t in (full_state(model) if full is None else full).items() if n in names}
 
 
 def load_trainable_state(model: Any, weights: dict[str, torch.Tensor]) -> None:
