@@ -15,6 +15,12 @@ Weight sync: the trainer's full weights (LoRA merged) pushed into the engine, in
 process (through a safetensors file in /dev/shm, the default) and, with ``--in-process``, into an
 engine in this process (tensors handed over). The first generation after a sync is timed too
 (the prefix cache was reset).
+
+``--decode-threads``: the transformers backend's decode steps alone (the prompts prefilled once, on every
+thread) on the process's ``--threads`` against one thread, interleaved, per ``--shapes`` (prompts x samples):
+what ``rollout.decode_threads`` decides. No vLLM engine is started.
+
+    .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --shapes 1x4 2x4 8x1 8x4
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ def main() -> int:
     ap.add_argument("--kv-cache-gib", type=float, default=1.0)
     ap.add_argument("--syncs", type=int, default=3, help="timed weight syncs per engine mode")
     ap.add_argument("--in-process", action="store_true", help="also time an engine in this process")
+    ap.add_argument("--decode-threads", action="store_true",
+                    help="only time the transformers decode on --threads against one thread (no vLLM)")
+    ap.add_argument("--shapes", nargs="+", default=["1x4", "2x4", "8x1", "8x4"],
+                    help="with --decode-threads: PROMPTSxSAMPLES per call")
     args = ap.parse_args()
 
     import torch
@@ -62,6 +72,8 @@ def main() -> int:
     for length in args.lengths:
         cfg = RunConfig.from_dict({"data": {"train_size": args.prompts, "heldout_size": 0, "context_tokens": length}})
         prompts[length] = [p.student_ids for p in prepare_data(cfg.data, tok).train]
+    if args.decode_threads:
+        return decode_threads_table(args, model, tok, prompts)
 
     def timed(engine, ps, seed):
         t = time.perf_counter()
@@ -131,6 +143,46 @@ def main() -> int:
         s, f = sync_times(eng)
         print(f"| this process (tensors handed over) | {s:.2f} | {f:.2f} | {base_gen:.2f} |", flush=True)
         eng.release()
+    return 0
+
+
+def decode_threads_table(args, model, tok, prompts) -> int:
+    """ms per decode step at ``--threads`` and at one thread, same prefilled prompts, same seeds, interleaved."""
+    import torch
+
+    from opsdl_core.config import RunConfig
+    from opsdl_core.data.prepare import prepare_data
+    from opsdl_core.models.rollout import SamplingParams, TransformersRollout
+    from opsdl_core.models.scoring import prefill_grouped
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=())
+    print(f"model {args.model}; {args.new_tokens} new tokens; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; ms per decode step, best of "
+          f"{args.repeats}, interleaved\n")
+    print(f"| prompt tokens | prompts x samples | {args.threads} threads | 1 thread | 1 / {args.threads} |")
+    print("|---:|---|---:|---:|---:|")
+    for length in args.lengths:
+        for shape in args.shapes:
+            P, n = (int(x) for x in shape.lower().split("x"))
+            ps = prompts[length]
+            if len(ps) < P:
+                cfg = RunConfig.from_dict({"data": {"train_size": P, "heldout_size": 0, "context_tokens": length}})
+                ps = prompts[length] = [p.student_ids for p in prepare_data(cfg.data, tok).train]
+            ps = ps[:P]
+            torch.set_num_threads(args.threads)
+            with torch.no_grad():
+                pre = prefill_grouped(model, ps, pad_id=tok.pad_token_id)
+            times: dict[int, list[float]] = {args.threads: [], 1: []}
+            for r in range(args.repeats + 1):  # the first round warms up
+                for threads in (args.threads, 1):
+                    engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=P * n,
+                                                 decode_threads=threads)
+                    t = time.perf_counter()
+                    engine.generate(ps, n=n, params=params, seed=r, prefilled=pre)
+                    if r:
+                        times[threads].append((time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3)
+            a, b = min(times[args.threads]), min(times[1])
+            print(f"| {sum(map(len, ps)) / P:.0f} | {P}x{n} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
     return 0
 
 

@@ -214,6 +214,11 @@ class RolloutConfig:
                                     "with gradient; the rollout decodes from a detached copy of that cache and the "
                                     "student's scoring reuses it (false: encoded once to sample and again to score). "
                                     "Used where it is exact: grad_accum 1, no mixed precision, no dropout.")
+    decode_threads: int = _f(1, "Transformers backend on a CPU: torch threads for decode steps that feed at most 4 "
+                                "tokens (the prefill and wider steps keep all of them). A decode step is hundreds of "
+                                "small operators, each waking the sleeping OpenMP workers under OMP_WAIT_POLICY=PASSIVE;"
+                                " at 4 rows one thread decodes faster than two. 0: the process's own thread count.",
+                             hashed=False)
     max_logprob_diff: Optional[float] = _f(0.1, "Health check of the weight sync: a mean |log p_trainer - log "
                                                 "p_sampler| over the sampled tokens above this stops the run (stale or "
                                                 "corrupted sampler weights); null: no check.")
@@ -224,6 +229,7 @@ class RolloutConfig:
         check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)
         check(0 < self.top_p <= 1, "rollout.top_p", "a float in (0, 1]", self.top_p)
         check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        check(self.decode_threads >= 0, "rollout.decode_threads", "an integer >= 0", self.decode_threads)
         check(self.max_logprob_diff is None or self.max_logprob_diff > 0, "rollout.max_logprob_diff",
               "null or a float > 0", self.max_logprob_diff)
 

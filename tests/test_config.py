@@ -32,6 +32,8 @@ def test_demo_config_loads_and_round_trips(tmp_path):
     ({"lora": {"enabled": "yes"}}, "lora.enabled: expected true or false"),
     ({"loss": {"jsd_beta": 1.0}}, "loss.jsd_beta: expected a float in (0, 1)"),
     ({"rollout": {"temperature": 0}}, "rollout.temperature: expected a float > 0"),
+    ({"rollout": {"decode_threads": -1}}, "rollout.decode_threads: expected an integer >= 0"),
+    ({"rollout": {"decode_threads": 1.5}}, "rollout.decode_threads: expected an integer"),
     ({"bogus": {}}, "config: unknown field(s) ['bogus']"),
 ])
 def test_bad_values_name_the_field(data, message):
@@ -72,7 +74,7 @@ def test_the_hash_has_one_rule_every_field_but_the_marked_ones():
                "rollout.vllm.kv_cache_gib": 3.0, "rollout.vllm.cpu_threads": 1, "rollout.vllm.in_process": True,
                "rollout.vllm.max_model_len": 8192, "rollout.vllm.model_dir": "/m",
                "rollout.vllm.gpu_memory_utilization": 0.5, "rollout.vllm.max_num_batched_tokens": 16384,
-               "rollout.vllm.sleep": True}
+               "rollout.vllm.sleep": True, "rollout.decode_threads": 0}
     assert set(changed) == set(unhashed)
     for key, value in changed.items():
         assert RunConfig.from_dict(parse_overrides([f"{key}={value}"])).hash() == RunConfig().hash(), key

@@ -314,3 +314,51 @@ def test_a_model_whose_logits_are_post_processed_is_not_chunked():
 
     model.__class__ = Capped
     assert not plain_head(model)
+
+
+def test_decoding_runs_on_decode_threads_and_the_prefill_on_all_of_them(model):
+    """``decode_threads``: the prompt's prefill runs on the process's torch threads, decode steps that feed at
+    most FEW_DECODE_TOKENS tokens on ``decode_threads`` of them, wider steps on all; the count is restored
+    afterwards (also when the decode fails), the samples are those of a rollout on the process's threads, and
+    0 or a count >= the process's leaves it alone."""
+    from opsdl_core.models.rollout import FEW_DECODE_TOKENS
+
+    seen: list[tuple[int, int, int]] = []  # (rows, tokens fed per row, torch threads) per forward
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append((*kw["input_ids"].shape, torch.get_num_threads())), with_kwargs=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(8)
+        prompts = [_rand_ids(g, 14), _rand_ids(g, 9)]
+        params = SamplingParams(temperature=1.0, max_new_tokens=6)
+
+        def run(threads, batch=FEW_DECODE_TOKENS, n=FEW_DECODE_TOKENS):
+            seen.clear()
+            out = TransformersRollout(model, pad_id=PAD, max_batch_size=batch, decode_threads=threads).generate(
+                prompts, n=n, params=params, seed=2)
+            return out, {t for _, T, t in seen if T > n}, {t for _, T, t in seen if T <= n}
+
+        one, prefill_threads, decode_threads = run(1)  # one prompt x 4 samples per chunk
+        assert prefill_threads == {2} and decode_threads == {1} and torch.get_num_threads() == 2
+        mine, prefill_threads, decode_threads = run(0)
+        assert prefill_threads == decode_threads == {2}
+        assert one.response_ids == mine.response_ids
+        torch.testing.assert_close(torch.tensor(sum(one.sampler_logprobs, [])),
+                                   torch.tensor(sum(mine.sampler_logprobs, [])), atol=1e-5, rtol=1e-5)
+        assert run(4)[2] == {2}  # not more than the process has
+        assert run(1, batch=2 * FEW_DECODE_TOKENS)[2] == {2}  # two prompts x 4 samples: 8 tokens a step
+        boom = model.register_forward_pre_hook(lambda mod, args, kw: (_ for _ in ()).throw(RuntimeError("x"))
+                                               if kw["input_ids"].shape[1] <= FEW_DECODE_TOKENS else None,
+                                               with_kwargs=True)
+        try:
+            with pytest.raises(RuntimeError, match="x"):
+                run(1)
+        finally:
+            boom.remove()
+        assert torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="decode_threads"):
+        TransformersRollout(model, pad_id=PAD, decode_threads=-1)

@@ -14,6 +14,7 @@ weight sync, and they serve the importance ratio of the loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
@@ -197,19 +198,52 @@ def sampler_weights(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
+# A decode step that feeds at most this many tokens runs on ``decode_threads`` (see :func:`cpu_threads`).
+FEW_DECODE_TOKENS = 4
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int, device: torch.device):
+    """Run the block on at most ``n`` torch threads when ``device`` is the CPU (``n`` 0: unchanged); restored after.
+
+    A decode step is ~25 small operators per layer (a 30-layer model: ~750 per token). Under
+    ``OMP_WAIT_POLICY=PASSIVE`` (what the project's processes set, so that idle OpenMP workers never take the
+    cores another process needs) every parallel operator wakes its sleeping workers first; at a few rows that
+    costs more than the second core gains. On the 2-core machine of the measurement
+    (``benchmarks/bench_rollout.py --decode-threads``), one thread decoded 1 prompt x 4 packed samples of
+    1,074 tokens at 68 ms per step against 96 on two (0.71x; 0.62–0.69x in earlier runs), but 2 x 4 at 1.10x,
+    8 x 1 at 1.03x and 8 x 4 at 1.33x: so only steps of at most :data:`FEW_DECODE_TOKENS` tokens take it.
+    The prompt's prefill keeps every thread."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or n <= 0 or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class TransformersRollout:
     """Batched sampling with a KV cache on a transformers model (shared with the trainer).
 
     Each prompt is prefilled once and its cache repeated for its ``n`` samples. Sampling
     draws from an explicit ``torch.Generator`` seeded per call, so a rollout is a function
-    of (weights, prompts, params, seed): resumed runs reproduce it exactly.
+    of (weights, prompts, params, seed): resumed runs reproduce it exactly. ``decode_threads``: torch
+    threads on a CPU for decode steps that feed at most :data:`FEW_DECODE_TOKENS` tokens (:func:`cpu_threads`;
+    0: the process's own).
     """
 
-    def __init__(self, model: Any, *, pad_id: int, max_batch_size: int = 16, prefill_tokens: int = 2048):
+    def __init__(self, model: Any, *, pad_id: int, max_batch_size: int = 16, prefill_tokens: int = 2048,
+                 decode_threads: int = 1):
+        if decode_threads < 0:
+            raise ValueError(f"decode_threads must be >= 0, got {decode_threads}")
         self.model = model
         self.pad_id = int(pad_id)
         self.max_batch_size = max_batch_size
         self.prefill_tokens = prefill_tokens  # padded tokens per prefill forward (prefill_grouped)
+        self.decode_threads = int(decode_threads)
         self.weight_version = 0
 
     def update_weights(self, version: int, state_dict: dict[str, torch.Tensor] | None = None) -> None:
@@ -293,28 +327,29 @@ class TransformersRollout:
         stop = torch.tensor(sorted(params.stop_token_ids), dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         toks, lps = [], []
-        for t in range(steps):
-            tok, lp = sample_next(logits, temperature=params.temperature, top_p=params.top_p,
-                                  generator=gen)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            toks.append(tok)
-            lps.append(lp)
-            newly = torch.isin(tok, stop) & ~done if len(stop) else torch.zeros_like(done)
-            done = done | newly
-            if bool(done.all()) or t == steps - 1:
-                break
-            real = ~done | newly  # the token fed now is a real key (a finished sample feeds padding)
-            if packed:
-                new_keys = torch.cat([new_keys, real.view(P, n)], dim=1)
-                mask = torch.cat([prompt_keys, own.repeat(1, t + 1).unsqueeze(0) & new_keys.unsqueeze(1)], dim=2)
-                pos = (lengths + t).unsqueeze(1).expand(P, n)
-                logits, cache = step(model, cache, tok.view(P, n), mask.unsqueeze(1), pos)
-                logits = logits.reshape(B, -1)
-            else:
-                attn = torch.cat([attn, real.long().unsqueeze(1)], dim=1)
-                pos = (lengths + t).unsqueeze(1)
-                logits, cache = step(model, cache, tok.unsqueeze(1), attn, pos)
-                logits = logits[:, -1, :]
+        with cpu_threads(self.decode_threads if B <= FEW_DECODE_TOKENS else 0, device):
+            for t in range(steps):
+                tok, lp = sample_next(logits, temperature=params.temperature, top_p=params.top_p,
+                                      generator=gen)
+                tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+                toks.append(tok)
+                lps.append(lp)
+                newly = torch.isin(tok, stop) & ~done if len(stop) else torch.zeros_like(done)
+                done = done | newly
+                if bool(done.all()) or t == steps - 1:
+                    break
+                real = ~done | newly  # the token fed now is a real key (a finished sample feeds padding)
+                if packed:
+                    new_keys = torch.cat([new_keys, real.view(P, n)], dim=1)
+                    mask = torch.cat([prompt_keys, own.repeat(1, t + 1).unsqueeze(0) & new_keys.unsqueeze(1)], dim=2)
+                    pos = (lengths + t).unsqueeze(1).expand(P, n)
+                    logits, cache = step(model, cache, tok.view(P, n), mask.unsqueeze(1), pos)
+                    logits = logits.reshape(B, -1)
+                else:
+                    attn = torch.cat([attn, real.long().unsqueeze(1)], dim=1)
+                    pos = (lengths + t).unsqueeze(1)
+                    logits, cache = step(model, cache, tok.unsqueeze(1), attn, pos)
+                    logits = logits[:, -1, :]
         T = torch.stack(toks, 1).tolist()
         L = torch.stack(lps, 1).tolist()
         stop_set = set(params.stop_token_ids)

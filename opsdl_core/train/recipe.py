@@ -167,7 +167,7 @@ class OPSDLTrainer:
             self.sync_weights()  # the engine starts from the trainer's weights, whatever the folder held
         if self.rollout is None:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
-                                               pad_id=self.pad_id)
+                                               pad_id=self.pad_id, decode_threads=cfg.rollout.decode_threads)
         self._merged_sampler = sampler_model is not None
         self._shared_prefill = bool(
             cfg.rollout.shared_prefill and ours and not self._use_vllm and cfg.train.grad_accum == 1
