@@ -18,9 +18,12 @@ engine in this process (tensors handed over). The first generation after a sync 
 
 ``--decode-threads``: the transformers backend's decode steps alone (the prompts prefilled once, on every
 thread) on the process's ``--threads`` against one thread, interleaved, per ``--shapes`` (prompts x samples):
-what ``rollout.decode_threads`` decides. No vLLM engine is started.
+what ``rollout.decode_threads`` decides. No vLLM engine is started. ``--busy``: with a competing CPU-bound
+process; run it with ``GOMP_SPINCOUNT=10000`` in the environment to see what a bounded spin of the OpenMP
+workers does (the header prints the setting).
 
     .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --shapes 1x4 2x4 8x1 8x4
+    GOMP_SPINCOUNT=10000 .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --busy
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ def main() -> int:
                     help="only time the transformers decode on --threads against one thread (no vLLM)")
     ap.add_argument("--shapes", nargs="+", default=["1x4", "2x4", "8x1", "8x4"],
                     help="with --decode-threads: PROMPTSxSAMPLES per call")
+    ap.add_argument("--busy", action="store_true",
+                    help="with --decode-threads: a competing single-threaded CPU-bound process runs meanwhile")
     args = ap.parse_args()
 
     import torch
@@ -148,17 +153,35 @@ def main() -> int:
 
 def decode_threads_table(args, model, tok, prompts) -> int:
     """ms per decode step at ``--threads`` and at one thread, same prefilled prompts, same seeds, interleaved."""
+    import subprocess
+    import sys
+
+    from opsdl_core.models.rollout import SamplingParams
+
+    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=())
+    print(f"model {args.model}; {args.new_tokens} new tokens; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; competing busy process: "
+          f"{'yes' if args.busy else 'no'}; ms per decode step, best of {args.repeats}, interleaved\n")
+    # a competing single-threaded CPU-bound process (stops by itself after 20 minutes at most)
+    other = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1200: pass"],
+                             env={"PATH": os.environ.get("PATH", "")}) if args.busy else None
+    try:
+        _decode_rows(args, model, tok, prompts, params)
+    finally:
+        if other is not None:
+            other.kill()
+            other.wait()
+    return 0
+
+
+def _decode_rows(args, model, tok, prompts, params) -> None:
     import torch
 
     from opsdl_core.config import RunConfig
     from opsdl_core.data.prepare import prepare_data
-    from opsdl_core.models.rollout import SamplingParams, TransformersRollout
+    from opsdl_core.models.rollout import TransformersRollout
     from opsdl_core.models.scoring import prefill_grouped
 
-    params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=())
-    print(f"model {args.model}; {args.new_tokens} new tokens; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
-          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; ms per decode step, best of "
-          f"{args.repeats}, interleaved\n")
     print(f"| prompt tokens | prompts x samples | {args.threads} threads | 1 thread | 1 / {args.threads} |")
     print("|---:|---|---:|---:|---:|")
     for length in args.lengths:
@@ -174,16 +197,17 @@ def decode_threads_table(args, model, tok, prompts) -> int:
                 pre = prefill_grouped(model, ps, pad_id=tok.pad_token_id)
             times: dict[int, list[float]] = {args.threads: [], 1: []}
             for r in range(args.repeats + 1):  # the first round warms up
-                for threads in (args.threads, 1):
+                for threads in (args.threads, 1):  # the whole decode on that many threads, whatever the width
                     engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=P * n,
-                                                 decode_threads=threads)
+                                                 decode_threads=0)
+                    torch.set_num_threads(threads)
                     t = time.perf_counter()
                     engine.generate(ps, n=n, params=params, seed=r, prefilled=pre)
+                    torch.set_num_threads(args.threads)
                     if r:
                         times[threads].append((time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3)
             a, b = min(times[args.threads]), min(times[1])
             print(f"| {sum(map(len, ps)) / P:.0f} | {P}x{n} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
-    return 0
 
 
 if __name__ == "__main__":
