@@ -69,7 +69,8 @@ def child_opsdl(args) -> dict:
                                                "temperature": 0.7},
                                    "optim": {"lr": 1e-4},
                                    "train": {"run_dir": d, "steps": args.steps, "save_every": 10_000, "teacher": "base",
-                                             "seed": 0, "num_threads": args.threads}})
+                                             "seed": 0, "num_threads": args.threads,
+                                             "mixed_precision": args.mixed_precision}})
         tr = OPSDLTrainer(cfg, model, tok, data, log=lambda s: None).setup(resume=False)
         ms = [tr.train_step() for _ in range(args.steps)][1:]
     out = {k: statistics.mean(m[k] for m in ms) for k in ("generate_s", "teacher_s", "student_s", "optim_s", "step_s")}
@@ -166,6 +167,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trl-attention", choices=["stock", "opsdl"], default="stock",
                     help="TRL's model attention: transformers' SDPA (stock) or opsdl_core.models.attention's")
+    ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                    help="opsdl's train.mixed_precision (TRL stays in float32)")
+    ap.add_argument("--contenders", nargs="+", choices=["opsdl", "trl"], default=["opsdl", "trl"])
     ap.add_argument("--child", choices=["opsdl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -174,18 +178,20 @@ def main() -> int:
         print("RESULT " + json.dumps(out), flush=True)
         return 0
     try:
-        import trl  # noqa: F401
+        if "trl" in args.contenders:
+            import trl  # noqa: F401
     except ImportError:
         print('TRL is not installed: .venv/bin/pip install -c constraints.txt "trl==1.16.0"', file=sys.stderr)
         return 2
     print(f"model {args.model}; 1 prompt x {args.samples} samples, <= {args.new_tokens} new tokens, ~{args.context_tokens}-"
           f"token context; {args.steps} steps per process (first = warm-up); torch threads {args.threads}; "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
-    res: dict[str, list[dict]] = {"opsdl": [], "trl": []}
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; "
+          f"opsdl's mixed precision: {args.mixed_precision}")
+    res: dict[str, list[dict]] = {name: [] for name in args.contenders}
     for r in range(args.rounds):
-        for name in ("opsdl", "trl"):
+        for name in args.contenders:
             cmd = [sys.executable, __file__, "--child", name] + [
-                x for k, v in vars(args).items() if k not in ("child", "rounds")
+                x for k, v in vars(args).items() if k not in ("child", "rounds", "contenders")
                 for x in (f"--{k.replace('_', '-')}", str(v))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -204,17 +210,25 @@ def main() -> int:
     _, data = _data(args, AutoTokenizer.from_pretrained(path))
     p = data.train[0]
     config = AutoConfig.from_pretrained(path)
+    if "opsdl" not in res:
+        return 0
     response = statistics.median(x["response_len"] for x in res["opsdl"])
     flops = distill_step_flops(config, long_prompt=len(p.student_ids), short_prompt=len(p.teacher_ids),
                                samples=args.samples, response=response)
     peak, bandwidth = matmul_peak(args.threads), read_bandwidth(args.threads)
+    bf16_peak = matmul_peak(args.threads, "bfloat16")
     limit = step_limit_s(config, flops=flops, response=response, peak=peak, bandwidth=bandwidth)
     print(f"step FLOPs (opsdl's way: prompt encoded once, by the student; head at answer positions; backward ~1x "
           f"forward): {flops / 1e9:.0f} GFLOP; fp32 matmul peak {peak / 1e9:.0f} GFLOP/s ({args.threads} threads) "
           f"-> {flops / peak:.2f} s; the decode's weight reads ({response - 1:.1f} steps x "
           f"{weight_bytes(config) / 2**20:.0f} MiB at {bandwidth / 1e9:.1f} GB/s read bandwidth) -> "
           f"{limit - flops / peak:.2f} s; limit {limit:.2f} s: opsdl's step at {limit / med['opsdl']['step_s']:.0%} "
-          f"of it, TRL's at {limit / med['trl']['step_s']:.0%}")
+          + (f"of it, TRL's at {limit / med['trl']['step_s']:.0%}" if "trl" in med else "of it")
+          + f" (bf16 matmul peak {bf16_peak / 1e9:.0f} GFLOP/s)")
+    if "trl" not in med:
+        for k in (*PHASES, "peak_gib"):
+            print(f"opsdl {k} {med['opsdl'][k]:.2f}")
+        return 0
     print(f"| phase (median of {args.rounds}) | opsdl | TRL SDFTTrainer | opsdl / TRL |")
     print("|---|---:|---:|---:|")
     names = {"generate_s": "rollout s", "teacher_s": "teacher scoring s",
