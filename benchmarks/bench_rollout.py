@@ -13,7 +13,9 @@ backends' per-token log-probs of the vLLM samples are apart (the trainer's healt
 
 Weight sync: the trainer's full weights (LoRA merged) pushed into the engine, in the engine's own
 process (through a safetensors file in /dev/shm, the default) and, with ``--in-process``, into an
-engine in this process (tensors handed over). The first generation after a sync is timed too
+engine in this process (tensors handed over); then ``rollout.vllm.sync: lora``, the adapter alone (written
+by PEFT, loaded as a vLLM LoRA adapter), on an engine started with LoRA support (its rollouts are timed
+too: the adapter runs beside the base weights at every step). The first generation after a sync is timed too
 (the prefix cache was reset).
 
 ``--decode-threads``: the transformers backend's decode steps alone (the prompts prefilled once, on every
@@ -139,6 +141,27 @@ def main() -> int:
     base_gen = statistics.median(timed(eng, ps, seed=200 + i)[2] for i in range(args.repeats))
     s, f = sync_times(eng)
     print(f"| own process (file in /dev/shm) | {s:.2f} | {f:.2f} | {base_gen:.2f} |", flush=True)
+    eng.release()
+    # rollout.vllm.sync: lora: only the adapter, served as a vLLM LoRA adapter on the base weights
+    import tempfile
+    from pathlib import Path
+
+    eng = VLLMRollout(resolved.path, VLLMConfig(max_model_len=max_len, kv_cache_gib=args.kv_cache_gib, sync="lora"),
+                      lora_rank=16)
+    with tempfile.TemporaryDirectory() as d:
+        lora_model.save_pretrained(d)
+        adapter_mib = sum(f.stat().st_size for f in Path(d).iterdir()) / 2**20
+    eng.push_adapter(0, lora_model)
+    timed(eng, ps, seed=0)
+    lora_gen = statistics.median(timed(eng, ps, seed=200 + i)[2] for i in range(args.repeats))
+    times, first = [], []
+    for i in range(args.syncs):
+        t = time.perf_counter()
+        eng.push_adapter(i + 1, lora_model)  # the adapter written by save_pretrained, then loaded
+        times.append(time.perf_counter() - t)
+        first.append(timed(eng, ps, seed=100 + i)[2])
+    print(f"| own process, adapter only (sync: lora; {adapter_mib:.1f} MiB on disk) | {statistics.median(times):.2f} | "
+          f"{statistics.median(first):.2f} | {lora_gen:.2f} |", flush=True)
     eng.release()
     if args.in_process:
         eng = VLLMRollout(resolved.path, VLLMConfig(max_model_len=max_len, kv_cache_gib=args.kv_cache_gib,

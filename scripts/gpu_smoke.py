@@ -110,7 +110,8 @@ def run_length(args, folder: Path, work: Path, length: int, *, dtype: str, kv: f
                  "short_budget_tokens": 256},
         "rollout": {"backend": "vllm", "samples_per_prompt": args.samples, "max_new_tokens": args.new_tokens,
                     "temperature": 1.0, "max_logprob_diff": 0.1 if dtype == "float32" else 0.5,
-                    "vllm": {"max_model_len": int(length * 1.2) + args.new_tokens + 64, "kv_cache_gib": kv}},
+                    "vllm": {"max_model_len": int(length * 1.2) + args.new_tokens + 64, "kv_cache_gib": kv,
+                             "sync": args.sync}},
         "lora": {"r": 16, "alpha": 32},
         "train": {"run_dir": str(work / f"run-{length}"), "steps": args.steps, "save_every": 10_000,
                   "gradient_checkpointing": not args.no_checkpointing},
@@ -163,6 +164,8 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--sync", choices=["weights", "lora"], default="weights",
+                    help="rollout.vllm.sync: every weight (LoRA merged) or the LoRA adapter alone per step")
     ap.add_argument("--no-checkpointing", action="store_true", help="train without gradient checkpointing")
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="skip a length whose estimated time (the last one's, scaled by length^1.5) would pass this")

@@ -74,7 +74,7 @@ def test_the_hash_has_one_rule_every_field_but_the_marked_ones():
                "rollout.vllm.kv_cache_gib": 3.0, "rollout.vllm.cpu_threads": 1, "rollout.vllm.in_process": True,
                "rollout.vllm.max_model_len": 8192, "rollout.vllm.model_dir": "/m",
                "rollout.vllm.gpu_memory_utilization": 0.5, "rollout.vllm.max_num_batched_tokens": 16384,
-               "rollout.vllm.sleep": True, "rollout.decode_threads": 0}
+               "rollout.vllm.sleep": True, "rollout.decode_threads": 0, "rollout.vllm.sync": "lora"}
     assert set(changed) == set(unhashed)
     for key, value in changed.items():
         assert RunConfig.from_dict(parse_overrides([f"{key}={value}"])).hash() == RunConfig().hash(), key

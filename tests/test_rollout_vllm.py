@@ -143,6 +143,49 @@ def test_trainer_on_vllm_syncs_every_step_and_a_skipped_sync_stops_the_run(tmp_p
         tr.rollout.release()
 
 
+def test_adapter_sync_sends_only_the_lora_adapter_and_the_engine_samples_the_trained_policy(tmp_path, tiny_model_dir,
+                                                                                          monkeypatch):
+    """``rollout.vllm.sync: lora``: the engine starts with vLLM's LoRA support from the base weights, and every
+    sync loads the trainer's adapter (never the full weights) under a new LoRA id: the engine's log-probs are the
+    trainer's at every step, at a learning rate that moves them by far more than the tolerance; without the
+    adapter sync the health check stops the run."""
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir))
+    cfg = RunConfig.from_dict({**_vllm_cfg(tmp_path / "run").to_dict(),
+                               "rollout": {**_vllm_cfg(tmp_path).to_dict()["rollout"], "vllm": {
+                                   "max_model_len": 512, "kv_cache_gib": 0.25, "sync": "lora"}}})
+    monkeypatch.setattr(VLLMRollout, "_reload", lambda *a: (_ for _ in ()).throw(AssertionError("full weights sent")))
+    data = prepare_data(cfg.data, tok)
+    tr = OPSDLTrainer(cfg, model, tok, data, log=lambda s: None, model_dir=str(tiny_model_dir)).setup()
+    try:
+        assert tr.rollout._lora is not None and tr.rollout.weight_version == 0
+        names = {tr.rollout._lora.lora_name}
+        prompt, answer = data.train[0].student_ids, [7, 8, 9, 10]
+        start = tr.rollout.score(prompt, answer)
+        for _ in range(3):
+            m = tr.train_step()
+            assert m["sampler_logprob_absdiff"] < TOL and m["weight_version"] == tr.step
+            names.add(tr.rollout._lora.lora_name)
+        assert len(names) == 4 and set(tr.rollout.llm.llm_engine.list_loras()) == {tr.rollout._lora.lora_int_id}
+        assert max(abs(a - b) for a, b in zip(tr.rollout.score(prompt, answer), start)) > 10 * TOL  # it trained
+        monkeypatch.setattr(tr, "sync_weights", lambda: None)  # the engine keeps step 3's adapter
+        with pytest.raises(RuntimeError, match="stale"):
+            for _ in range(4):
+                tr.train_step()
+    finally:
+        tr.rollout.release()
+
+
+def test_adapter_sync_needs_lora_and_its_rank(tiny_model_dir):
+    from opsdl_core.config import ConfigError, VLLMConfig
+
+    with pytest.raises(ConfigError, match="rollout.vllm.sync: 'lora'.*lora.enabled"):
+        RunConfig.from_dict({"rollout": {"backend": "vllm", "vllm": {"sync": "lora"}}, "lora": {"enabled": False}})
+    with pytest.raises(ValueError, match="needs the adapters' rank"):
+        VLLMRollout(str(tiny_model_dir), VLLMConfig(sync="lora"))
+    with pytest.raises(ValueError, match="up to 512"):
+        VLLMRollout(str(tiny_model_dir), VLLMConfig(sync="lora"), lora_rank=1024)
+
+
 def test_a_model_without_a_folder_is_exported_for_the_engine(tmp_path):
     from opsdl_core.models.tiny import build_tiny_model
 

@@ -13,7 +13,12 @@ tensors are handed over as they are; otherwise they go through one safetensors f
 ``/dev/shm`` (RAM), which every worker (every tensor-parallel rank) reads. The prefix cache is
 reset after each sync: cached KV blocks were computed by the old weights.
 
-A sync must push whole weights: a fused vLLM layer (``qkv_proj``, ``gate_up_proj``) is
+With ``sync: lora`` (LoRA runs) the engine starts with vLLM's LoRA support and a sync sends only the
+adapter: :meth:`VLLMRollout.update_adapter` loads a PEFT adapter folder (written by the trainer into
+``/dev/shm``) under a new LoRA id and name, drops the previous one, and every later request runs with it.
+The base weights never move; the prefix cache keys on the adapter's name, and is reset too.
+
+A weights sync must push whole weights: a fused vLLM layer (``qkv_proj``, ``gate_up_proj``) is
 re-processed from the pieces it was given, so ``state_dict`` must hold every parameter of the
 model, LoRA adapters merged in (``opsdl_core.models.rollout.sampler_weights``). A reload that fails
 half-way leaves the engine half-loaded; the engine is then marked broken and every later call
@@ -101,7 +106,10 @@ class VLLMRollout:
     """``RolloutEngine`` on a vLLM engine loaded from ``model_dir`` (a transformers folder)."""
 
     def __init__(self, model_dir: str | Path, settings: VLLMConfig = VLLMConfig(), *, dtype: str = "float32",
-                 seed: int = 0, sync_dir: str | None = None, log: Any = None, greedy_only: bool = False):
+                 seed: int = 0, sync_dir: str | None = None, log: Any = None, greedy_only: bool = False,
+                 lora_rank: int | None = None):
+        """``lora_rank``: with ``settings.sync == 'lora'``, the rank of the adapters :meth:`update_adapter` will
+        load (the engine reserves room for it)."""
         try:
             import vllm
         except Exception as e:  # noqa: BLE001 - the import error's own text says what is missing
@@ -129,6 +137,18 @@ class VLLMRollout:
                                  "memory anyway); set it to false here")
             kw["enable_sleep_mode"] = True
         self._asleep = False
+        self._lora: Any = None  # the LoRARequest every request runs with (sync 'lora'), once one is loaded
+        self._lora_ids = 0
+        if s.sync == "lora":
+            if not lora_rank or lora_rank < 1:
+                raise ValueError("rollout.vllm.sync 'lora': the engine needs the adapters' rank (lora.r), got "
+                                 f"{lora_rank!r}")
+            ranks = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM reserves room for (LoRAConfig.max_lora_rank)
+            if lora_rank > ranks[-1]:
+                raise ValueError(f"rollout.vllm.sync 'lora': vLLM serves LoRA ranks up to {ranks[-1]}, lora.r is "
+                                 f"{lora_rank}; use sync 'weights'")
+            kw.update(enable_lora=True, max_loras=1, max_cpu_loras=1,
+                      max_lora_rank=next(r for r in ranks if r >= lora_rank))
         if s.kv_cache_gib:
             kw["kv_cache_memory_bytes"] = int(s.kv_cache_gib * 2**30)
         else:
@@ -185,7 +205,8 @@ class VLLMRollout:
                                    else None, detokenize=False)
                for i in range(len(prompts))]
         self._wake()
-        outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], sps, use_tqdm=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(map(int, p))} for p in prompts], sps, use_tqdm=False,
+                                 lora_request=self._lora)
         if self.settings.sleep:  # the trainer's phase follows: weights to host memory, the KV cache freed
             self.llm.sleep(level=1)
             self._asleep = True
@@ -217,6 +238,43 @@ class VLLMRollout:
             self.sync_seconds.append(time.perf_counter() - t)
         self.weight_version = int(version)
 
+    def update_adapter(self, version: int, adapter_dir: str | Path) -> None:
+        """Serve the PEFT adapter in ``adapter_dir`` (``adapter_config.json`` + ``adapter_model.safetensors``,
+        as ``PeftModel.save_pretrained`` writes them) from now on, under a new LoRA id and name; the previous
+        adapter is dropped. The folder may be deleted afterwards (the engine holds the tensors)."""
+        from vllm.lora.request import LoRARequest
+
+        self._check()
+        if self.settings.sync != "lora":
+            raise RuntimeError("update_adapter: this engine was started with rollout.vllm.sync "
+                               f"{self.settings.sync!r}, not 'lora'")
+        self._wake()
+        t = time.perf_counter()
+        self._lora_ids += 1
+        req = LoRARequest(f"opsdl-v{int(version)}-{self._lora_ids}", self._lora_ids, str(adapter_dir))
+        try:
+            if not self.llm.llm_engine.add_lora(req):
+                raise RuntimeError(f"the engine did not load the adapter in {adapter_dir}")
+            if self._lora is not None:
+                self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
+            self.llm.reset_prefix_cache()
+        except BaseException as e:
+            self.broken = f"adapter sync to version {version} failed: {type(e).__name__}: {e}"
+            raise RuntimeError(f"vLLM {self.broken}; the engine's adapter is now undefined") from e
+        self._lora = req
+        self.sync_seconds.append(time.perf_counter() - t)
+        self.weight_version = int(version)
+
+    def push_adapter(self, version: int, peft_model: Any) -> None:
+        """:meth:`update_adapter` with ``peft_model``'s adapter as it is now, written with its own
+        ``save_pretrained`` into a folder under the sync directory (RAM under ``/dev/shm``), removed afterwards."""
+        tmp = Path(tempfile.mkdtemp(prefix="opsdl-adapter-", dir=self._sync_dir))
+        try:
+            peft_model.save_pretrained(str(tmp))
+            self.update_adapter(version, tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
     def release(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         self.broken = self.broken or "released"
@@ -236,7 +294,7 @@ class VLLMRollout:
         self._wake()
         ids = [int(t) for t in (*prompt_ids, *answer_ids)]
         sp = vllm.SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
-        (out,) = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)
+        (out,) = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False, lora_request=self._lora)
         plp = out.prompt_logprobs
         tail = plp[len(prompt_ids):]
         return [float(d[t].logprob) for t, d in zip(answer_ids, tail)]

@@ -158,12 +158,13 @@ class OPSDLTrainer:
         ours = self.rollout is None  # not an engine the caller passed in
         if sampler_model is not None:  # where the trained model went (the GPU), or it samples on the CPU
             sampler_model.to(self.accelerator.device)
-        self._full_sync = self._use_vllm  # an engine with its own copy of the weights gets all of them
+        # an engine with its own copy of the weights gets all of them, or (sync 'lora') the adapter only
+        self._full_sync = self._use_vllm and cfg.rollout.vllm.sync == "weights"
         if self._use_vllm:
             from ..models.rollout_vllm import VLLMRollout
 
             self.rollout = VLLMRollout(engine_dir, cfg.rollout.vllm, dtype=cfg.model.dtype, seed=cfg.train.seed,
-                                       log=self.log)
+                                       log=self.log, lora_rank=cfg.lora.r if cfg.lora.enabled else None)
             self.sync_weights()  # the engine starts from the trainer's weights, whatever the folder held
         if self.rollout is None:
             self.rollout = TransformersRollout(sampler_model if sampler_model is not None else self.unwrapped,
@@ -449,6 +450,8 @@ class OPSDLTrainer:
     def sync_weights(self) -> None:
         """Hand the rollout engine the weights of the current step (and bump its version)."""
         state = None
+        if self._use_vllm and not self._full_sync:
+            return self.rollout.push_adapter(self.step, self.unwrapped)
         with sharding.full_weights(self.model):  # every rank, whole tensors (FSDP); as they are otherwise
             if self._full_sync:
                 state = sampler_weights(self.unwrapped)
