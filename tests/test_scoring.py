@@ -316,12 +316,16 @@ def test_a_model_whose_logits_are_post_processed_is_not_chunked():
     assert not plain_head(model)
 
 
-def test_decoding_runs_on_decode_threads_and_the_prefill_on_all_of_them(model):
+def test_decoding_runs_on_decode_threads_and_the_prefill_on_all_of_them(model, monkeypatch):
     """``decode_threads``: the prompt's prefill runs on the process's torch threads, decode steps that feed at
     most FEW_DECODE_TOKENS tokens on ``decode_threads`` of them, wider steps on all; the count is restored
     afterwards (also when the decode fails), the samples are those of a rollout on the process's threads, and
-    0 or a count >= the process's leaves it alone."""
+    0 or a count >= the process's leaves it alone; so does a process whose ``torch.set_num_threads`` an in-process
+    vLLM CPU engine has replaced (it bound the threads to cores)."""
     from opsdl_core.models.rollout import FEW_DECODE_TOKENS
+
+    # An in-process vLLM engine of an earlier test in this process replaces torch.set_num_threads for good.
+    monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
 
     seen: list[tuple[int, int, int]] = []  # (rows, tokens fed per row, torch threads) per forward
     hook = model.register_forward_pre_hook(
@@ -357,6 +361,10 @@ def test_decoding_runs_on_decode_threads_and_the_prefill_on_all_of_them(model):
         finally:
             boom.remove()
         assert torch.get_num_threads() == 2
+        calls: list[int] = []
+        monkeypatch.setattr(torch, "set_num_threads", calls.append)  # what vLLM's CPU worker leaves behind
+        assert run(1)[1:] == ({2}, {2}) and calls == []
+        monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
     finally:
         hook.remove()
         torch.set_num_threads(before)

@@ -202,6 +202,13 @@ def sampler_weights(model: Any) -> dict[str, torch.Tensor]:
 FEW_DECODE_TOKENS = 4
 
 
+def thread_count_settable() -> bool:
+    """Whether ``torch.set_num_threads`` is torch's own: vLLM's CPU worker replaces it process-wide once it has
+    bound the OpenMP threads to cores (``vllm/v1/worker/cpu_worker.py``), and changing the count behind its
+    back would undo that binding."""
+    return torch.set_num_threads is torch._C.set_num_threads
+
+
 @contextlib.contextmanager
 def cpu_threads(n: int, device: torch.device):
     """Run the block on at most ``n`` torch threads when ``device`` is the CPU (``n`` 0: unchanged); restored after.
@@ -211,11 +218,16 @@ def cpu_threads(n: int, device: torch.device):
     cores another process needs) every parallel operator wakes its sleeping workers first; at a few rows that
     costs more than the second core gains. On the 2-core machine of the measurement
     (``benchmarks/bench_rollout.py --decode-threads``), one thread decoded 1 prompt x 4 packed samples of
-    1,074 tokens at 68 ms per step against 96 on two (0.71x; 0.62–0.69x in earlier runs), but 2 x 4 at 1.10x,
-    8 x 1 at 1.03x and 8 x 4 at 1.33x: so only steps of at most :data:`FEW_DECODE_TOKENS` tokens take it.
-    The prompt's prefill keeps every thread."""
+    1,074 tokens at 68 ms per step against 96 on two (0.71x; 0.85x in a second run, 0.90x beside a competing
+    process), but 2 x 4 at 1.10x, 8 x 1 at 1.03x and 8 x 4 at 1.24–1.33x: so only steps of at most
+    :data:`FEW_DECODE_TOKENS` tokens take it.
+    The prompt's prefill keeps every thread.
+
+    An in-process vLLM CPU engine binds the process's OpenMP threads to its cores and replaces
+    ``torch.set_num_threads`` with a function that only warns; after that the block runs on the bound
+    threads, unchanged (:func:`thread_count_settable`)."""
     before = torch.get_num_threads()
-    if device.type != "cpu" or n <= 0 or n >= before:
+    if device.type != "cpu" or n <= 0 or n >= before or not thread_count_settable():
         yield
         return
     torch.set_num_threads(n)
