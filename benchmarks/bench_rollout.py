@@ -25,6 +25,10 @@ process; run it with ``GOMP_SPINCOUNT=10000`` in the environment to see what a b
 workers does (the header prints the setting).
 
     .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --shapes 1x4 2x4 8x1 8x4
+
+``--decode-threads --compile``: instead, the decode eager against the model's forward under
+``torch.compile(dynamic=True)`` (inductor's CPU code), on the same prefilled prompts at ``--threads``: the
+compile's seconds, ms per decode step both ways (eager, compiled, eager again), and whether the samples agree.
     GOMP_SPINCOUNT=10000 .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --busy
 """
 
@@ -56,6 +60,8 @@ def main() -> int:
                     help="only time the transformers decode on --threads against one thread (no vLLM)")
     ap.add_argument("--shapes", nargs="+", default=["1x4", "2x4", "8x1", "8x4"],
                     help="with --decode-threads: PROMPTSxSAMPLES per call")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --decode-threads: eager decode against torch.compile(model.forward, dynamic=True)")
     ap.add_argument("--busy", action="store_true",
                     help="with --decode-threads: a competing single-threaded CPU-bound process runs meanwhile")
     args = ap.parse_args()
@@ -184,12 +190,13 @@ def decode_threads_table(args, model, tok, prompts) -> int:
     params = SamplingParams(temperature=1.0, max_new_tokens=args.new_tokens, stop_token_ids=())
     print(f"model {args.model}; {args.new_tokens} new tokens; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; competing busy process: "
-          f"{'yes' if args.busy else 'no'}; ms per decode step, best of {args.repeats}, interleaved\n")
+          f"{'yes' if args.busy else 'no'}; ms per decode step, "
+          f"{'each of ' + str(args.repeats) + ' calls' if args.compile else 'best of ' + str(args.repeats) + ', interleaved'}\n")
     # a competing single-threaded CPU-bound process (stops by itself after 20 minutes at most)
     other = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1200: pass"],
                              env={"PATH": os.environ.get("PATH", "")}) if args.busy else None
     try:
-        _decode_rows(args, model, tok, prompts, params)
+        (_compiled_rows if args.compile else _decode_rows)(args, model, tok, prompts, params)
     finally:
         if other is not None:
             other.kill()
@@ -231,6 +238,49 @@ def _decode_rows(args, model, tok, prompts, params) -> None:
                         times[threads].append((time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3)
             a, b = min(times[args.threads]), min(times[1])
             print(f"| {sum(map(len, ps)) / P:.0f} | {P}x{n} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
+
+
+def _compiled_rows(args, model, tok, prompts, params) -> None:
+    import torch
+
+    from opsdl_core.models.rollout import TransformersRollout
+    from opsdl_core.models.scoring import prefill_grouped
+
+    torch.set_num_threads(args.threads)
+    for length in args.lengths:
+        for shape in args.shapes:
+            P, n = (int(x) for x in shape.lower().split("x"))
+            ps = prompts[length][:P]
+            if len(ps) < P:
+                raise SystemExit(f"--compile: {shape} needs --prompts >= {P}")
+            with torch.no_grad():
+                pre = prefill_grouped(model, ps, pad_id=tok.pad_token_id)
+
+            def run(seed):
+                engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=P * n, decode_threads=0)
+                t = time.perf_counter()
+                out = engine.generate(ps, n=n, params=params, seed=seed, prefilled=pre)
+                return (time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3, out
+
+            eager = [run(r)[0] for r in range(args.repeats + 1)][1:]  # the first warms up
+            ref = run(99)[1]
+            forward = model.forward
+            model.forward = torch.compile(forward, dynamic=True)
+            try:
+                t = time.perf_counter()
+                run(0)
+                compile_s = time.perf_counter() - t
+                compiled = [run(r)[0] for r in range(args.repeats)]
+                same = run(99)[1]
+            finally:
+                model.forward = forward
+            after = [run(r)[0] for r in range(args.repeats)]
+            lp = max((abs(a - b) for x, y in zip(ref.sampler_logprobs, same.sampler_logprobs) for a, b in zip(x, y)),
+                     default=0.0)
+            print(f"{length} tokens, {shape}, {args.threads} threads: compile + first decode {compile_s:.1f} s; ms per "
+                  f"decode step eager {[round(x) for x in eager]}, compiled {[round(x) for x in compiled]}, eager "
+                  f"again {[round(x) for x in after]}; the same samples: {ref.response_ids == same.response_ids} "
+                  f"(log-probs within {lp:.1e})", flush=True)
 
 
 if __name__ == "__main__":
