@@ -25,11 +25,11 @@ process; run it with ``GOMP_SPINCOUNT=10000`` in the environment to see what a b
 workers does (the header prints the setting).
 
     .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --shapes 1x4 2x4 8x1 8x4
+    GOMP_SPINCOUNT=10000 .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --busy
 
 ``--decode-threads --compile``: instead, the decode eager against the model's forward under
 ``torch.compile(dynamic=True)`` (inductor's CPU code), on the same prefilled prompts at ``--threads``: the
-compile's seconds, ms per decode step both ways (eager, compiled, eager again), and whether the samples agree.
-    GOMP_SPINCOUNT=10000 .venv/bin/python benchmarks/bench_rollout.py --decode-threads --lengths 1024 --busy
+compile's seconds, ms per decode step of each call (eager, compiled, eager again), and whether the samples agree.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def decode_threads_table(args, model, tok, prompts) -> int:
     print(f"model {args.model}; {args.new_tokens} new tokens; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; "
           f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; competing busy process: "
           f"{'yes' if args.busy else 'no'}; ms per decode step, "
-          f"{'each of ' + str(args.repeats) + ' calls' if args.compile else 'best of ' + str(args.repeats) + ', interleaved'}\n")
+          f"{'each call' if args.compile else f'best of {args.repeats}, interleaved'}\n")
     # a competing single-threaded CPU-bound process (stops by itself after 20 minutes at most)
     other = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<1200: pass"],
                              env={"PATH": os.environ.get("PATH", "")}) if args.busy else None
@@ -204,84 +204,83 @@ def decode_threads_table(args, model, tok, prompts) -> int:
     return 0
 
 
-def _decode_rows(args, model, tok, prompts, params) -> None:
+def _prefilled_shapes(args, model, tok, prompts):
+    """Per ``--lengths`` x ``--shapes``: (length, P, n, the P prompts, their prefill on ``--threads``); a shape
+    needing more prompts than were prepared gets them prepared (the same seeded data, more rows)."""
     import torch
 
     from opsdl_core.config import RunConfig
     from opsdl_core.data.prepare import prepare_data
-    from opsdl_core.models.rollout import TransformersRollout
     from opsdl_core.models.scoring import prefill_grouped
 
-    print(f"| prompt tokens | prompts x samples | {args.threads} threads | 1 thread | 1 / {args.threads} |")
-    print("|---:|---|---:|---:|---:|")
     for length in args.lengths:
         for shape in args.shapes:
             P, n = (int(x) for x in shape.lower().split("x"))
-            ps = prompts[length]
-            if len(ps) < P:
+            if len(prompts[length]) < P:
                 cfg = RunConfig.from_dict({"data": {"train_size": P, "heldout_size": 0, "context_tokens": length}})
-                ps = prompts[length] = [p.student_ids for p in prepare_data(cfg.data, tok).train]
-            ps = ps[:P]
+                prompts[length] = [p.student_ids for p in prepare_data(cfg.data, tok).train]
+            ps = prompts[length][:P]
             torch.set_num_threads(args.threads)
             with torch.no_grad():
                 pre = prefill_grouped(model, ps, pad_id=tok.pad_token_id)
-            times: dict[int, list[float]] = {args.threads: [], 1: []}
-            for r in range(args.repeats + 1):  # the first round warms up
-                for threads in (args.threads, 1):  # the whole decode on that many threads, whatever the width
-                    engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=P * n,
-                                                 decode_threads=0)
-                    torch.set_num_threads(threads)
-                    t = time.perf_counter()
-                    engine.generate(ps, n=n, params=params, seed=r, prefilled=pre)
-                    torch.set_num_threads(args.threads)
-                    if r:
-                        times[threads].append((time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3)
-            a, b = min(times[args.threads]), min(times[1])
-            print(f"| {sum(map(len, ps)) / P:.0f} | {P}x{n} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
+            yield length, P, n, ps, pre
+
+
+def _timed_decode(args, model, tok, ps, pre, n, params, seed):
+    """One decode of ``n`` samples per prompt from the prefill ``pre`` on the process's current threads (the
+    rollout's own thread switch off): (ms per decode step, the samples)."""
+    from opsdl_core.models.rollout import TransformersRollout
+
+    engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=len(ps) * n, decode_threads=0)
+    t = time.perf_counter()
+    out = engine.generate(ps, n=n, params=params, seed=seed, prefilled=pre)
+    return (time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3, out
+
+
+def _decode_rows(args, model, tok, prompts, params) -> None:
+    import torch
+
+    print(f"| prompt tokens | prompts x samples | {args.threads} threads | 1 thread | 1 / {args.threads} |")
+    print("|---:|---|---:|---:|---:|")
+    for _, P, n, ps, pre in _prefilled_shapes(args, model, tok, prompts):
+        times: dict[int, list[float]] = {args.threads: [], 1: []}
+        for r in range(args.repeats + 1):  # the first round warms up
+            for threads in (args.threads, 1):  # the whole decode on that many threads, whatever the width
+                torch.set_num_threads(threads)
+                ms = _timed_decode(args, model, tok, ps, pre, n, params, r)[0]
+                torch.set_num_threads(args.threads)
+                if r:
+                    times[threads].append(ms)
+        a, b = min(times[args.threads]), min(times[1])
+        print(f"| {sum(map(len, ps)) / P:.0f} | {P}x{n} | {a:.0f} | {b:.0f} | {b / a:.2f} |", flush=True)
 
 
 def _compiled_rows(args, model, tok, prompts, params) -> None:
     import torch
 
-    from opsdl_core.models.rollout import TransformersRollout
-    from opsdl_core.models.scoring import prefill_grouped
+    for length, P, n, ps, pre in _prefilled_shapes(args, model, tok, prompts):
+        def run(seed):
+            return _timed_decode(args, model, tok, ps, pre, n, params, seed)
 
-    torch.set_num_threads(args.threads)
-    for length in args.lengths:
-        for shape in args.shapes:
-            P, n = (int(x) for x in shape.lower().split("x"))
-            ps = prompts[length][:P]
-            if len(ps) < P:
-                raise SystemExit(f"--compile: {shape} needs --prompts >= {P}")
-            with torch.no_grad():
-                pre = prefill_grouped(model, ps, pad_id=tok.pad_token_id)
-
-            def run(seed):
-                engine = TransformersRollout(model, pad_id=tok.pad_token_id, max_batch_size=P * n, decode_threads=0)
-                t = time.perf_counter()
-                out = engine.generate(ps, n=n, params=params, seed=seed, prefilled=pre)
-                return (time.perf_counter() - t) / max(args.new_tokens - 1, 1) * 1e3, out
-
-            eager = [run(r)[0] for r in range(args.repeats + 1)][1:]  # the first warms up
-            ref = run(99)[1]
-            forward = model.forward
-            model.forward = torch.compile(forward, dynamic=True)
-            try:
-                t = time.perf_counter()
-                run(0)
-                compile_s = time.perf_counter() - t
-                compiled = [run(r)[0] for r in range(args.repeats)]
-                same = run(99)[1]
-            finally:
-                model.forward = forward
-            after = [run(r)[0] for r in range(args.repeats)]
-            lp = max((abs(a - b) for x, y in zip(ref.sampler_logprobs, same.sampler_logprobs) for a, b in zip(x, y)),
-                     default=0.0)
-            print(f"{length} tokens, {shape}, {args.threads} threads: compile + first decode {compile_s:.1f} s; ms per "
-                  f"decode step eager {[round(x) for x in eager]}, compiled {[round(x) for x in compiled]}, eager "
-                  f"again {[round(x) for x in after]}; the same samples: {ref.response_ids == same.response_ids} "
-                  f"(log-probs within {lp:.1e})", flush=True)
-
+        eager = [run(r)[0] for r in range(args.repeats + 1)][1:]  # the first warms up
+        ref = run(99)[1]
+        forward = model.forward
+        model.forward = torch.compile(forward, dynamic=True)
+        try:
+            t = time.perf_counter()
+            run(0)
+            compile_s = time.perf_counter() - t
+            compiled = [run(r)[0] for r in range(args.repeats)]
+            same = run(99)[1]
+        finally:
+            model.forward = forward
+        after = [run(r)[0] for r in range(args.repeats)]
+        lp = max((abs(a - b) for x, y in zip(ref.sampler_logprobs, same.sampler_logprobs) for a, b in zip(x, y)),
+                 default=0.0)
+        print(f"{length} tokens, {P}x{n}, {args.threads} threads: compile + first decode {compile_s:.1f} s; ms per "
+              f"decode step eager {[round(x) for x in eager]}, compiled {[round(x) for x in compiled]}, eager "
+              f"again {[round(x) for x in after]}; the same samples: {ref.response_ids == same.response_ids} "
+              f"(log-probs within {lp:.1e})", flush=True)
 
 if __name__ == "__main__":
     raise SystemExit(main())
