@@ -362,9 +362,9 @@ def test_decoding_runs_on_decode_threads_and_the_prefill_on_all_of_them(model, m
             boom.remove()
         assert torch.get_num_threads() == 2
         calls: list[int] = []
-        monkeypatch.setattr(torch, "set_num_threads", calls.append)  # what vLLM's CPU worker leaves behind
-        assert run(1)[1:] == ({2}, {2}) and calls == []
-        monkeypatch.setattr(torch, "set_num_threads", torch._C.set_num_threads)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "set_num_threads", calls.append)  # what vLLM's CPU worker leaves behind
+            assert run(1)[1:] == ({2}, {2}) and calls == []
     finally:
         hook.remove()
         torch.set_num_threads(before)
