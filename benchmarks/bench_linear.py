@@ -1,18 +1,25 @@
-"""Benchmark the two ways of computing a linear layer on a few rows on this CPU, alone and inside a rollout.
+"""Benchmark the CPU's two ways of computing the model's linear layers, alone and inside a rollout: the BLAS behind
+``F.linear`` (MKL in PyTorch's x86 wheel) against oneDNN (what ``CpuLinear`` computes, ``opsdl_core.models.linear``).
 
     .venv/bin/python benchmarks/bench_linear.py                 # the embedded default's shapes, 2 threads
     .venv/bin/python benchmarks/bench_linear.py --threads 1 --rounds 3
 
-Part 1: for each weight shape of the model (the attention and MLP projections, the LM head) and each row
-count, ``F.linear(x, W)`` (``x @ Wᵀ``) against ``torch.mm(W, xᵀ)ᵀ`` (what ``FewRowsLinear`` computes for
-2..32 rows), forward only, cycling through enough copies of the weight to exceed the CPU caches (as a
-decode step reads each weight once from memory): milliseconds, the weight-read bandwidth each reaches, the
-ratio. A memory read bandwidth measured in the same run is the ceiling.
+Part 1, a decode step's few rows: for each weight shape of the model (the attention and MLP projections, the LM
+head) and each row count, forward only, cycling through enough copies of the weight to exceed the CPU caches (as
+a decode step reads each weight once from memory): ``F.linear(x, W)``, ``torch.mm(W, xᵀ)ᵀ`` (the form the project
+used before oneDNN), oneDNN on the plain weight and on the packed one (``CpuLinear`` without gradient, up to 32
+rows): milliseconds and the weight-read bandwidth each reaches. A memory read bandwidth measured in the same run
+is the ceiling.
 
-Part 2: the rollout the trainer runs (1 prompt of ``--prompt-tokens`` tokens, ``--n`` samples packed,
+Part 2, the prompt's rows (``--prompt-tokens``): the forward product and the backward's input gradient
+(``g W``) and weight gradient (``gᵀ x``), by ``torch.mm``/``F.linear`` and by oneDNN: GFLOP/s, and the
+2048³ ``torch.mm`` for reference.
+
+Part 3: the rollout the trainer runs (1 prompt of ``--prompt-tokens`` tokens, ``--n`` samples packed,
 ``--new-tokens`` tokens, temperature 0.7), decoded from one prefill, on the model with ``nn.Linear`` and with
-``FewRowsLinear``, A B A B over ``--rounds`` rounds in this process: seconds per decode step and the ratio;
-the sampled tokens must be the same.
+``CpuLinear``, A B A B over ``--rounds`` rounds in this process: prefill seconds, milliseconds per decode step
+and the ratios; whether the sampled tokens are the same (they can differ where two tokens' probabilities are
+within float32 rounding of each other).
 """
 
 from __future__ import annotations
@@ -39,31 +46,67 @@ def read_bandwidth(torch) -> float:
 def part1(torch, shapes, rows_list, rounds: int) -> None:
     import torch.nn.functional as F
 
+    from opsdl_core.models.linear import CpuLinear
+
+    dnn = torch.ops.mkldnn._linear_pointwise
     print(f"memory read bandwidth (sum over 128 MiB): {read_bandwidth(torch):.1f} GB/s\n")
-    print("| weight [out, in] | rows | F.linear ms | GB/s | W @ xᵀ ms | GB/s | W @ xᵀ / F.linear |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| weight [out, in] | rows | F.linear ms | GB/s | W @ xᵀ ms | GB/s | oneDNN ms | GB/s | oneDNN packed ms "
+          "| GB/s | packed / F.linear |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for out_f, in_f in shapes:
         copies = max(2, int(256e6 / (out_f * in_f * 4)))
         ws = [torch.randn(out_f, in_f) for _ in range(copies)]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, CpuLinear.packed_rows) for w in ws]
         gb = out_f * in_f * 4 / 1e9
         for rows in rows_list:
             x = torch.randn(rows, in_f)
-            res: dict[str, list[float]] = {"linear": [], "wx": []}
+            forms = {"linear": lambda w, p: F.linear(x, w), "wx": lambda w, p: torch.mm(w, x.t()).t().contiguous(),
+                     "dnn": lambda w, p: dnn(x, w, None, "none", [], ""),
+                     "packed": lambda w, p: dnn(x, p, None, "none", [], "")}
+            res: dict[str, list[float]] = {k: [] for k in forms}
             for _ in range(rounds):
-                for name in ("linear", "wx"):
+                for name, form in forms.items():
                     t = time.perf_counter()
-                    for w in ws:
-                        F.linear(x, w) if name == "linear" else torch.mm(w, x.t()).t().contiguous()
+                    for w, p in zip(ws, packed):
+                        form(w, p)
                     res[name].append((time.perf_counter() - t) / copies)
-            lin, wx = min(res["linear"]), min(res["wx"])
-            print(f"| [{out_f}, {in_f}] | {rows} | {lin * 1e3:.3f} | {gb / lin:.1f} | {wx * 1e3:.3f} | {gb / wx:.1f} "
-                  f"| {wx / lin:.2f} |")
+            best = {k: min(v) for k, v in res.items()}
+            cells = " | ".join(f"{best[k] * 1e3:.3f} | {gb / best[k]:.1f}" for k in forms)
+            print(f"| [{out_f}, {in_f}] | {rows} | {cells} | {best['packed'] / best['linear']:.2f} |")
 
 
-def part2(torch, model, args) -> None:
+def part2(torch, shapes, rows: int, rounds: int) -> None:
+    import torch.nn.functional as F
+
+    dnn = torch.ops.mkldnn._linear_pointwise
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    print(f"\n{rows} rows (the prompt), GFLOP/s, best of {rounds} rounds:\n")
+    print("| weight [out, in] | forward BLAS | oneDNN | input gradient BLAS | oneDNN | weight gradient BLAS | oneDNN |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for out_f, in_f in shapes + [(2048, 2048)]:
+        w, x, g = torch.randn(out_f, in_f), torch.randn(rows, in_f), torch.randn(rows, out_f)
+        forms = [lambda: F.linear(x, w), lambda: dnn(x, w, None, "none", [], ""), lambda: g @ w,
+                 lambda: dnn(g, w.t(), None, "none", [], ""), lambda: g.t() @ x,
+                 lambda: dnn(g.t(), x.t(), None, "none", [], "")]
+        best = [float("inf")] * len(forms)
+        for _ in range(rounds):
+            for i, form in enumerate(forms):
+                form()
+                t = time.perf_counter()
+                form()
+                best[i] = min(best[i], time.perf_counter() - t)
+        flops = 2 * rows * out_f * in_f
+        print(f"| [{out_f}, {in_f}] | " + " | ".join(f"{flops / s / 1e9:.0f}" for s in best) + " |")
+    a @ b
+    t = time.perf_counter()
+    a @ b
+    print(f"\n2048^3 torch.mm: {2 * 2048 ** 3 / (time.perf_counter() - t) / 1e9:.0f} GFLOP/s")
+
+
+def part3(torch, model, args) -> None:
     from torch import nn
 
-    from opsdl_core.models.linear import FewRowsLinear
+    from opsdl_core.models.linear import CpuLinear
     from opsdl_core.models.rollout import SamplingParams, TransformersRollout
     from opsdl_core.models.scoring import prefill
 
@@ -72,31 +115,33 @@ def part2(torch, model, args) -> None:
     params = SamplingParams(temperature=0.7, max_new_tokens=args.new_tokens)
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     engine = TransformersRollout(model, pad_id=0)
-    times: dict[str, list[float]] = {"nn.Linear": [], "FewRowsLinear": []}
+    times: dict[str, list[float]] = {"nn.Linear": [], "CpuLinear": []}
+    pre_s: dict[str, list[float]] = {"nn.Linear": [], "CpuLinear": []}
     tokens: dict[str, list] = {}
     with torch.no_grad():
-        pre_s = []
-        for r in range(args.rounds):
-            for name, cls in (("nn.Linear", nn.Linear), ("FewRowsLinear", FewRowsLinear)):
+        for r in range(args.rounds + 1):  # the first round warms up (and packs the weights)
+            for name, cls in (("nn.Linear", nn.Linear), ("CpuLinear", CpuLinear)):
                 for m in layers:
                     m.__class__ = cls
                 t = time.perf_counter()
                 pre = prefill(model, [prompt], pad_id=0)
-                pre_s.append(time.perf_counter() - t)
+                prefill_s = time.perf_counter() - t
                 t = time.perf_counter()
                 out = engine.generate([prompt], n=args.n, params=params, seed=r, prefilled=pre)
-                steps = max(len(ids) for ids in out.response_ids)
-                times[name].append((time.perf_counter() - t) / steps)
-                tokens.setdefault(f"{name}{r}", out.response_ids)
-    same = all(tokens[f"nn.Linear{r}"] == tokens[f"FewRowsLinear{r}"] for r in range(args.rounds))
-    a, b = statistics.median(times["nn.Linear"]), statistics.median(times["FewRowsLinear"])
-    print(f"\nrollout: 1 prompt x {args.prompt_tokens} tokens, n={args.n} packed, {args.new_tokens} new tokens; "
-          f"prefill {statistics.median(pre_s):.2f} s (median)")
-    print("| linear layers | ms per decode step (median of %d) |" % args.rounds)
-    print("|---|---:|")
-    print(f"| nn.Linear (F.linear) | {a * 1e3:.0f} |")
-    print(f"| FewRowsLinear | {b * 1e3:.0f} |")
-    print(f"FewRowsLinear / nn.Linear: {b / a:.2f}; the same sampled tokens: {same}")
+                if r:
+                    pre_s[name].append(prefill_s)
+                    times[name].append((time.perf_counter() - t) / max(len(ids) for ids in out.response_ids))
+                    tokens[f"{name}{r}"] = out.response_ids
+    same = sum(tokens[f"nn.Linear{r}"] == tokens[f"CpuLinear{r}"] for r in range(1, args.rounds + 1))
+    a, b = statistics.median(times["nn.Linear"]), statistics.median(times["CpuLinear"])
+    pa, pb = statistics.median(pre_s["nn.Linear"]), statistics.median(pre_s["CpuLinear"])
+    print(f"\nrollout: 1 prompt x {args.prompt_tokens} tokens, n={args.n} packed, {args.new_tokens} new tokens")
+    print(f"| linear layers | prefill s | ms per decode step (median of {args.rounds}) |")
+    print("|---|---:|---:|")
+    print(f"| nn.Linear (F.linear) | {pa:.2f} | {a * 1e3:.0f} |")
+    print(f"| CpuLinear (oneDNN) | {pb:.2f} | {b * 1e3:.0f} |")
+    print(f"CpuLinear / nn.Linear: prefill {pb / pa:.2f}, decode step {b / a:.2f}; the same sampled tokens in "
+          f"{same} of {args.rounds} rounds")
 
 
 def main() -> int:
@@ -105,6 +150,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 96])
+    ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     ap.add_argument("--prompt-tokens", type=int, default=1076)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=24)
@@ -121,8 +167,12 @@ def main() -> int:
     shapes = [(c.hidden_size, c.hidden_size), (kv, c.hidden_size), (c.intermediate_size, c.hidden_size),
               (c.hidden_size, c.intermediate_size), (c.vocab_size, c.hidden_size)]
     print(f"model {args.model}; torch threads {args.threads}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}\n")
-    part1(torch, shapes, args.rows, args.rounds)
-    part2(torch, model, args)
+    if 1 in args.parts:
+        part1(torch, shapes, args.rows, args.rounds)
+    if 2 in args.parts:
+        part2(torch, shapes[:-1], args.prompt_tokens, max(args.rounds, 2))
+    if 3 in args.parts:
+        part3(torch, model, args)
     return 0
 
 

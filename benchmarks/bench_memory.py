@@ -45,7 +45,7 @@ def _model(args):
     from transformers import AutoConfig, LlamaForCausalLM
 
     from opsdl_core.models.attention import use_gqa_attention
-    from opsdl_core.models.linear import use_few_rows_linear
+    from opsdl_core.models.linear import use_cpu_linear
     from opsdl_core.models.load import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
@@ -57,7 +57,7 @@ def _model(args):
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32)
     use_gqa_attention(model)
-    use_few_rows_linear(model)
+    use_cpu_linear(model)
     return model, tok
 
 

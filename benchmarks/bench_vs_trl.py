@@ -9,7 +9,7 @@ layers), 1 prompt x 4 samples at temperature 0.7, ~1,075-token long prompt (acce
 among distractor records), <= 24 new tokens, frozen-base teacher reading chat(C_s + Q), the
 sampled-token (point-wise reverse-KL) loss, float32, lr 1e-4. TRL's model loads with transformers'
 own SDPA attention and ``nn.Linear`` layers, as its users get it (``--trl-attention opsdl`` gives it opsdl's GQA
-function and few-rows linear layers). TRL is set to the same: its defaults
+function and oneDNN linear layers). TRL is set to the same: its defaults
 ``bf16=True``, ``gradient_checkpointing=True`` and ``max_prompt_length=512`` (which keeps only the
 *last* 512 prompt tokens, i.e. cuts the long context) are overridden, and its teacher prompt, which
 by its template must contain the student prompt (``{prompt}``), is replaced by a small builder that
@@ -61,12 +61,12 @@ def child_opsdl(args) -> dict:
     from opsdl_core.train.recipe import OPSDLTrainer
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model_and_tokenizer(args.model)
+    model, tok = load_model_and_tokenizer(args.model, cpu_linear=args.linear == "onednn")
     base, data = _data(args, tok)
     with tempfile.TemporaryDirectory() as d:
         cfg = RunConfig.from_dict({**base.to_dict(),
                                    "rollout": {"samples_per_prompt": args.samples, "max_new_tokens": args.new_tokens,
-                                               "temperature": 0.7},
+                                               "temperature": 0.7, "merged_sampler": args.merged_sampler == "yes"},
                                    "optim": {"lr": 1e-4},
                                    "train": {"run_dir": d, "steps": args.steps, "save_every": 10_000, "teacher": "base",
                                              "seed": 0, "num_threads": args.threads,
@@ -92,10 +92,10 @@ def child_trl(args) -> dict:
 
     torch.set_num_threads(args.threads)
     # TRL as its users run it: transformers' own SDPA and nn.Linear (--trl-attention opsdl gives it opsdl's GQA
-    # function and few-rows linear layers)
+    # function and oneDNN linear layers)
     ours = args.trl_attention == "opsdl"
     model, tok = load_model_and_tokenizer(args.model, attn_implementation="sdpa" if ours else "sdpa_stock",
-                                          few_rows_linear=ours)
+                                          cpu_linear=ours)
     _, data = _data(args, tok)
     rows = [{"prompt": [{"role": "user", "content": user_message(p.example.long_context, p.example.question)}],
              "privileged_context": user_message(p.teacher_context.text, p.example.question)} for p in data.train]
@@ -169,6 +169,10 @@ def main() -> int:
                     help="TRL's model attention: transformers' SDPA (stock) or opsdl_core.models.attention's")
     ap.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
                     help="opsdl's train.mixed_precision (TRL stays in float32)")
+    ap.add_argument("--linear", choices=["onednn", "blas"], default="onednn",
+                    help="opsdl's linear layers: oneDNN (the default) or F.linear (the BLAS: MKL on x86)")
+    ap.add_argument("--merged-sampler", choices=["yes", "no"], default="yes",
+                    help="opsdl's rollout.merged_sampler")
     ap.add_argument("--contenders", nargs="+", choices=["opsdl", "trl"], default=["opsdl", "trl"])
     ap.add_argument("--child", choices=["opsdl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -186,7 +190,8 @@ def main() -> int:
     print(f"model {args.model}; 1 prompt x {args.samples} samples, <= {args.new_tokens} new tokens, ~{args.context_tokens}-"
           f"token context; {args.steps} steps per process (first = warm-up); torch threads {args.threads}; "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; "
-          f"opsdl's mixed precision: {args.mixed_precision}")
+          f"opsdl's mixed precision: {args.mixed_precision}, linear layers: {args.linear}, merged sampler: "
+          f"{args.merged_sampler}")
     res: dict[str, list[dict]] = {name: [] for name in args.contenders}
     for r in range(args.rounds):
         for name in args.contenders:

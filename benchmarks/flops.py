@@ -6,19 +6,27 @@ import time
 
 
 def matmul_peak(threads: int, dtype: str = "float32") -> float:
-    """FLOP/s of a 2048^3 matmul on ``threads`` torch threads, best of 5 (after 2 warm-up calls)."""
+    """FLOP/s of a 2048^3 matmul on ``threads`` torch threads, best of 5 (after 2 warm-up calls), by the faster of
+    the CPU's two GEMM libraries in PyTorch: ``torch.mm`` (MKL on x86 in float32) and oneDNN (which the project's
+    linear layers use, :mod:`opsdl_core.models.linear`). On an AMD CPU MKL's float32 runs at about half of oneDNN's,
+    so a peak from ``torch.mm`` alone would set the limit at half the hardware's."""
     import torch
 
     torch.set_num_threads(threads)
     a = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
     b = torch.randn(2048, 2048, dtype=getattr(torch, dtype))
-    for _ in range(2):
-        a @ b
+    products = [lambda: a @ b]
+    if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        bt = b.t().contiguous()  # oneDNN's linear computes a @ wᵀ
+        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, bt, None, "none", [], ""))
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
+    for product in products:
+        for _ in range(2):
+            product()
+        for _ in range(5):
+            t = time.perf_counter()
+            product()
+            best = min(best, time.perf_counter() - t)
     return 2 * 2048 ** 3 / best
 
 

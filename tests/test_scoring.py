@@ -125,6 +125,25 @@ def test_top_p_keeps_only_the_nucleus():
     assert picks == {0, 1}
 
 
+def test_draws_follow_the_probabilities_never_a_zero_one_and_repeat_with_the_seed():
+    from opsdl_core.models.rollout import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
+                          [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # rows need not sum to 1 (a nucleus' kept mass)
+    N = 20_000
+    gen = torch.Generator().manual_seed(3)
+    toks = torch.stack([draw(probs, gen) for _ in range(N)])  # [N, 3]
+    counts = torch.stack([torch.bincount(toks[:, r], minlength=6) for r in range(3)]).double()
+    assert counts[:2, 0].sum() == counts[:, 2].sum() == counts[0, 5] == 0  # probability 0: never
+    assert counts[1, 5] == N and counts[2, 0] == N
+    expected = probs[0].double() / probs[0].sum() * N
+    keep = expected > 0
+    chi2 = (((counts[0] - expected)[keep]) ** 2 / expected[keep]).sum()
+    assert chi2 < 13.8, chi2  # chi-square, 2 degrees of freedom: p = 0.001
+    again = torch.Generator().manual_seed(3)
+    assert torch.equal(torch.stack([draw(probs, again) for _ in range(50)]), toks[:50])
+
+
 def _scored_with_grads(model, packed, prompts, responses, index, prefilled=False):
     model.zero_grad()
     pre = prefill(model, prompts, pad_id=PAD) if prefilled else None

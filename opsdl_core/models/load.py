@@ -26,7 +26,7 @@ import torch
 from .attention import use_gqa_attention
 from .cache import (CHATML_TEMPLATE, EMBEDDED_DEFAULT, ChecksumMismatchError, _weight_files, convert_gguf_to_folder,
                     default_cache_dir, ensure_embedded_default, folder_content_hash)
-from .linear import use_few_rows_linear
+from .linear import use_cpu_linear
 
 __all__ = [
     "EMBEDDED_DEFAULT",
@@ -148,15 +148,15 @@ def load_tokenizer(spec_or_resolved: str | ResolvedModel, *, trust_remote_code: 
 
 def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: torch.dtype = torch.float32,
                              trust_remote_code: bool = False, cache_dir: Path | str | None = None,
-                             attn_implementation: str = "sdpa", few_rows_linear: bool = True):
+                             attn_implementation: str = "sdpa", cpu_linear: bool = True):
     """Load ``(model, tokenizer)`` for a spec or a :class:`ResolvedModel`.
 
     ``trust_remote_code`` is passed through as given (False unless asked). A missing pad token is set
     to the eos token; the model is returned in eval mode. With ``attn_implementation="sdpa"`` a
     grouped-query-attention model gets :mod:`opsdl_core.models.attention`'s SDPA function (no K/V copy per
-    layer on the CPU; the same results); ``"sdpa_stock"`` keeps transformers' own. ``few_rows_linear``: the
-    linear layers compute decode-sized products as ``W @ xᵀ`` on the CPU (:mod:`opsdl_core.models.linear`:
-    the same results, faster where the BLAS handles a few rows poorly); False keeps ``F.linear``.
+    layer on the CPU; the same results); ``"sdpa_stock"`` keeps transformers' own. ``cpu_linear``: the
+    linear layers compute through oneDNN on the CPU in float32 (:mod:`opsdl_core.models.linear`: the same results
+    to float32 rounding, about twice MKL's speed where MKL runs at half the CPU's); False keeps ``F.linear``.
     """
     from transformers import AutoModelForCausalLM
 
@@ -170,8 +170,8 @@ def load_model_and_tokenizer(spec_or_resolved: str | ResolvedModel, *, dtype: to
                                                  attn_implementation=impl)
     if attn_implementation == "sdpa":
         use_gqa_attention(model)
-    if few_rows_linear:
-        use_few_rows_linear(model)
+    if cpu_linear:
+        use_cpu_linear(model)
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id

@@ -71,8 +71,20 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_p: float, gener
             keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
             sorted_p = sorted_p * keep
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        tok = draw(probs, generator)
     return tok, logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of ``probs [B, V]`` (non-negative, any positive sum), drawn in proportion to it: one
+    uniform number per row against the row's cumulative sum (float64). ``torch.multinomial`` draws one
+    exponential number per vocabulary entry instead (~4 ms for 4 rows of a 49K vocabulary on a CPU, ~5% of a
+    decode step). An entry of probability 0 is never drawn (the first index whose cumulative sum exceeds the
+    uniform point, which lies below the row's total)."""
+    cum = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, dtype=torch.float64, device=probs.device)
+    tok = torch.searchsorted(cum, u * cum[:, -1:], right=True).squeeze(-1)
+    return tok.clamp_(max=probs.shape[-1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -288,7 +300,7 @@ class TransformersRollout:
             raise RuntimeError("this rollout engine was released")
         was_training = self.model.training
         self.model.eval()
-        # on the model's device: torch.multinomial refuses a generator of another device
+        # on the model's device: torch.rand refuses a generator of another device
         gen = torch.Generator(device=next(self.model.parameters()).device).manual_seed(int(seed))
         per_chunk = max(1, self.max_batch_size // n)
         out = RolloutBatch([], [], [], [], self.weight_version)

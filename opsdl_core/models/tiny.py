@@ -13,7 +13,7 @@ import torch
 
 from .attention import use_gqa_attention
 from .cache import CHATML_TEMPLATE, ENDOFTEXT, IM_END, IM_START, _fix_token_ids
-from .linear import use_few_rows_linear
+from .linear import use_cpu_linear
 
 __all__ = ["build_tiny_model", "save_tiny_model"]
 
@@ -126,7 +126,7 @@ def build_tiny_model(*, seed: int = 0, vocab_corpus: str | None = None, hidden_s
         model = LlamaForCausalLM(config)
     model.to(torch.float32)
     use_gqa_attention(model)  # as load_model_and_tokenizer does: tests run the attention and the linear layers
-    use_few_rows_linear(model)  # every load uses
+    use_cpu_linear(model)  # every load uses
     _fix_token_ids(model, tokenizer)
     model.eval()
     return model, tokenizer

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import RunConfig
-from ..models.linear import FewRowsLinear
+from ..models.linear import CpuLinear
 from .checkpoint import atomic_write_text
 
 __all__ = ["apply_lora", "canonical_adapter_config", "fuse_lora_forward", "lr_lambda"]
@@ -46,7 +46,7 @@ def fuse_lora_forward(peft_model: Any) -> int:
 
     n = 0
     for module in peft_model.modules():
-        if type(module) is LoraLinear and type(module.base_layer) in (torch.nn.Linear, FewRowsLinear):
+        if type(module) is LoraLinear and type(module.base_layer) in (torch.nn.Linear, CpuLinear):
             module.forward = types.MethodType(_fused_forward, module)
             n += 1
     return n
@@ -63,7 +63,7 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if B.bias is not None or A.bias is not None or not (x.dtype == A.weight.dtype == B.weight.dtype == W.weight.dtype):
         return type(self).forward(self, x, *args, **kwargs)
     x2 = x.reshape(-1, x.shape[-1])
-    y = W(x2)  # x W^T (+ bias): F.linear, or the few-rows form for a decode step's rows
+    y = W(x2)  # x W^T (+ bias): through oneDNN on the CPU (CpuLinear)
     y.addmm_(torch.mm(x2, A.weight.t()), B.weight.t(), alpha=self.scaling[name])
     return y.view(*x.shape[:-1], y.shape[-1])
 
