@@ -14,6 +14,7 @@ interleaved rounds (A B C D, A B C D) in this one process so that a busy machine
   hf-generate ``model.generate`` on left-padded batches of ``--batch-size`` (stock attention)
   opsdl-hf-stock   opsdl-hf with transformers' own SDPA function (K/V expanded per layer: the peer of
               opsdl_core.models.attention's GQA function)
+  opsdl-hf-blas    opsdl-hf with ``nn.Linear`` (``F.linear``: MKL on x86) instead of the oneDNN linear layers
   opsdl-vllm-bf16  opsdl-vllm with a bfloat16 engine (AMX / AVX512-BF16 matmuls where the CPU has them);
               its FLOP-limit ratio is against the bf16 matmul peak, and its answers can differ from fp32's
 
@@ -33,7 +34,8 @@ import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-CONTENDERS = ("opsdl-vllm", "opsdl-hf", "raw-vllm", "hf-generate", "opsdl-vllm-bf16", "opsdl-hf-stock")
+CONTENDERS = ("opsdl-vllm", "opsdl-hf", "raw-vllm", "hf-generate", "opsdl-vllm-bf16", "opsdl-hf-stock",
+              "opsdl-hf-blas")
 
 
 def main() -> int:
@@ -69,6 +71,7 @@ def main() -> int:
     jobs = [EvalJob("q", items, "long")]
     stock_sdpa = load_model_and_tokenizer(resolved, attn_implementation="sdpa_stock")[0] \
         if "opsdl-hf-stock" in args.contenders else None
+    blas = load_model_and_tokenizer(resolved, cpu_linear=False)[0] if "opsdl-hf-blas" in args.contenders else None
     mean_len = statistics.mean(map(len, prompts))
     stops = list(stop_token_ids(tok, model.config))
     peak = matmul_peak(args.threads)
@@ -88,7 +91,7 @@ def main() -> int:
         start = 0.0
         if name.startswith("opsdl-"):
             log_lines: list[str] = []
-            hf_model = model if name == "opsdl-hf" else stock_sdpa if name == "opsdl-hf-stock" else None
+            hf_model = {"opsdl-hf": model, "opsdl-hf-stock": stock_sdpa, "opsdl-hf-blas": blas}.get(name)
             r = evaluate_jobs(hf_model, tok, jobs, max_new_tokens=args.new_tokens,
                               batch_size=args.batch_size, backend="vllm" if hf_model is None else "transformers",
                               model_dir=resolved.path, kv_cache_gib=args.kv_cache_gib, log=log_lines.append,
