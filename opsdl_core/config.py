@@ -211,9 +211,11 @@ class RolloutConfig:
     temperature: float = _f(1.0, "Sampling temperature (> 0: training samples on-policy).")
     top_p: float = _f(1.0, "Nucleus sampling threshold.")
     max_new_tokens: int = _f(32, "Tokens per sample at most.")
-    merged_sampler: bool = _f(True, "LoRA runs: sample from a copy of the model with the adapter merged into its "
-                                    "weights, re-synced after every step (decoding without the adapter's extra matmuls "
-                                    "is faster); false samples from the trainer's own LoRA model.")
+    merged_sampler: Optional[bool] = _f(None, "LoRA runs: sample from a copy of the model with the adapter merged into "
+                                              "its weights, re-synced after every step (decoding without the adapter's "
+                                              "extra matmuls); false samples from the trainer's own LoRA model; null: "
+                                              "false on a CPU (its frozen base weights decode from oneDNN's packed copy: "
+                                              "as fast, without a second model in memory), true on an accelerator.")
     shared_prefill: bool = _f(True, "Transformers backend: the long prompt is encoded once per step, by the student "
                                     "with gradient; the rollout decodes from a detached copy of that cache and the "
                                     "student's scoring reuses it (false: encoded once to sample and again to score). "

@@ -351,7 +351,10 @@ def test_killed_process_resumes_to_the_same_weights(tmp_path, tiny_model_dir):
 
 
 def test_sampler_weight_sync_and_stale_weights_stop_the_run(tmp_path, monkeypatch):
-    cfg = tiny_cfg(tmp_path, optim={"lr": 5e-2}, train={"steps": 6}, rollout={"max_logprob_diff": 0.02})
+    auto = make_trainer(tiny_cfg(tmp_path / "auto")).setup()
+    assert not auto._merged_sampler and auto.rollout.model is auto.unwrapped  # the default on a CPU: no copy
+    cfg = tiny_cfg(tmp_path, optim={"lr": 5e-2}, train={"steps": 6},
+                   rollout={"max_logprob_diff": 0.02, "merged_sampler": True})
     tr = make_trainer(cfg).setup()
     assert tr._merged_sampler and tr.rollout.model is not tr.unwrapped
     for _ in range(2):
