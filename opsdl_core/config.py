@@ -230,6 +230,10 @@ class RolloutConfig:
                                                 "corrupted sampler weights); null: no check.")
     vllm: VLLMConfig = _f(factory=VLLMConfig, help="The vLLM engine (backend 'vllm').")
 
+    def merged_sampler_on(self, device_type: str) -> bool:
+        """``merged_sampler`` resolved for the trainer's device (null: off on a CPU, on elsewhere)."""
+        return self.merged_sampler if self.merged_sampler is not None else device_type != "cpu"
+
     def __post_init__(self) -> None:
         check(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "an integer >= 1", self.samples_per_prompt)
         check(self.temperature > 0, "rollout.temperature", "a float > 0 (training samples on-policy)", self.temperature)

@@ -121,13 +121,9 @@ class OPSDLTrainer:
             from ..models.rollout_vllm import engine_model_dir
 
             engine_dir = engine_model_dir(cfg, self.base_model, self.tokenizer, self.model_dir, self.run_dir)
-        merged = cfg.rollout.merged_sampler
-        if merged is None:  # see the option's help
-            merged = self.accelerator.device.type != "cpu"
+        merged = cfg.rollout.merged_sampler_on(self.accelerator.device.type)
         if self.rollout is None and not self._use_vllm and cfg.lora.enabled and merged:
-            sampler_model = copy.deepcopy(self.base_model).eval()
-            for p in sampler_model.parameters():
-                p.requires_grad_(False)
+            sampler_model = copy.deepcopy(self.base_model).eval().requires_grad_(False)
         return engine_dir, sampler_model
 
     def _setup_model_and_optimizer(self) -> list[torch.nn.Parameter]:
