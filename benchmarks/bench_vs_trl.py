@@ -64,9 +64,10 @@ def child_opsdl(args) -> dict:
     model, tok = load_model_and_tokenizer(args.model, cpu_linear=args.linear == "onednn")
     base, data = _data(args, tok)
     with tempfile.TemporaryDirectory() as d:
+        merged = {"yes": True, "no": False}.get(args.merged_sampler)  # auto: None, the project's default
         cfg = RunConfig.from_dict({**base.to_dict(),
                                    "rollout": {"samples_per_prompt": args.samples, "max_new_tokens": args.new_tokens,
-                                               "temperature": 0.7, "merged_sampler": args.merged_sampler == "yes"},
+                                               "temperature": 0.7, "merged_sampler": merged},
                                    "optim": {"lr": 1e-4},
                                    "train": {"run_dir": d, "steps": args.steps, "save_every": 10_000, "teacher": "base",
                                              "seed": 0, "num_threads": args.threads,
@@ -171,8 +172,8 @@ def main() -> int:
                     help="opsdl's train.mixed_precision (TRL stays in float32)")
     ap.add_argument("--linear", choices=["onednn", "blas"], default="onednn",
                     help="opsdl's linear layers: oneDNN (the default) or F.linear (the BLAS: MKL on x86)")
-    ap.add_argument("--merged-sampler", choices=["yes", "no"], default="yes",
-                    help="opsdl's rollout.merged_sampler")
+    ap.add_argument("--merged-sampler", choices=["auto", "yes", "no"], default="auto",
+                    help="opsdl's rollout.merged_sampler (auto: the project's default, null: off on a CPU)")
     ap.add_argument("--contenders", nargs="+", choices=["opsdl", "trl"], default=["opsdl", "trl"])
     ap.add_argument("--child", choices=["opsdl", "trl"], help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -206,7 +207,8 @@ def main() -> int:
             res[name].append(json.loads(line[len("RESULT "):]))
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in res[name][-1].items()), flush=True)
     med = {n: {k: statistics.median(x[k] for x in xs) for k in (*PHASES, "peak_gib")} for n, xs in res.items()}
-    from flops import distill_step_flops, matmul_peak, read_bandwidth, step_limit_s, weight_bytes
+    from flops import (attention_flops, attention_rate, distill_step_flops, matmul_peak, read_bandwidth, step_limit_s,
+                       weight_bytes)
     from transformers import AutoConfig, AutoTokenizer
 
     from opsdl_core.models.load import resolve_model
@@ -230,6 +232,15 @@ def main() -> int:
           f"{limit - flops / peak:.2f} s; limit {limit:.2f} s: opsdl's step at {limit / med['opsdl']['step_s']:.0%} "
           + (f"of it, TRL's at {limit / med['trl']['step_s']:.0%}" if "trl" in med else "of it")
           + f" (bf16 matmul peak {bf16_peak / 1e9:.0f} GFLOP/s)")
+    # what the kernels allow: the student's attention over the long prompt (forward and backward, counted 2x its
+    # forward in the limit) at the rate PyTorch's fused causal attention kernel runs it, the rest as in the limit
+    attn = attention_flops(config, len(p.student_ids), 0)
+    rate = attention_rate(config, len(p.student_ids), args.threads, backward=True)
+    bound = limit - 2 * attn / peak + 3 * attn / rate
+    print(f"the student's attention over the prompt: {2 * attn / 1e9:.0f} GFLOP of the step's count; PyTorch's fused "
+          f"causal attention runs its forward and backward at {rate / 1e9:.0f} GFLOP/s ({rate / peak:.0%} of the "
+          f"matmul peak; backward = 2x forward): with it, the rest as in the limit, {bound:.2f} s: opsdl's step at "
+          f"{bound / med['opsdl']['step_s']:.0%} of that")
     if "trl" not in med:
         for k in (*PHASES, "peak_gib"):
             print(f"opsdl {k} {med['opsdl'][k]:.2f}")

@@ -64,12 +64,51 @@ def weight_bytes(config, dtype_bytes: int = 4) -> float:
     return dtype_bytes * (config.num_hidden_layers * layer_weights(config) + config.hidden_size * config.vocab_size)
 
 
+def attention_flops(config, new_tokens: int, context: int) -> float:
+    """Forward FLOPs of the attention products (``QKᵀ`` and ``PV``) of ``new_tokens`` tokens over ``context``
+    cached tokens and, causally, over each other, in every layer."""
+    _, L, q, _ = _shape(config)
+    return 2 * 2 * L * q * new_tokens * (context + new_tokens / 2)
+
+
+def attention_rate(config, tokens: int, threads: int, *, backward: bool = False) -> float:
+    """FLOP/s of PyTorch's fused causal attention (``scaled_dot_product_attention``, ``is_causal``, GQA) over a
+    ``tokens``-token prompt of ``config``'s heads in float32 on ``threads`` threads, best of 5: forward only, or
+    forward and backward counted as 3x the forward's FLOPs (the backward's four products for dQ, dK, dV and dP;
+    the flash kernel recomputes the scores too, which is not counted). The attention's share of a limit is
+    bounded by this rate, not by the matmul peak: on the CPUs measured the kernel runs at a fraction of it."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    _, _, q, kv = _shape(config)
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    qt = torch.randn(1, q // d, tokens, d, requires_grad=backward)
+    kt = torch.randn(1, kv // d, tokens, d, requires_grad=backward)
+    vt = torch.randn(1, kv // d, tokens, d, requires_grad=backward)
+
+    def run():
+        qt.grad = kt.grad = vt.grad = None
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True)
+        if backward:
+            out.sum().backward()
+
+    best = float("inf")
+    for i in range(7):
+        t = time.perf_counter()
+        run()
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    per_layer = attention_flops(config, tokens, 0) / config.num_hidden_layers
+    return per_layer * (3 if backward else 1) / best
+
+
 def forward_flops(config, new_tokens: int, context: int, *, head_tokens: int | None = None) -> float:
     """Forward FLOPs of ``new_tokens`` tokens run on top of ``context`` cached tokens: 2 * (matmul weights)
     per token in the layers, causal attention to the context and among themselves, and the LM head at
     ``head_tokens`` positions (default: every new token)."""
     h, L, q, _ = _shape(config)
-    attn = 2 * 2 * L * q * new_tokens * (context + new_tokens / 2)
+    attn = attention_flops(config, new_tokens, context)
     head = 2 * h * config.vocab_size * (new_tokens if head_tokens is None else head_tokens)
     return 2 * L * layer_weights(config) * new_tokens + attn + head
 

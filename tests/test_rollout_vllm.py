@@ -274,3 +274,24 @@ def test_sleep_mode_is_refused_on_a_cpu_before_an_engine_starts(tiny_model_dir):
         pytest.skip("a GPU is here: sleep mode is allowed")
     with pytest.raises(ValueError, match=r"rollout\.vllm\.sleep: .*needs a GPU"):
         VLLMRollout(str(tiny_model_dir), VLLMConfig(max_model_len=256, kv_cache_gib=0.25, sleep=True))
+
+
+def test_an_in_process_greedy_engine_leaves_the_environment_as_it_was(tiny_model_dir, monkeypatch):
+    """The in-process switch is vLLM's environment variable, read when the engine is built: it is put back
+    afterwards, so an engine started later in the same process (a trainer's own-process engine after an
+    evaluation) gets its own process as configured. A greedy engine's step budget is the smaller default."""
+    from opsdl_core.models.rollout_vllm import GREEDY_BATCHED_TOKENS
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    ours = ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+    before = {k: os.environ.get(k) for k in ours}  # (vLLM sets variables of its own as it starts)
+    eng = VLLMRollout(tiny_model_dir, VLLMConfig(max_model_len=256, kv_cache_gib=0.25, in_process=True), seed=0,
+                      greedy_only=True)
+    try:
+        assert {k: os.environ.get(k) for k in ours} == before
+        sched = eng.llm.llm_engine.vllm_config.scheduler_config
+        assert sched.max_num_batched_tokens == GREEDY_BATCHED_TOKENS and sched.enable_chunked_prefill
+        out = eng.generate([[1, 2, 3, 4]], n=1, params=SamplingParams(temperature=0.0, max_new_tokens=3), seed=0)
+        assert len(out.response_ids) == 1 and 1 <= len(out.response_ids[0]) <= 3
+    finally:
+        eng.release()
