@@ -173,10 +173,10 @@ class VLLMConfig:
                                  "own.", hashed=False)
     tensor_parallel_size: int = _f(1, "GPUs the engine shards the model over.")
     model_dir: Optional[str] = _f(None, "The folder the engine starts from; null: the model's own folder.", hashed=False)
-    max_num_batched_tokens: Optional[int] = _f(None, "Tokens one engine step may compute (a prompt is never split over "
-                                                     "steps); null: max(8192, max_model_len) (greedy evaluation engines: "
-                                                     "max(2048, max_model_len), prompts split over steps).",
-                                                     hashed=False)
+    max_num_batched_tokens: Optional[int] = _f(None, "Tokens one engine step may compute; null: max(8192, max_model_len) "
+                                                     "for a sampling engine (a prompt is never split over steps there), "
+                                                     "max(2048, max_model_len) for a greedy evaluation engine (chunked "
+                                                     "prefill).", hashed=False)
     cpu_threads: Optional[int] = _f(None, "CPU build: the cores the engine's threads use; null: every core this process"
                                           " may run on (vLLM's own default keeps one per worker for its scheduler). "
                                           "VLLM_CPU_OMP_THREADS_BIND, if set, wins.", hashed=False)
