@@ -37,8 +37,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 CONTENDERS = ("opsdl-vllm", "opsdl-hf", "raw-vllm", "hf-generate", "opsdl-vllm-bf16", "opsdl-hf-stock",
@@ -67,10 +65,16 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     resolved = resolve_model(args.model)
     kind = {"opsdl-hf-stock": {"attn_implementation": "sdpa_stock"}, "opsdl-hf-blas": {"cpu_linear": False}}
-    model, tok = load_model_and_tokenizer(resolved, **kind.get(name, {}))
+    if name.startswith("opsdl-hf"):  # the engines and hf-generate load their own weights
+        model, tok = load_model_and_tokenizer(resolved, **kind.get(name, {}))
+        config = model.config
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        model, tok, config = None, AutoTokenizer.from_pretrained(resolved.path), AutoConfig.from_pretrained(resolved.path)
     items = _questions(args, tok)
     prompts = [p.student_ids for p in items]
-    stops = list(stop_token_ids(tok, model.config))
+    stops = list(stop_token_ids(tok, config))
 
     def run(k: int) -> tuple[float, float, list[list[int]]]:
         """The first ``k`` questions: (seconds generating, seconds starting an engine, answers)."""
@@ -80,7 +84,7 @@ def child(args) -> dict:
         if name.startswith("opsdl-"):
             log_lines: list[str] = []
             engine = name.startswith("opsdl-vllm")
-            r = evaluate_jobs(None if engine else model, tok, [EvalJob("q", items[:k], "long")],
+            r = evaluate_jobs(model, tok, [EvalJob("q", items[:k], "long")],
                               max_new_tokens=args.new_tokens, batch_size=args.batch_size,
                               backend="vllm" if engine else "transformers", model_dir=resolved.path,
                               kv_cache_gib=args.kv_cache_gib, log=log_lines.append,
@@ -152,6 +156,7 @@ def main() -> int:
         return 0
 
     from flops import attention_flops, attention_rate, matmul_peak, question_flops
+    from processes import run_child
     from transformers import AutoConfig, AutoTokenizer
 
     from opsdl_core.models.load import resolve_model
@@ -175,16 +180,9 @@ def main() -> int:
     for r in range(args.rounds):
         print(f"round {r + 1}/{args.rounds}")
         for name in args.contenders:
-            cmd = [sys.executable, __file__, "--child", name] + [
-                x for k, v in vars(args).items() if k not in ("child", "rounds", "contenders")
-                for x in (f"--{k.replace('_', '-')}", str(v))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(f"{name} failed (exit {proc.returncode}):\n" + proc.stdout[-2000:] + proc.stderr[-4000:],
-                      file=sys.stderr)
+            res = run_child(__file__, name, args)
+            if res is None:
                 return 1
-            res = json.loads(line[len("RESULT "):])
             times[name].append(res["seconds"])
             starts[name].append(res["start"])
             answers[name], new_tokens[name] = res["answers"], res["new_tokens"]

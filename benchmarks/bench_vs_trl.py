@@ -31,7 +31,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -193,18 +192,15 @@ def main() -> int:
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', '(unset)')}; "
           f"opsdl's mixed precision: {args.mixed_precision}, linear layers: {args.linear}, merged sampler: "
           f"{args.merged_sampler}")
+    from processes import run_child
+
     res: dict[str, list[dict]] = {name: [] for name in args.contenders}
     for r in range(args.rounds):
         for name in args.contenders:
-            cmd = [sys.executable, __file__, "--child", name] + [
-                x for k, v in vars(args).items() if k not in ("child", "rounds", "contenders")
-                for x in (f"--{k.replace('_', '-')}", str(v))]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-            if proc.returncode != 0 or line is None:
-                print(proc.stdout[-2000:] + proc.stderr[-4000:], file=sys.stderr)
+            out = run_child(__file__, name, args)
+            if out is None:
                 return 1
-            res[name].append(json.loads(line[len("RESULT "):]))
+            res[name].append(out)
             print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in res[name][-1].items()), flush=True)
     med = {n: {k: statistics.median(x[k] for x in xs) for k in (*PHASES, "peak_gib")} for n, xs in res.items()}
     from flops import (attention_flops, attention_rate, distill_step_flops, matmul_peak, read_bandwidth, step_limit_s,
